@@ -1,0 +1,332 @@
+"""The one typed config: a flat dataclass, loaded from YAML plus `key=value` overrides.
+
+Names follow transformers' TrainingArguments and PEFT's LoraConfig so that users'
+habits carry over (`per_device_train_batch_size`, `lora_rank`, ...). The config is
+flat on purpose: every key can be overridden on the command line by its bare name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tunelab.errors import TunelabError, nearest
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class TunelabConfig:
+    # --- what to train -------------------------------------------------------------
+    stage: str = "sft"  # sft | pt | dpo | simpo | kto | orpo
+    model_name_or_path: str = DEFAULT_MODEL
+    adapter_name_or_path: str | None = None  # start from an earlier LoRA adapter
+    trust_remote_code: bool = False
+
+    # --- data ----------------------------------------------------------------------
+    dataset: list[str] = field(default_factory=list)  # file path(s)
+    dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
+    eval_dataset: list[str] = field(default_factory=list)  # validation file(s); else val_size
+    val_size: float = 0.0  # fraction (<1) or count (>=1) of training records held out
+    template: str = "auto"  # auto = the tokenizer's chat_template; or a name / .jinja path
+    system_prompt: str | None = None  # prepended where a record has no system message
+    cutoff_len: int = 1024
+    train_on: str = "all"  # all = every assistant turn; last = only the final one
+    skip_invalid: bool = False  # drop bad records (with a count) instead of stopping
+    max_samples: int | None = None  # use only the first N records (quick experiments)
+    packing: bool = False  # concatenate samples; attention never crosses sample borders
+    group_by_length: bool = True  # batch similar lengths together so short samples pay less padding
+
+    # --- fine-tuning method --------------------------------------------------------
+    finetuning_type: str = "lora"  # lora | full | freeze
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_rslora: bool = False
+    use_dora: bool = False
+    pissa_init: bool = False
+    freeze_trainable_layers: int = 2  # freeze: train the last N decoder layers
+    freeze_trainable_modules: list[str] = field(default_factory=lambda: ["all"])
+    quantization_bit: int | None = None  # 4 or 8: QLoRA through bitsandbytes (CUDA only)
+
+    # --- preference training (dpo / simpo / kto / orpo) ----------------------------
+    pref_beta: float = 0.1
+    pref_loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    pref_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    precompute_ref_log_probs: bool = False
+
+    # --- optimisation --------------------------------------------------------------
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"  # linear | cosine | constant | constant_with_warmup | polynomial
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+
+    # --- evaluation, checkpoints, logging ------------------------------------------
+    eval_strategy: str = "no"  # no | steps | epoch
+    eval_steps: int = 100
+    save_strategy: str = "steps"  # no | steps | epoch
+    save_steps: int = 500
+    save_total_limit: int | None = 3
+    logging_steps: int = 10
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str = "eval_loss"
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    early_stopping_threshold: float = 0.0
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
+    output_dir: str = "runs/tunelab"
+    overwrite_output_dir: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    plot_loss: bool = True
+    disable_tqdm: bool = False
+
+    def __post_init__(self):
+        validate(self)
+
+    # Derived values live here, not in the fields, so they can never disagree.
+    @property
+    def mixed_precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "stage": ("sft", "pt", "dpo", "simpo", "kto", "orpo"),
+    "finetuning_type": ("lora", "full", "freeze"),
+    "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "polynomial"),
+    "eval_strategy": ("no", "steps", "epoch"),
+    "save_strategy": ("no", "steps", "epoch"),
+    "train_on": ("all", "last"),
+    "pref_loss": ("sigmoid", "ipo", "hinge"),
+}
+
+
+def validate(cfg: TunelabConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            hint = nearest(str(value), allowed)
+            raise TunelabError(
+                f"{key}={value!r} is not one of {', '.join(allowed)}",
+                where="config",
+                fix=f"use {key}={hint}" if hint else f"pick one of {', '.join(allowed)}",
+            )
+    if cfg.bf16 and cfg.fp16:
+        raise TunelabError("bf16 and fp16 are both on", where="config", fix="set only one of them")
+    if cfg.quantization_bit not in (None, 4, 8):
+        raise TunelabError(f"quantization_bit={cfg.quantization_bit} is not 4 or 8", where="config",
+                           fix="use quantization_bit=4 (QLoRA NF4) or 8, or leave it unset")
+    if cfg.quantization_bit and cfg.finetuning_type != "lora":
+        raise TunelabError("quantized weights can only be trained through LoRA (QLoRA)", where="config",
+                           fix="set finetuning_type=lora or drop quantization_bit")
+    positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise TunelabError(f"{key} must be > 0, got {getattr(cfg, key)}", where="config",
+                               fix=f"set {key} to a positive number")
+    if cfg.learning_rate <= 0:
+        raise TunelabError(f"learning_rate must be > 0, got {cfg.learning_rate}", where="config",
+                           fix="a LoRA run usually wants 1e-4 to 3e-4; full fine-tuning 1e-5")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise TunelabError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}", where="config",
+                           fix="use e.g. warmup_ratio=0.03, or warmup_steps=N")
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise TunelabError("neither num_train_epochs nor max_steps is positive", where="config",
+                           fix="set num_train_epochs=3 or max_steps=100")
+    if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
+        raise TunelabError("load_best_model_at_end needs evaluations", where="config",
+                           fix="set eval_strategy=steps (and eval_steps) or eval_strategy=epoch")
+    if cfg.early_stopping_patience is not None and cfg.eval_strategy == "no":
+        raise TunelabError("early_stopping_patience needs evaluations", where="config",
+                           fix="set eval_strategy=steps or epoch")
+
+
+# --- loading -------------------------------------------------------------------------
+
+def _field_types() -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(TunelabConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TunelabConfig)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp, where: str):
+    """Turn a YAML/CLI value into the field's declared type, or say what is wrong."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], where)
+    if origin is list:
+        (item_tp,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, item_tp, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise TunelabError(
+        f"{key} must be {_type_name(tp)}, got {value!r}",
+        where=where,
+        fix=f"write e.g. {key}={_example(tp)}",
+    )
+
+
+def _example(tp) -> str:
+    return {bool: "true", int: "8", float: "2e-4", str: "text"}.get(tp, "value")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["lora_rank=16", "dataset=a.jsonl,b.jsonl"]` -> dict, values parsed as YAML scalars."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TunelabError(f"override {pair!r} is not key=value", where="command line",
+                               fix="write overrides as key=value, e.g. learning_rate=1e-4")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML reads "1e-4" as a string; let _coerce parse numbers from text.
+        out[key.strip()] = value
+    return out
+
+
+def build_config(values: dict, where: str = "config") -> TunelabConfig:
+    """Check keys and types of a plain dict and build the config."""
+    fields = _field_types()
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            hint = nearest(key, fields)
+            raise TunelabError(
+                f"unknown key {key!r}",
+                where=where,
+                fix=f"did you mean {hint!r}?" if hint else "see `tunelab train --help-config` for every key",
+            )
+        kwargs[key] = _coerce(key, value, fields[key], where)
+    return TunelabConfig(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TunelabConfig:
+    """Read a YAML config (optional), apply `key=value` overrides, validate, return it.
+
+    Relative dataset paths in the YAML are resolved against the YAML file's folder
+    when they exist there, so `tunelab train examples/x.yaml` works from anywhere.
+    """
+    values: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise TunelabError(f"config file {path} does not exist", where="command line",
+                               fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise TunelabError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=f"{path}{line}",
+                               fix="check the indentation and quoting on that line") from None
+        if not isinstance(loaded, dict):
+            raise TunelabError("the config must be a mapping of key: value", where=str(path),
+                               fix="write one `key: value` per line")
+        values.update(_resolve_relative_paths(loaded, path.parent))
+    if overrides:
+        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return build_config(values, where=where)
+
+
+PATH_KEYS = ("dataset", "eval_dataset")
+
+
+def _resolve_relative_paths(values: dict, base: Path) -> dict:
+    values = dict(values)
+    for key in PATH_KEYS:
+        if key not in values or values[key] is None:
+            continue
+        items = values[key] if isinstance(values[key], list) else [values[key]]
+        resolved = []
+        for item in items:
+            p = Path(str(item))
+            if not p.is_absolute() and not p.exists() and (base / p).exists():
+                p = base / p
+            resolved.append(str(p))
+        values[key] = resolved
+    return values
+
+
+def save_config(cfg: TunelabConfig, path: str | Path) -> None:
+    from tunelab.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def describe_keys() -> str:
+    """Every key with its type and default, for `--help-config`."""
+    lines = []
+    for f in dataclasses.fields(TunelabConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name:32s} {_type_name(_field_types()[f.name]):14s} default: {default!r}")
+    return "\n".join(lines)

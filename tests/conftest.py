@@ -1,0 +1,77 @@
+"""Shared test fixtures: real tokenizers from ../shared, tiny random models built on them.
+
+Loading a GGUF vocabulary takes ~40 s, so each one is converted once and cached as a
+plain HF tokenizer folder under $TUNELAB_CACHE (default ~/.cache/tunelab).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TUNELAB_SHARED", REPO.parent / "shared"))
+TOKENIZERS = SHARED / "tokenizers"
+TEMPLATES = TOKENIZERS / "templates"
+HOTEL = SHARED / "data" / "hotel"
+CACHE = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+GGUF_VOCABS = {
+    "qwen2": "ggml-vocab-qwen2.gguf",
+    "llama3": "ggml-vocab-llama-bpe.gguf",
+    "deepseek": "ggml-vocab-deepseek-llm.gguf",
+    "phi3": "ggml-vocab-phi-3.gguf",
+    "baichuan": "ggml-vocab-baichuan.gguf",
+}
+
+
+def shared_tokenizer(name: str):
+    """A real tokenizer from ../shared/tokenizers, cached as an HF folder after the first load."""
+    from transformers import AutoTokenizer
+
+    cached = CACHE / "test-tokenizers" / name
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS, gguf_file=GGUF_VOCABS[name])
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    tmp.replace(cached) if not cached.exists() else None
+    return AutoTokenizer.from_pretrained(cached)
+
+
+def template_text(filename: str) -> str:
+    return (TEMPLATES / filename).read_text(encoding="utf-8")
+
+
+def tiny_llama(tokenizer, seed: int = 0, **overrides):
+    """A random-weight Llama (SmolLM2's architecture) small enough for CPU unit tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer():
+    return shared_tokenizer("qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    return shared_tokenizer("llama3")
+
+
+@pytest.fixture(scope="session")
+def hotel_dir() -> Path:
+    assert HOTEL.is_dir(), f"the hotel data set is expected at {HOTEL}"
+    return HOTEL
