@@ -75,3 +75,12 @@ def llama3_tokenizer():
 def hotel_dir() -> Path:
     assert HOTEL.is_dir(), f"the hotel data set is expected at {HOTEL}"
     return HOTEL
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, qwen2_tokenizer) -> Path:
+    """A saved tiny random Llama with the real Qwen2 tokenizer (ChatML template): loads like any HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(qwen2_tokenizer).save_pretrained(folder)
+    qwen2_tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,352 @@
+"""Read data files (JSONL, JSON, Parquet, CSV) into `Conversation` / preference items.
+
+Three layers, each usable alone:
+- `iter_records(path)`: raw dicts with their location, streamed (JSONL, Parquet, CSV).
+- `iter_items(path, fmt)`: each record normalised and validated, or the `RecordError`
+  that says why it cannot be used (the `tunelab data` tools report them all).
+- `load_conversations` / `load_preferences`: lists for training; stop at the first bad
+  record, or with `skip_invalid=True` drop bad records and say how many.
+
+Locations read `path:LINE` (JSONL) or `path:record N` (JSON array, Parquet, CSV), and
+errors read `path:LINE: record N: what is wrong` plus the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tunelab.data.formats import (
+    CONVERSATION_FORMATS,
+    FORMATS,
+    PREFERENCE_FORMATS,
+    RecordError,
+    check_format_name,
+    detect_format,
+    to_conversation,
+    to_preference,
+    to_record,
+    validate_conversation,
+    validate_preference,
+)
+from tunelab.data.types import Conversation, KTOExample, Message, PreferencePair
+from tunelab.errors import TunelabError
+
+__all__ = [
+    "iter_records", "read_records", "iter_items", "load_conversations", "load_preferences",
+    "detect_format", "to_record", "Loaded", "RecordError", "FORMATS", "location",
+]
+
+BOM = b"\xef\xbb\xbf"
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+SKIP_HINT = "or set skip_invalid=true to drop bad records"
+
+
+# --- raw records -----------------------------------------------------------------------
+
+def location(source: str, number: int) -> str:
+    """`path:12: record 12`, or `path:record 3` where the source already names the record."""
+    return source if ":record " in source else f"{source}: record {number}"
+
+
+def _json_problem(exc: json.JSONDecodeError, text: str) -> tuple[str, str]:
+    """(what, fix) for a JSON parse error, naming a trailing comma where that is the cause."""
+    before = text[: exc.pos].rstrip()
+    if before.endswith(",") and text[exc.pos: exc.pos + 1] in ("]", "}"):
+        return (f"trailing comma before {text[exc.pos]!r} at line {exc.lineno} column {exc.colno}",
+                "delete the comma after the last item: JSON does not allow it")
+    if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string"):
+        return (f"the JSON ends early ({exc.msg}) at line {exc.lineno} column {exc.colno}",
+                "the file looks truncated: write it again completely")
+    return (f"malformed JSON ({exc.msg}) at line {exc.lineno} column {exc.colno}",
+            "fix the JSON syntax at that position")
+
+
+def _bad_bytes(raw: bytes) -> tuple[int, str, str] | None:
+    """(byte offset, what, fix) of the first NUL byte or invalid UTF-8, or None if the text is clean."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        return nul, "a NUL byte", "the file is binary or UTF-16: re-save it as UTF-8 text"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (exc.start, f"bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r})",
+                "re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8)")
+    return None
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8 text of one line; RecordError for NUL bytes or invalid UTF-8."""
+    bad = _bad_bytes(raw)
+    if bad:
+        offset, what, fix = bad
+        raise RecordError(f"{what} at column {len(raw[:offset].decode('utf-8', 'replace')) + 1}", fix)
+    return raw.decode("utf-8")
+
+
+def _parse_line(raw: bytes) -> dict | RecordError:
+    try:
+        text = _decode(raw)
+    except RecordError as exc:
+        return exc
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        what, fix = _json_problem(exc, text)
+        return RecordError(what.replace(f"at line {exc.lineno} column", "at column"), fix)
+    if not isinstance(record, dict):
+        return RecordError(f"a record must be a JSON object, got {type(record).__name__}",
+                           fix='write one {"key": value} object per line')
+    return record
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
+    number = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            if not raw.strip():
+                continue
+            number += 1
+            yield f"{path}:{lineno}", number, _parse_line(raw)
+
+
+def _file_error(path: Path, text: str, error: RecordError | json.JSONDecodeError) -> TunelabError:
+    if isinstance(error, json.JSONDecodeError):
+        what, fix = _json_problem(error, text)
+        return TunelabError(what.split(" at line ")[0], where=f"{path}:{error.lineno}:{error.colno}", fix=fix)
+    return TunelabError(error.what, where=str(path), fix=error.fix)
+
+
+def _json_document(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
+    raw = path.read_bytes().removeprefix(BOM)
+    bad = _bad_bytes(raw)
+    if bad:
+        offset, what, fix = bad
+        line = raw.count(b"\n", 0, offset) + 1
+        raise TunelabError(f"{what} on line {line}", where=f"{path}:{line}", fix=fix)
+    text = raw.decode("utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _file_error(path, text, exc) from None
+    items = value if isinstance(value, list) else [value]
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            item = RecordError(f"a record must be a JSON object, got {type(item).__name__}",
+                               fix="make the file a JSON array of objects")
+        yield f"{path}:record {number}", number, item
+
+
+def _json(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
+    """A JSON array (loaded whole), or one object per line (streamed like JSONL)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(BOM).lstrip()
+    if head.startswith(b"["):
+        yield from _json_document(path)
+        return
+    lines = _jsonl(path)
+    first = next(lines, None)
+    if first is not None and isinstance(first[2], RecordError):
+        # Not one object per line: maybe one pretty-printed object.
+        yield from _json_document(path)
+        return
+    yield from itertools.chain([first] if first else [], lines)
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """Decoded lines for the csv module; NUL / non-UTF-8 bytes stop with the line number
+    (a CSV record may span lines, so a bad line cannot be skipped as one record)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
+            try:
+                yield _decode(raw)
+            except RecordError as exc:
+                raise TunelabError(exc.what, where=f"{path}:{lineno}", fix=exc.fix) from None
+
+
+def _csv(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
+    reader = csv.reader(_text_lines(path))
+    header = next(reader, None)
+    if not header:
+        return
+    number = 0
+    for row in reader:
+        if not row:
+            continue
+        number += 1
+        source = f"{path}:record {number}"
+        if len(row) != len(header):
+            yield source, number, RecordError(
+                f"line {reader.line_num} has {len(row)} fields but the header has {len(header)} "
+                f"({', '.join(header)})",
+                fix="give every row one value per column (empty is fine) and quote values that contain commas")
+        else:
+            yield source, number, dict(zip(header, row))
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path}:record {number}", number, row
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TunelabError(f"not a readable Parquet file ({exc})", where=str(path),
+                           fix="write it again with pyarrow / pandas .to_parquet()") from None
+
+
+READERS = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict | RecordError]]:
+    """Yield `(source, record number, record)`; a record that cannot be parsed comes as a
+    RecordError (so a checker can go on). Problems with the whole file raise TunelabError."""
+    path = Path(path)
+    if not path.exists():
+        raise TunelabError("the data file does not exist", where=str(path),
+                           fix="check the path (relative paths start from the current folder)")
+    if path.is_dir():
+        raise TunelabError("is a folder, not a data file", where=str(path), fix="name the file inside it")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise TunelabError(f"unknown file type {path.suffix or '(no extension)'!r}", where=str(path),
+                           fix=f"use one of {', '.join(EXTENSIONS)} (rename the file if it is one of these)")
+    if path.stat().st_size == 0:
+        raise TunelabError("the file is empty", where=str(path), fix="write records into it, or drop it")
+    count = 0
+    for count, item in enumerate(reader(path), 1):
+        yield item
+    if count == 0:
+        raise TunelabError("the file holds no records", where=str(path), fix="write records into it, or drop it")
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield `(source, record)` for every record of a file; raise TunelabError at the first bad one."""
+    for source, number, record in read_records(path):
+        if isinstance(record, RecordError):
+            raise TunelabError(record.what, where=location(source, number), fix=record.fix)
+        yield source, record
+
+
+# --- normalised items --------------------------------------------------------------------
+
+Item = Conversation | PreferencePair | KTOExample
+
+
+def parse_record(record: dict, fmt: str, source: str = "", system_prompt: str | None = None) -> Item:
+    """One record of a known format -> a validated item (RecordError if it cannot be trained on)."""
+    if fmt in CONVERSATION_FORMATS:
+        conv = to_conversation(record, fmt, source)
+        validate_conversation(conv)
+        if system_prompt and not conv.is_plain_text and conv.messages[0].role != "system":
+            conv.messages.insert(0, Message("system", system_prompt))
+        return conv
+    item = to_preference(record, fmt, source)
+    validate_preference(item)
+    return item
+
+
+def iter_items(path: str | os.PathLike, fmt: str = "auto", *, system_prompt: str | None = None
+               ) -> Iterator[tuple[str, int, str | None, Item | RecordError]]:
+    """Yield `(source, number, format, item or RecordError)` for each record of one file.
+
+    In auto mode the first record that shows its format fixes it for the whole file; a
+    later record of another format is a RecordError naming both.
+    """
+    fmt = check_format_name(fmt)
+    file_format = None if fmt == "auto" else fmt
+    for source, number, record in read_records(path):
+        if isinstance(record, RecordError):
+            yield source, number, file_format, record
+            continue
+        try:
+            if fmt == "auto":
+                found = detect_format(record)
+                if file_format is None:
+                    file_format = found
+                elif found != file_format:
+                    raise RecordError(f"looks like {found} but the file started as {file_format}",
+                                      fix="keep one format per file (split it, or convert with `tunelab data convert`)")
+            yield source, number, file_format, parse_record(record, file_format, source, system_prompt)
+        except RecordError as exc:
+            yield source, number, file_format, exc
+
+
+class Loaded(list):
+    """The items that loaded, plus `skipped` (how many were dropped) and `problems`
+    (`location: what` of each dropped record) when `skip_invalid=True`."""
+
+    def __init__(self, items: Iterable = ()):
+        super().__init__(items)
+        self.skipped = 0
+        self.problems: list[str] = []
+
+
+def _as_paths(paths) -> list:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def _load(paths, fmt: str, kinds: tuple[str, ...], *, skip_invalid: bool, max_samples: int | None,
+          system_prompt: str | None = None) -> Loaded:
+    loaded = Loaded()
+    paths = _as_paths(paths)
+    if not paths:
+        raise TunelabError("no data files given", where="dataset", fix="set dataset=path/to/data.jsonl")
+    for path in paths:
+        if max_samples is not None and len(loaded) >= max_samples:
+            break
+        for source, number, file_format, item in iter_items(path, fmt, system_prompt=system_prompt):
+            if file_format is not None and file_format not in kinds:
+                wanted = "conversations" if kinds == CONVERSATION_FORMATS else "preference data"
+                raise TunelabError(f"holds {file_format} records, not {wanted}", where=str(path),
+                                   fix="use stage=sft/pt for conversations and stage=dpo/simpo/orpo/kto "
+                                       "for preference data")
+            if not isinstance(item, RecordError):
+                loaded.append(item)
+                if max_samples is not None and len(loaded) >= max_samples:
+                    break
+            elif skip_invalid:
+                loaded.skipped += 1
+                loaded.problems.append(f"{location(source, number)}: {item.what}")
+            else:
+                raise TunelabError(item.what, where=location(source, number),
+                                   fix=f"{item.fix}; {SKIP_HINT}" if item.fix else SKIP_HINT)
+    if loaded.skipped:
+        shown = "; ".join(loaded.problems[:3])
+        print(f"tunelab: skipped {loaded.skipped} invalid record(s), kept {len(loaded)} (first: {shown})",
+              file=sys.stderr)
+    if not loaded:
+        raise TunelabError("no usable records", where=", ".join(map(str, paths)),
+                           fix="check the format (see `tunelab data check FILE`)")
+    return loaded
+
+
+def load_conversations(paths, fmt: str = "auto", *, skip_invalid: bool = False, max_samples: int | None = None,
+                       system_prompt: str | None = None) -> Loaded:
+    """All conversations of `paths` (a path or a list), validated for training.
+
+    Returns a `Loaded` list (`.skipped` and `.problems` tell what skip_invalid dropped).
+    `system_prompt` is inserted where a conversation has no system message.
+    """
+    return _load(paths, fmt, CONVERSATION_FORMATS, skip_invalid=skip_invalid, max_samples=max_samples,
+                 system_prompt=system_prompt)
+
+
+def load_preferences(paths, fmt: str = "auto", *, skip_invalid: bool = False,
+                     max_samples: int | None = None) -> Loaded:
+    """All preference pairs / KTO examples of `paths`, validated (see `load_conversations`)."""
+    return _load(paths, fmt, PREFERENCE_FORMATS, skip_invalid=skip_invalid, max_samples=max_samples)

@@ -1,0 +1,24 @@
+"""Evaluation tasks by name (`tunelab eval --task NAME`).
+
+A task says how to read a data file into prompts + references and how to score
+predictions; see `base.py` for the interface. Adding one = one module + one line here.
+"""
+
+from __future__ import annotations
+
+from tunelab.errors import TunelabError, nearest
+from tunelab.evaluate.tasks.base import Sample, Task, perplexity_scores
+from tunelab.evaluate.tasks.generic import GenericTask
+from tunelab.evaluate.tasks.hotel import HotelTask
+
+TASKS: dict[str, type[Task]] = {"generic": GenericTask, "hotel": HotelTask}
+
+__all__ = ["TASKS", "Sample", "Task", "get_task", "perplexity_scores"]
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        hint = nearest(name, TASKS)
+        raise TunelabError(f"unknown task {name!r}", where="--task",
+                           fix=(f"did you mean --task {hint}? " if hint else "") + "tasks: " + ", ".join(TASKS))
+    return TASKS[name]()

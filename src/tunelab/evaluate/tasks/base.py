@@ -1,0 +1,75 @@
+"""What an evaluation task is: how to read samples, and how to score predictions.
+
+A task never touches a model. The runner turns each `Sample` into a prompt, generates,
+and hands the task plain rows (`reference`, `prediction`, `meta`, and, when perplexity
+was asked for, `ref_loss`/`ref_tokens`), so `--predictions FILE` can re-score a saved run
+with exactly the same code.
+
+To add a task, write one module in this package with a `Task` subclass and add it to
+`TASKS` in `__init__.py`:
+
+    class MyTask(Task):
+        name = "mytask"
+        default_template = None          # or a built-in template name the task needs
+        default_metrics = ("bleu",)      # used when --metrics is not given
+        def load(self, path, fmt="auto", limit=None) -> list[Sample]: ...
+        def score_row(self, row, metrics) -> dict: ...      # per-sample scores
+        def aggregate(self, rows, metrics) -> dict: ...     # the summary table
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from tunelab.data.types import Conversation, Message
+from tunelab.evaluate.metrics import perplexity
+
+
+@dataclass
+class Sample:
+    source: str  # "path:line", for error messages and the predictions file
+    prompt: list[Message]  # the conversation the model continues
+    target: Message  # the reference turn as the template renders it (for teacher-forced ppl)
+    reference: str  # the text a perfect model would generate (what metrics compare against)
+    meta: dict = field(default_factory=dict)  # JSON-able extras the task's scorer needs
+    tools: list | None = None
+
+    def conversation(self) -> Conversation:
+        """Prompt + reference turn, the reference marked as the only target."""
+        target = Message(self.target.role, self.target.content, train=True)
+        context = [Message(m.role, m.content, train=False) for m in self.prompt]
+        return Conversation(context + [target], source=self.source, tools=self.tools)
+
+
+class Task(ABC):
+    name: str = ""
+    default_template: str | None = None  # None = the user's --template (default: the model's own)
+    default_metrics: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()  # every name `--metrics` may pick for this task
+
+    @abstractmethod
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+        """Samples of a data file; raise TunelabError (naming path:line) for unusable rows."""
+
+    @abstractmethod
+    def score_row(self, row: dict, metrics: tuple[str, ...]) -> dict:
+        """Per-sample scores of one predictions row (JSON-able)."""
+
+    @abstractmethod
+    def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
+        """The summary scores over all rows (each row already has its `scores`)."""
+
+
+def is_empty(prediction: str | None) -> bool:
+    return prediction is None or not prediction.strip()
+
+
+def perplexity_scores(rows: list[dict]) -> dict:
+    """Reference-token perplexity pooled over rows (token-weighted, as a loss over a set is)."""
+    tokens = sum(r.get("ref_tokens", 0) for r in rows)
+    if not tokens:
+        return {"ppl": math.nan, "ref_loss": math.nan}
+    loss = sum(r["ref_nll"] for r in rows if r.get("ref_tokens")) / tokens
+    return {"ppl": perplexity(loss), "ref_loss": loss}

@@ -1,0 +1,76 @@
+"""Any conversation data set: the last assistant turn is the reference, what precedes it the prompt.
+
+Metrics (`--metrics`): `bleu` (the character-level sentence BLEU-4 the hotel recipe uses,
+plus sacrebleu corpus BLEU), `rouge` (ROUGE-1/2/L F1; by character for CJK text), `em`
+(exact match after stripping), `ppl` (perplexity of the reference tokens under teacher
+forcing). Empty predictions score 0 and are counted, never dropped.
+"""
+
+from __future__ import annotations
+
+from tunelab.data.readers import load_conversations
+from tunelab.errors import TunelabError
+from tunelab.evaluate.metrics import (
+    corpus_bleu, exact_match, rouge_f1, sentence_bleu4_char, sentence_bleu4_chars,
+)
+from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def _reference_turn(conv) -> int:
+    targets = [i for i, m in enumerate(conv.messages) if m.is_target()]
+    if conv.is_plain_text or not targets:
+        raise TunelabError("the row has no assistant turn to use as the reference", where=conv.source,
+                           fix="evaluate conversations that end with an assistant answer "
+                               "(plain-text rows have none; use --metrics ppl on chat data instead)")
+    last = targets[-1]
+    if not conv.messages[last].content.strip():
+        raise TunelabError("the reference (last assistant turn) is empty", where=conv.source,
+                           fix="remove the row or fill in the answer")
+    if last == 0:
+        raise TunelabError("the row has an answer but no prompt before it", where=conv.source,
+                           fix="give each answer the user turn it replies to")
+    return last
+
+
+class GenericTask(Task):
+    name = "generic"
+    default_metrics = ("bleu", "rouge")
+    metrics = ("bleu", "rouge", "em", "ppl")
+
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+        samples = []
+        for conv in load_conversations(path, fmt, max_samples=limit):
+            last = _reference_turn(conv)
+            target = conv.messages[last]
+            samples.append(Sample(source=conv.source, prompt=conv.messages[:last], target=target,
+                                  reference=target.content, tools=conv.tools))
+        return samples
+
+    def score_row(self, row: dict, metrics: tuple[str, ...]) -> dict:
+        prediction, reference = row["prediction"], row["reference"]
+        scores: dict = {"empty": is_empty(prediction)}
+        if "bleu" in metrics:
+            scores["bleu4"] = 100.0 * sentence_bleu4_char(prediction, reference)
+        if "rouge" in metrics:
+            scores.update({k: 100.0 * v for k, v in rouge_f1(prediction, reference).items()})
+        if "em" in metrics:
+            scores["exact_match"] = exact_match([prediction], [reference])
+        return scores
+
+    def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
+        preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+        out: dict = {"samples": len(rows)}
+        if "bleu" in metrics:
+            out["bleu4"] = sentence_bleu4_chars(preds, refs)
+            out["corpus_bleu"] = corpus_bleu(preds, refs)
+        if "rouge" in metrics:
+            for key in ROUGE_KEYS:
+                out[key] = sum(r["scores"][key] for r in rows) / max(len(rows), 1)
+        if "em" in metrics:
+            out["exact_match"] = exact_match(preds, refs)
+        if "ppl" in metrics:
+            out.update(perplexity_scores(rows))
+        out["empty_predictions"] = sum(r["scores"]["empty"] for r in rows)
+        return out

@@ -1,0 +1,80 @@
+"""The hotel-booking reference task (the FineTuningLab Qwen2.5 LoRA recipe's evaluation).
+
+Each row is a dialogue prefix and the next turn. The prompt ends at `<|im_start|>`, so the
+model itself chooses the role: its output is `search\\n{json arguments}` or
+`assistant\\n{reply}`. Search rows score slot precision / recall / F1 (pooled over rows) on
+the predicted arguments; a prediction that is not a search, or whose JSON does not parse,
+counts as an empty dict. Assistant rows score character-level BLEU-4 of the text after the
+role line. Both as shared/README.md describes the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tunelab.data.readers import load_conversations
+from tunelab.errors import TunelabError
+from tunelab.evaluate.metrics import sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores
+from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
+
+
+def split_role(text: str) -> tuple[str, str]:
+    """`"search\\n{...}"` -> ("search", "{...}"): the first line is the role the model chose."""
+    role, _, body = text.lstrip().partition("\n")
+    return role.strip(), body
+
+
+def predicted_arguments(prediction: str) -> dict | str:
+    """What the model searched for: the JSON text after a `search` role line, else {}."""
+    role, body = split_role(prediction)
+    return body if role == "search" else {}
+
+
+class HotelTask(Task):
+    name = "hotel"
+    default_template = "hotel"
+    default_metrics = ("slots", "bleu")
+    metrics = ("slots", "bleu", "ppl")
+
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+        fmt = "hotel" if fmt == "auto" else fmt
+        if fmt != "hotel":
+            raise TunelabError(f"the hotel task reads hotel rows, not {fmt}", where=str(path),
+                               fix="drop --format, or use --task generic for other formats")
+        samples = []
+        for conv in load_conversations(path, "hotel", max_samples=limit):
+            *context, response = conv.messages
+            meta = {"role": response.role}
+            if response.role == "search":
+                meta["arguments"] = json.loads(response.content)
+            samples.append(Sample(source=conv.source, prompt=context, target=response,
+                                  reference=f"{response.role}\n{response.content}", meta=meta))
+        return samples
+
+    def score_row(self, row: dict, metrics: tuple[str, ...]) -> dict:
+        prediction, meta = row["prediction"], row["meta"]
+        role, body = split_role(prediction)
+        scores: dict = {"role_correct": role == meta["role"], "empty": is_empty(prediction)}
+        if meta["role"] == "search":
+            counts = slot_counts(predicted_arguments(prediction), meta["arguments"])
+            scores.update(slot_correct=counts.correct, slot_predicted=counts.predicted,
+                          slot_expected=counts.expected)
+        else:
+            scores["bleu4"] = 100.0 * sentence_bleu4_char(body, split_role(row["reference"])[1])
+        return scores
+
+    def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
+        search = [r for r in rows if r["meta"]["role"] == "search"]
+        reply = [r for r in rows if r["meta"]["role"] != "search"]
+        out: dict = {"samples": len(rows), "search_rows": len(search), "assistant_rows": len(reply)}
+        if "slots" in metrics:
+            out.update(slot_scores([predicted_arguments(r["prediction"]) for r in search],
+                                   [r["meta"]["arguments"] for r in search]))
+        if "bleu" in metrics:
+            out["bleu4"] = sentence_bleu4_chars([split_role(r["prediction"])[1] for r in reply],
+                                                [split_role(r["reference"])[1] for r in reply])
+        out["role_accuracy"] = 100.0 * sum(r["scores"]["role_correct"] for r in rows) / max(len(rows), 1)
+        out["empty_predictions"] = sum(r["scores"]["empty"] for r in rows)
+        if "ppl" in metrics:
+            out.update(perplexity_scores(rows))
+        return out

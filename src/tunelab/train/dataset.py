@@ -1,0 +1,87 @@
+"""From config to token samples: read, split off validation, render and mask.
+
+Kept apart from the loop so the loop reads as a recipe and so benchmarks and
+preference stages can build the same samples.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+from tunelab.config import TunelabConfig
+from tunelab.data.collate import Sample
+from tunelab.data.types import Conversation
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class SFTData:
+    train: list[Sample]
+    eval: list[Sample]
+    n_train_records: int
+    n_eval_records: int
+    n_skipped: int = 0
+
+
+def split_validation(records: list, val_size: float, seed: int) -> tuple[list, list]:
+    """Hold out `val_size` (a fraction < 1, or a count >= 1) of the records, seeded."""
+    if val_size <= 0:
+        return records, []
+    n_val = int(round(len(records) * val_size)) if val_size < 1 else int(val_size)
+    n_val = max(1, min(n_val, len(records) - 1))
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
+
+
+def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
+    from tunelab.data.readers import load_conversations
+    from tunelab.data.templates import resolve_template
+
+    if not cfg.dataset:
+        raise TunelabError("no training data given", where="config",
+                           fix="set dataset: path/to/train.jsonl (or dataset=... on the command line)")
+    read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
+    convs = load_conversations(cfg.dataset, max_samples=cfg.max_samples, **read)
+    if cfg.eval_dataset:
+        train_convs, eval_convs = convs, load_conversations(cfg.eval_dataset, **read)
+    else:
+        train_convs, eval_convs = split_validation(convs, cfg.val_size, cfg.seed)
+    if cfg.eval_strategy != "no" and not eval_convs:
+        raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
+                           fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
+    template = None if cfg.stage == "pt" else resolve_template(cfg.template, tokenizer)
+    train, skipped = encode_samples(train_convs, tokenizer, template, cfg)
+    evals, skipped_eval = encode_samples(eval_convs, tokenizer, template, cfg)
+    if not train:
+        raise TunelabError("no training sample is left after tokenization", where=", ".join(cfg.dataset),
+                           fix="check the data with `tunelab data check`, or raise cutoff_len")
+    n_skipped = skipped + skipped_eval + getattr(convs, "skipped", 0)
+    return SFTData(train, evals, len(train_convs), len(eval_convs), n_skipped)
+
+
+def encode_samples(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig) -> tuple[list[Sample], int]:
+    """Tokenize conversations into samples; bad ones raise, or are counted with skip_invalid."""
+    from tunelab.data import tokenize
+
+    samples, errors = [], []
+    for conv in convs:
+        try:
+            if conv.is_plain_text:
+                encoded = tokenize.encode_text(conv.messages[0].content, tokenizer, cfg.cutoff_len, source=conv.source)
+            else:
+                encoded = [tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, cfg.train_on)]
+        except TunelabError as exc:
+            if not cfg.skip_invalid:
+                raise
+            errors.append(exc)
+            continue
+        samples.extend(Sample(e.input_ids, e.labels) for e in encoded)
+    if errors:
+        print(f"skipped {len(errors)} record(s) that could not be tokenized; first: {errors[0].message()}",
+              file=sys.stderr)
+    return samples, len(errors)

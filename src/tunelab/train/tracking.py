@@ -1,0 +1,134 @@
+"""Where training metrics go: a JSONL log, TensorBoard, a loss plot, a progress bar.
+
+`trainer_log.jsonl` is the source of truth (one object per logged step, training rows
+with `loss`, evaluation rows with `eval_loss`); `tunelab report` reads it, and the
+plot is redrawn from it, so a resumed run's plot covers the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+LOG_NAME = "trainer_log.jsonl"
+PLOT_NAME = "training_loss.png"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, report_to: list[str], total_steps: int, start_step: int = 0,
+                 disable_progress: bool = False):
+        self.run_dir = Path(run_dir)
+        self.log_path = self.run_dir / LOG_NAME
+        self.writer = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if start_step == 0:
+            self.log_path.unlink(missing_ok=True)
+        else:
+            _truncate_log(self.log_path, start_step)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                        disable=disable_progress, dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, row: dict) -> None:
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            prefix = "eval" if any(k.startswith("eval_") for k in row) else "train"
+            for key, value in row.items():
+                if key in ("step", "epoch") or not isinstance(value, (int, float)):
+                    continue
+                name = key.replace("eval_", "eval/") if prefix == "eval" else f"train/{key}"
+                self.writer.add_scalar(name, value, row["step"])
+            self.writer.flush()
+        shown = {k: row[k] for k in ("loss", "eval_loss", "tokens_per_second", "learning_rate") if k in row}
+        if shown:
+            self.bar.set_postfix({k.replace("tokens_per_second", "tok/s"): _short(v) for k, v in shown.items()})
+        if "eval_loss" in row:
+            self.bar.write(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}, "
+                           f"perplexity {row.get('eval_perplexity', float('nan')):.3f}")
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _short(v):
+    return f"{v:.3g}" if isinstance(v, float) else v
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint: they will be logged again."""
+    if not path.exists():
+        return
+    rows = read_log(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def read_log(path: Path) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+    return rows
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """Draw training (and evaluation) loss against steps from the JSONL log."""
+    path = Path(run_dir) / LOG_NAME
+    if not path.exists():
+        return None
+    rows = read_log(path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        xs, ys = zip(*train)
+        ax.plot(xs, ys, color="#9ab", linewidth=1, label="train loss")
+        if len(ys) >= 5:
+            ax.plot(xs, _ema(ys), color="#1f5f9f", linewidth=2, label="train loss (smoothed)")
+    if evals:
+        xs, ys = zip(*evals)
+        ax.plot(xs, ys, "o-", color="#d2691e", linewidth=2, label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{Path(run_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / PLOT_NAME
+    tmp = out.with_suffix(".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def _ema(values, alpha: float = 0.1) -> list[float]:
+    out, acc = [], values[0]
+    for v in values:
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out

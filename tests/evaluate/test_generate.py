@@ -1,0 +1,106 @@
+"""Batched generation must equal one-at-a-time generation, stop where told, and stream cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import shared_tokenizer, tiny_llama
+from tunelab.errors import TunelabError
+from tunelab.model.generate import GenerationOptions, generate_batch, stream_generate
+
+PROMPTS = [
+    "hello",
+    "你好，我想找一个提供叫醒服务，评分是4分以上的经济型酒店住宿",
+    "a much longer prompt with many words in it, so that the others get left padding",
+    "x y",
+    "北京",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return shared_tokenizer("qwen2")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    # A wider init than the default makes a random model's greedy outputs vary token to
+    # token, so equality checks compare real sequences, not one repeated token.
+    return tiny_llama(tok, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return [tok(t, add_special_tokens=False).input_ids for t in PROMPTS]
+
+
+def one_by_one(model, tok, prompts, options, stop_ids=()):
+    return [generate_batch(model, tok, [p], options, stop_ids, batch_size=1, progress=False)[0] for p in prompts]
+
+
+def test_batched_greedy_equals_sequential_and_hf_generate(model, tok, prompts):
+    options = GenerationOptions(max_new_tokens=10)
+    batched = generate_batch(model, tok, prompts, options, batch_size=3, progress=False)
+    single = one_by_one(model, tok, prompts, options)
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert all(len(set(g.token_ids)) > 3 for g in single)  # real sequences, not one token repeated
+    for prompt, ours in zip(prompts, single):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+        assert ref[0, len(prompt):].tolist() == ours.token_ids
+    assert all(g.finish_reason == "length" and g.prompt_tokens == len(p) for g, p in zip(batched, prompts))
+
+
+def test_stop_tokens_cut_output_and_rows_leave_the_batch(model, tok, prompts):
+    options = GenerationOptions(max_new_tokens=10)
+    free = one_by_one(model, tok, prompts, options)
+    # Stop row 1 at its 3rd token and row 3 at its 6th: they leave the batch early while
+    # the others run on, which must not change anyone's tokens.
+    stops = [free[1].token_ids[2], free[3].token_ids[5]]
+    batched = generate_batch(model, tok, prompts, options, stop_ids=stops, batch_size=5, progress=False)
+    single = one_by_one(model, tok, prompts, options, stops)
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    for gen, unstopped in zip(batched, free):
+        cut = next((i for i, t in enumerate(unstopped.token_ids) if t in stops), None)
+        expected = unstopped.token_ids if cut is None else unstopped.token_ids[:cut]
+        assert gen.token_ids == expected
+        assert gen.finish_reason == ("length" if cut is None else "stop")
+        assert not set(gen.token_ids) & set(stops)
+        assert gen.text == tok.decode(expected, skip_special_tokens=True)
+    assert batched[1].completion_tokens == 2
+
+
+def test_sampling_is_reproducible_with_a_seed(model, tok, prompts):
+    options = GenerationOptions(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    first = generate_batch(model, tok, prompts, options, batch_size=2, progress=False)
+    again = generate_batch(model, tok, prompts, options, batch_size=2, progress=False)
+    greedy = generate_batch(model, tok, prompts, GenerationOptions(max_new_tokens=8), progress=False)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in greedy]
+
+
+def test_stream_yields_the_same_text_and_stops_when_the_consumer_does(model, tok, prompts):
+    options = GenerationOptions(max_new_tokens=12)
+    full = one_by_one(model, tok, prompts, options)
+    for prompt, ref in zip(prompts, full):
+        deltas = list(stream_generate(model, tok, prompt, options))
+        assert "".join(deltas) == ref.text
+        assert all(deltas) and not any("\ufffd" in d for d in deltas)
+    stops = [full[1].token_ids[4]]
+    stopped = "".join(stream_generate(model, tok, prompts[1], options, stops))
+    assert stopped == tok.decode(full[1].token_ids[:4], skip_special_tokens=True)
+    stream = stream_generate(model, tok, prompts[2], options)
+    next(stream)
+    stream.close()  # the consumer hung up: the generator ends, nothing keeps decoding
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_bad_inputs_are_user_errors(model, tok):
+    with pytest.raises(TunelabError, match="prompt 1 is empty"):
+        generate_batch(model, tok, [[1, 2], []], progress=False)
+    with pytest.raises(TunelabError, match="temperature"):
+        GenerationOptions(temperature=-1)
+    with pytest.raises(TunelabError, match="max_new_tokens"):
+        GenerationOptions(max_new_tokens=0)

@@ -1,0 +1,137 @@
+"""The training recipe end to end on a tiny model: outputs, resume, early stopping, errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.cli import main
+from tunelab.config import load_config
+from tunelab.train import loop
+from tunelab.train.tracking import Tracker, read_log
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"
+
+
+def small_dataset(tmp_path: Path, n: int = 16) -> Path:
+    lines = QUICKSTART.read_text(encoding="utf-8").splitlines()[:n]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def config(tmp_path, model_dir, out="run", **overrides):
+    values = dict(
+        model_name_or_path=str(model_dir), dataset=[str(small_dataset(tmp_path))], cutoff_len=128,
+        max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-3,
+        lora_rank=4, lora_alpha=8, lora_dropout=0.1, logging_steps=1, save_steps=4, output_dir=str(tmp_path / out),
+        report_to=["jsonl"], disable_tqdm=True, device="cpu", val_size=4, eval_strategy="steps", eval_steps=4,
+    )
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_log(run_dir / "trainer_log.jsonl") if "loss" in r]
+
+
+def test_lora_run_writes_adapter_logs_plot_and_loss_falls(tmp_path, tiny_model_dir):
+    cfg = config(tmp_path, tiny_model_dir, max_steps=12, report_to=["tensorboard", "jsonl"])
+    result = loop.train(cfg)
+    run = Path(cfg.output_dir)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "trainer_log.jsonl",
+                 "training_loss.png", "tokenizer_config.json"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").iterdir())
+    assert result.global_step == 12
+    history = losses(run)
+    assert len(history) == 12
+    assert history[-1][1] < history[0][1] * 0.8
+    evals = [r for r in read_log(run / "trainer_log.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert all(abs(r["eval_perplexity"] - torch.tensor(r["eval_loss"]).exp().item()) < 1e-3 * r["eval_perplexity"]
+               for r in evals)
+    # The saved adapter loads with PEFT and changes the model's output.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, run).eval()
+    assert not torch.allclose(tuned(ids).logits, before)
+
+
+def test_interrupted_then_resumed_run_logs_the_same_losses(tmp_path, tiny_model_dir, monkeypatch):
+    straight = config(tmp_path, tiny_model_dir, out="straight")
+    loop.train(straight)
+
+    interrupted = config(tmp_path, tiny_model_dir, out="interrupted")
+    original_log = Tracker.log
+
+    def log_then_interrupt(self, row):
+        original_log(self, row)
+        if row.get("step") == 5 and "loss" in row:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "log", log_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(interrupted)
+    monkeypatch.setattr(Tracker, "log", original_log)
+    assert (Path(interrupted.output_dir) / "checkpoints" / "checkpoint-5").is_dir()
+
+    resumed = config(tmp_path, tiny_model_dir, out="interrupted", resume_from_checkpoint="latest")
+    loop.train(resumed)
+    a, b = losses(Path(straight.output_dir)), losses(Path(interrupted.output_dir))
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+    wa = load_file(Path(straight.output_dir) / "adapter_model.safetensors")
+    wb = load_file(Path(interrupted.output_dir) / "adapter_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_early_stopping_and_best_model(tmp_path, tiny_model_dir, monkeypatch):
+    eval_losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (next(eval_losses), {}))
+    cfg = config(tmp_path, tiny_model_dir, max_steps=40, eval_steps=2, save_steps=100,
+                 early_stopping_patience=2, load_best_model_at_end=True, save_total_limit=1)
+    result = loop.train(cfg)
+    assert result.stopped_early and result.global_step == 8  # evals at 2, 4 (best), 6, 8 -> stop
+    assert result.best_metric == 2.0
+    best = load_file(Path(cfg.output_dir) / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    final = load_file(Path(cfg.output_dir) / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_packing_run_trains(tmp_path, tiny_model_dir):
+    cfg = config(tmp_path, tiny_model_dir, packing=True, max_steps=4, eval_strategy="no", val_size=0)
+    assert loop.train(cfg).global_step == 4
+
+
+def test_cli_train_with_overrides_and_clean_errors(tmp_path, tiny_model_dir, capsys):
+    data = small_dataset(tmp_path)
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {data}\nmax_steps: 2\n"
+                         f"output_dir: {tmp_path / 'cli'}\nreport_to: [jsonl]\ndevice: cpu\ncutoff_len: 128\n")
+    assert main(["train", str(yaml_path), "lora_rank=2", "disable_tqdm=true"]) == 0
+    saved = (tmp_path / "cli" / "config.yaml").read_text()
+    assert "lora_rank: 2" in saved
+    # Running again into the same folder is refused with the fix.
+    assert main(["train", str(yaml_path), "disable_tqdm=true"]) == 2
+    assert "resume_from_checkpoint=latest" in capsys.readouterr().err
+    # A missing data file and a missing model: one clean message each, no traceback.
+    assert main(["train", str(yaml_path), "dataset=nope.jsonl", "overwrite_output_dir=true"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl" in err and "Traceback" not in err
+    assert main(["train", str(yaml_path), f"model_name_or_path={tmp_path / 'no-model'}",
+                 "overwrite_output_dir=true"]) == 2
+    err = capsys.readouterr().err
+    assert "no-model" in err and "Traceback" not in err
+    # A cutoff smaller than every prompt.
+    assert main(["train", str(yaml_path), "cutoff_len=8", "overwrite_output_dir=true"]) == 2
+    assert "cutoff_len" in capsys.readouterr().err
