@@ -84,3 +84,25 @@ def tiny_model_dir(tmp_path_factory, qwen2_tokenizer) -> Path:
     tiny_llama(qwen2_tokenizer).save_pretrained(folder)
     qwen2_tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_lora_adapter(base_dir: Path, out: Path, seed: int = 1, **lora) -> Path:
+    """A saved PEFT adapter for the model in `base_dir` whose B (and DoRA magnitude) are random,
+    so it changes the model's output (a fresh LoRA has B = 0 and changes nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.name_or_path = str(base_dir)
+    # Short module names, as `tunelab train` writes them.
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                  init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude" in name:
+                param.mul_(1 + 0.2 * torch.rand_like(param))
+    peft_model.save_pretrained(out)
+    return out

@@ -85,6 +85,11 @@ class TunelabConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
+    # --- speed levers (train/fast; each one keeps the math, see docs/benchmarks.md) -----
+    padding_free: bool = False  # drop padding: one token stream, per-sample varlen attention (CUDA kernel)
+    fused_loss: bool = False  # chunked LM head + cross-entropy: never builds the full [tokens, vocab] logits
+    torch_compile: bool = False  # compile each decoder layer (fuses norms, RoPE, SwiGLU, LoRA adds)
+
     # --- evaluation, checkpoints, logging ------------------------------------------
     eval_strategy: str = "no"  # no | steps | epoch
     eval_steps: int = 100

@@ -76,7 +76,8 @@ def settings(url, tmp_path=None, **kw) -> JudgeSettings:
 
 
 def test_scores_items_and_keeps_unreadable_answers(fake, tmp_path):
-    answers = {"北京饭店提供wifi": 'Sure! ```json\n{"Correctness": "5", "helpfulness": 4.0, "fluency": 9, "reason": "same facts"}\n```',
+    answers = {"北京饭店提供wifi":
+               'Sure! ```json\n{"Correctness": "5", "helpfulness": 4.0, "fluency": 9, "reason": "same facts"}\n```',
                "抱歉我不知道": "I would give it a two.",
                "如家。": '{"correctness": 3, "helpfulness": 3}'}
     fake.answer = lambda prompt: next(v for k, v in answers.items() if k in prompt)
@@ -132,6 +133,14 @@ def test_unreachable_endpoint_is_a_clear_error(fake):
     fake.server.server_close()
     with pytest.raises(JudgeEndpointError, match=r"no answer after 2 tries .*scored 0 of 3"):
         judge(ITEMS, settings(url, max_retries=1))
+
+
+def test_concurrent_workers_keep_item_order(fake):
+    fake.answer = lambda prompt: json.dumps({"correctness": 1 + 2 * ("北京饭店提供" in prompt),
+                                             "helpfulness": 2, "fluency": 2})
+    out = judge(ITEMS, settings(fake.url, concurrency=3))
+    assert [j.index for j in out.judgements] == [0, 1, 2]
+    assert [j.scores["correctness"] for j in out.judgements] == [3, 1, 1]
 
 
 def test_bad_key_is_not_retried(fake):

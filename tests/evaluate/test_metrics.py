@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -52,6 +53,18 @@ def test_char_bleu4_equals_the_recipes_nltk_call_on_real_replies(zh_pairs):
     expected = 100 * sum(nltk_recipe_bleu(p, r) for p, r in zh_pairs) / len(zh_pairs)
     assert sentence_bleu4_chars(preds, refs) == pytest.approx(expected, abs=1e-6)
     assert 0 < expected < 100  # the cases mix partial and full matches
+
+
+def test_char_bleu4_equals_nltk_on_short_and_repetitive_strings():
+    # short sides (no 3-/4-grams: smoothing), repeats (clipping), no overlap (0), longer hypothesis (bp=1)
+    rng = random.Random(0)
+    def text() -> str:
+        return "".join(rng.choices("好的酒店ab", k=rng.randint(1, 9)))
+
+    pairs = [(text(), text()) for _ in range(200)]
+    pairs += [("好好好好好", "好的"), ("xyz", "好的"), ("好的酒店很好很好", "好的酒店")]
+    for pred, ref in pairs:
+        assert sentence_bleu4_char(pred, ref) == pytest.approx(nltk_recipe_bleu(pred, ref), abs=1e-9), (pred, ref)
 
 
 def test_char_bleu4_edges():

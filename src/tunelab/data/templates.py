@@ -85,17 +85,19 @@ def render(messages: list[Message] | list[dict], template_src: str, tokenizer,
     return rendered[0]
 
 
-def fold_system(messages: list[Message]) -> list[Message]:
-    """Merge a leading system message into the first user turn (as LLaMA-Factory does) for
-    templates that reject a system role, such as Gemma's."""
+def fold_system(messages: list[Message], into: str = "first") -> list[Message]:
+    """Merge a leading system message into the first user turn (as LLaMA-Factory does for
+    templates that reject a system role, such as Gemma's) or the last one (where Mistral
+    puts it at inference, for templates that drop it from a finished conversation)."""
     if not messages or messages[0].role != "system":
         return messages
     system, rest = messages[0], list(messages[1:])
-    for i, m in enumerate(rest):
-        if m.role == "user":
-            rest[i] = Message("user", f"{system.content}\n\n{m.content}", m.train)
-            return rest
-    return [Message("user", system.content, system.train)] + rest
+    users = [i for i, m in enumerate(rest) if m.role == "user"]
+    if not users:
+        return [Message("user", system.content, system.train)] + rest
+    i = users[0] if into == "first" else users[-1]
+    rest[i] = Message("user", f"{system.content}\n\n{rest[i].content}", rest[i].train)
+    return rest
 
 
 def end_of_turn_markers(tokenizer, template_src: str) -> tuple[str, ...]:

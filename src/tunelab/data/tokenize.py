@@ -122,25 +122,47 @@ def _target_indices(conv: Conversation, train_on: str) -> list[int]:
 
 
 def _render_whole(conv: Conversation, template_src: str, tokenizer) -> tuple[list[Message], str]:
-    """The messages as the template accepts them (system folded into the first user turn
-    where it rejects a system role) and their full render."""
+    """The messages as the template accepts them and their full render. A leading system
+    prompt is folded into a user turn where the template rejects a system role (Gemma:
+    the first user turn) or drops it from a finished conversation (Mistral-Nemo writes it
+    only into a final user turn: the last user turn, as at inference)."""
     messages = conv.messages
     try:
         full = render(messages, template_src, tokenizer, tools=conv.tools)
     except jinja2.TemplateError as first:
         if not messages or messages[0].role != "system":
             raise _template_error(conv, first) from None
-        messages = fold_system(messages)
-        try:
-            full = render(messages, template_src, tokenizer, tools=conv.tools)
-        except jinja2.TemplateError as exc:
-            raise _template_error(conv, exc) from None
+        messages = fold_system(messages, into="first")
+        full = _render_or_raise(messages, template_src, tokenizer, conv)
+    if _drops_system_when_finished(messages, full, template_src, tokenizer, conv):
+        messages = fold_system(messages, into="last")
+        full = _render_or_raise(messages, template_src, tokenizer, conv)
     for m in messages:
         # Many templates silently skip roles they do not know: losing context must not be silent.
         if m.role not in STANDARD_ROLES and m.content.strip() not in full:
             raise TunelabError(f"the chat template drops the {m.role!r} turns", where=conv.source,
                                fix="use template=hotel or template=chatml, which render any role")
     return messages, full
+
+
+def _drops_system_when_finished(messages: list[Message], full: str, template_src: str, tokenizer,
+                                conv: Conversation) -> bool:
+    """True where the system prompt shows in a prompt that ends on a user turn but not in
+    the finished conversation (Mistral-Nemo)."""
+    if not messages or messages[0].role != "system" or messages[0].content.strip() in full:
+        return False
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not users:
+        return False
+    prompt = _render_or_raise(messages[:users[-1] + 1], template_src, tokenizer, conv)
+    return messages[0].content.strip() in prompt
+
+
+def _render_or_raise(messages: list[Message], template_src: str, tokenizer, conv: Conversation) -> str:
+    try:
+        return render(messages, template_src, tokenizer, tools=conv.tools)
+    except jinja2.TemplateError as exc:
+        raise _template_error(conv, exc) from None
 
 
 def _template_error(conv: Conversation, exc: Exception) -> TunelabError:
@@ -161,7 +183,7 @@ def _target_spans(messages: list[Message], targets: list[int], full: str, templa
     spans: list[tuple[int, int]] = []
     cursor = 0
     close_with_eos = False
-    for index in (t - shift for t in targets):
+    for index in (t - shift for t in targets if t >= shift):
         start, end = _locate_turn(messages, index, full, template_src, tokenizer, conv, markers, cursor)
         if not any(m in full[start:end] for m in markers):
             # No closing token of its own (GLM): the next turn's role token ends the reply.
@@ -177,38 +199,56 @@ def _target_spans(messages: list[Message], targets: list[int], full: str, templa
 
 def _locate_turn(messages: list[Message], i: int, full: str, template_src: str, tokenizer,
                  conv: Conversation, markers: tuple[str, ...], cursor: int) -> tuple[int, int]:
-    tools = conv.tools
-    prompt = render(messages[:i], template_src, tokenizer, add_generation_prompt=True, tools=tools)
-    upto = render(messages[:i + 1], template_src, tokenizer, tools=tools)
-    # The label starts where the turn departs from the generation prompt: after the
-    # header the prompt already holds (the hotel prompt ends at `<|im_start|>`, so its
-    # role name is learned; DeepSeek-R1's prompt opens a `<think>` the turn lacks).
-    start = _common_prefix_len(prompt, upto)
+    """Character span of target turn `i` in `full`."""
+    try:
+        turn_start, start, upto = _span_in_prefix(messages, i, template_src, tokenizer, conv.tools)
+    except jinja2.TemplateError as exc:
+        raise TunelabError(f"the chat template refuses the conversation up to turn {i + 1} ({exc})",
+                           where=conv.source, fix="fix the record's roles, or use template=chatml") from None
     end = _turn_end(upto, start, markers)
-    if end <= start:
+    if start < 0 or end <= start:
         raise TunelabError(f"the chat template does not render turn {i + 1} ({messages[i].role!r})",
                            where=conv.source, fix="use template=hotel or template=chatml, which render any role")
     if start >= cursor and full.startswith(upto[:end]):
-        return start, end  # prefix-stable template: the turn sits where the prefix render put it
-    return _search_turn(messages, i, full, upto, start, end, template_src, tokenizer, conv, cursor)
+        return start, end  # prefix-stable: the turn sits in the full render where the prefix render put it
+    return _search_turn(messages[i], full, upto[turn_start:start], upto[start:end], conv, i, cursor)
 
 
-def _search_turn(messages, i, full, upto, start, end, template_src, tokenizer, conv, cursor) -> tuple[int, int]:
-    """Find a turn in the full render of a template that is not prefix-stable: Mistral-Nemo
-    moves the system prompt into the last user turn, Qwen3 writes an empty `<think>` block
-    only into the final reply. The turn is searched after the previous target, preceded
-    by its own role header so a user turn with the same words never matches."""
-    before = render(messages[:i], template_src, tokenizer, tools=conv.tools)
-    header = upto[len(before):start] if upto.startswith(before) else ""
-    turn = upto[start:end]
+def _span_in_prefix(messages: list[Message], i: int, template_src: str, tokenizer,
+                    tools) -> tuple[int, int, str]:
+    """Render `messages[:i + 1]` (turn `i` last) and say where turn `i` begins in it and
+    where its label begins: after the part of the generation prompt the turn repeats. The
+    hotel prompt ends at `<|im_start|>`, so its role name is learned; DeepSeek-R1's prompt
+    opens a `<think>` the rendered turn lacks, so the label starts after `<｜Assistant｜>`."""
+    prompt = render(messages[:i], template_src, tokenizer, add_generation_prompt=True, tools=tools)
+    upto = render(messages[:i + 1], template_src, tokenizer, tools=tools)
+    if upto.startswith(prompt):
+        return len(prompt), len(prompt), upto
+    before = render(messages[:i], template_src, tokenizer, tools=tools)
+    if upto.startswith(before):
+        generation_prompt = prompt[len(before):] if prompt.startswith(before) else ""
+        return len(before), len(before) + _common_prefix_len(generation_prompt, upto[len(before):]), upto
+    # Earlier turns render differently once this turn follows them (Mistral-Nemo puts the
+    # system prompt into the last user turn): the label starts at the turn's own content.
     content = _visible_content(messages[i].content)
+    start = upto.rfind(content) if content else -1
+    return start, start, upto
+
+
+def _search_turn(message: Message, full: str, header: str, turn: str, conv: Conversation, i: int,
+                 cursor: int) -> tuple[int, int]:
+    """Find a turn in the full render of a template that is not prefix-stable: Mistral-Nemo
+    writes the tool list before the last user turn, Qwen3 an empty `<think>` block only
+    into the final reply. The turn is searched after the previous target, preceded
+    by its own role header so a user turn with the same words never matches."""
+    content = _visible_content(message.content)
     offset = turn.find(content) if content else -1
     bodies = [turn] + ([turn[offset:]] if offset > 0 else [])
     for body in bodies:
         found = full.find(header + body, cursor)
         if found >= 0:
             return found + len(header), found + len(header) + len(body)
-    raise TunelabError(f"cannot locate turn {i + 1} ({messages[i].role!r}) in the rendered conversation",
+    raise TunelabError(f"cannot locate turn {i + 1} ({message.role!r}) in the rendered conversation",
                        where=conv.source,
                        fix="the template rewrites this turn; use template=chatml or a template of your own")
 

@@ -23,7 +23,9 @@ from tunelab.model.generate import GenerationOptions, generate_batch
 
 # Summary keys shown first in tables, in this order; other keys follow alphabetically.
 HEADLINE = ("slot_precision", "slot_recall", "slot_f1", "bleu4", "corpus_bleu", "rouge1", "rouge2",
-            "rougeL", "exact_match", "ppl", "role_accuracy", "empty_predictions", "samples")
+            "rougeL", "exact_match", "ppl", "ref_loss", "role_accuracy", "empty_predictions",
+            "truncated_predictions", "samples", "search_rows", "assistant_rows", "slot_correct",
+            "slot_predicted", "slot_expected")
 
 
 def parse_metrics(task: Task, text: str | None) -> tuple[str, ...]:
@@ -71,7 +73,10 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
     """(summed NLL, token count) of each sample's reference turn under teacher forcing.
 
     Labels come from the training encoder (reference turn + its end marker), so this is
-    exactly the loss training reports on that turn, per sample.
+    exactly the loss training reports on that turn, per sample. Rows are left-padded so
+    every reference ends at the right edge: only the last few positions need vocabulary
+    logits (`logits_to_keep`), not the whole prompt (a 2k-token prompt x 150k vocabulary
+    would be a gigabyte of logits per row).
     """
     from tunelab.data.tokenize import IGNORE_INDEX, encode_conversation
 
@@ -83,22 +88,27 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(encoded[i].input_ids) for i in chunk)
+        chunk = [encoded[i] for i in order[start:start + batch_size]]
+        width = max(len(e.input_ids) for e in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            n = len(encoded[i].input_ids)
-            ids[row, :n] = torch.tensor(encoded[i].input_ids)
-            labels[row, :n] = torch.tensor(encoded[i].labels)
-            mask[row, :n] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shifted = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted,
+        keep = 2
+        for row, e in enumerate(chunk):
+            n = len(e.input_ids)
+            ids[row, width - n:] = torch.tensor(e.input_ids)
+            labels[row, width - n:] = torch.tensor(e.labels)
+            mask[row, width - n:] = 1
+            first = next((j for j, label in enumerate(e.labels) if label != IGNORE_INDEX), n)
+            keep = max(keep, n - first + 1)  # the position before the first label predicts it
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), logits_to_keep=keep).logits.float()
+        targets = labels[:, width - keep + 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
                                                 ignore_index=IGNORE_INDEX, reduction="none")
-        for row, i in enumerate(chunk):
-            out[i] = (float(nll[row].sum()), int((shifted[row] != IGNORE_INDEX).sum()))
+        for row, index in enumerate(order[start:start + batch_size]):
+            out[index] = (float(nll[row].sum()), int((targets[row] != IGNORE_INDEX).sum()))
     return out
 
 

@@ -28,6 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_path
 
@@ -90,6 +92,16 @@ def ensure_embedded_model(alias: str) -> Path:
     folder = embedded_model_dir(model.alias)
     if is_converted(folder):
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (parallel test runs, a training and a serve started together) may
+    # arrive here at once: one converts, the others wait and then find the folder.
+    with FileLock(str(folder.parent / f".{model.alias}.lock")):
+        if not is_converted(folder):
+            _convert_into(folder, model)
+    return folder
+
+
+def _convert_into(folder: Path, model: EmbeddedModel) -> None:
     print(f"tunelab: preparing the built-in model {model.alias} (once; cached in {folder})", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="tunelab-gguf-", dir=_scratch_dir()) as scratch:
         gguf_path = locate_gguf(model, Path(scratch))
@@ -100,7 +112,6 @@ def ensure_embedded_model(alias: str) -> Path:
                 raise TunelabError(f"converting {gguf_path.name} did not produce {', '.join(missing)}",
                                    where=str(folder),
                                    fix="report this as a bug; meanwhile pass a local HF model folder")
-    return folder
 
 
 def _scratch_dir() -> Path:
@@ -182,6 +193,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, model: EmbeddedModel) -> 
                                               quantization_config=GgufConfig(dequantize=True))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     fix_special_tokens(tokenizer, model)
+    # The GGUF sets WordPiece-style clean-up, which strips spaces before punctuation in BPE output.
+    tokenizer.clean_up_tokenization_spaces = False
 
     ids = {key: tokenizer.convert_tokens_to_ids(getattr(model, key)) for key in ("bos_token", "eos_token", "pad_token")}
     lm.config.bos_token_id, lm.config.eos_token_id, lm.config.pad_token_id = (

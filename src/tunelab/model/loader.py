@@ -83,8 +83,8 @@ def _hub_snapshot(repo_id: str) -> Path:
         folder = None
     if folder is None or not (folder / "config.json").is_file():
         raise TunelabError(
-            f"model {repo_id} is not in the local Hugging Face cache (searched {expected}); "
-            f"tunelab never downloads at run time",
+            f"model {repo_id} is neither a local folder nor in the local Hugging Face cache "
+            f"(searched {expected}); tunelab never downloads at run time",
             where="model_name_or_path",
             fix=f"on a connected machine run `huggingface-cli download {repo_id}` and copy {expected.name} into "
                 f"{cache} (or set HF_HUB_CACHE to where it is); or download the model folder anywhere and "
@@ -159,7 +159,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     """The tokenizer, with a pad token and right padding (generation code sets left itself)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = _tokenizer_folder(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -169,6 +169,14 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     tokenizer.padding_side = "right"
     tokenizer.name_or_path = str(name_or_path)
     return tokenizer
+
+
+def _tokenizer_folder(name_or_path) -> Path:
+    # A training output (adapter + tokenizer, no config.json) is a valid tokenizer source too.
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return path.resolve()
+    return resolve_model_path(name_or_path)
 
 
 def ensure_pad_token(tokenizer, where: str) -> None:

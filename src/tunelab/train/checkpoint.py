@@ -69,12 +69,16 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"checkpoint-{step}"
+
+
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, extra_save=None) -> Path:
     """Write `run_dir/checkpoints/checkpoint-STEP` atomically and return its path.
 
     `extra_save(folder)` may add user-facing files (e.g. the PEFT adapter) to the folder.
     """
-    final = Path(run_dir) / "checkpoints" / f"checkpoint-{state.global_step}"
+    final = checkpoint_path(run_dir, state.global_step)
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
         save_file(trainable_state(model), tmp / "trainable.safetensors")
@@ -129,11 +133,11 @@ def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
 
 
 def rotate_checkpoints(run_dir: Path, limit: int | None, keep: str | None = None) -> None:
-    """Delete the oldest checkpoints beyond `limit`, never the one named `keep` (the best)."""
+    """Delete the oldest checkpoints beyond `limit`; never the newest, nor `keep` (the best)."""
     if not limit or limit <= 0:
         return
     found = list_checkpoints(run_dir)
-    removable = [p for p in found if keep is None or p.resolve() != Path(keep).resolve()]
+    removable = [p for p in found[:-1] if keep is None or p.resolve() != Path(keep).resolve()]
     excess = len(found) - limit
     for path in removable[:max(excess, 0)]:
         shutil.rmtree(path, ignore_errors=True)

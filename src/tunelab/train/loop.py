@@ -29,7 +29,7 @@ from tunelab.config import TunelabConfig, save_config
 from tunelab.data.collate import batch_order
 from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import (
-    TrainerState, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints, save_checkpoint,
+    TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints, save_checkpoint,
 )
 from tunelab.train.objective import SFTObjective
 from tunelab.train.tracking import Tracker, plot_loss
@@ -123,7 +123,9 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
             state.best_metric = value
             state.evals_without_improvement = 0
             if cfg.load_best_model_at_end:
-                state.best_checkpoint = str(checkpoint())
+                # Named before saving, so the checkpoint's own state already knows it is the best.
+                state.best_checkpoint = str(checkpoint_path(run_dir, state.global_step))
+                checkpoint()
         else:
             state.evals_without_improvement += 1
         patience = cfg.early_stopping_patience
@@ -138,36 +140,17 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
                 # One optimizer step = up to gradient_accumulation_steps micro-batches.
                 step_ids = order[state.batch_in_epoch:state.batch_in_epoch + cfg.gradient_accumulation_steps]
                 micro_batches = [objective.collate([train_rows[i] for i in ids]) for ids in step_ids]
-                step_weight = sum(objective.weight(b) for b in micro_batches)
-                for batch in micro_batches:
-                    batch = _to_device(batch, device)
-                    with _autocast(cfg, device):
-                        loss_sum, metrics = objective.loss(model, batch)
-                    # Divide by the weight of the whole step: the loss one big batch would give.
-                    loss = loss_sum / max(step_weight, 1)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    window["loss_sum"] += float(loss_sum.detach())
-                    window["real_tokens"] += int(batch["attention_mask"].sum())
-                    for key, value in metrics.items():
-                        window["metrics"][key] = window["metrics"].get(key, 0.0) + value
-                window["weight"] += step_weight
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad],
-                    cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                step = optimizer_step(model, objective, micro_batches, optimizer, scheduler, scaler, cfg, device)
+                window["loss_sum"] += step.loss_sum
+                window["real_tokens"] += step.real_tokens
+                for key, value in step.metrics.items():
+                    window["metrics"][key] = window["metrics"].get(key, 0.0) + value
+                window["weight"] += step.weight
 
                 state.global_step += 1
                 state.batch_in_epoch += len(step_ids)
-                state.tokens_seen += sum(int(b['attention_mask'].sum()) for b in micro_batches)
-                window["grad_norms"].append(float(grad_norm))
+                state.tokens_seen += step.real_tokens
+                window["grad_norms"].append(step.grad_norm)
                 tracker.advance()
 
                 if not math.isfinite(window["loss_sum"]):
@@ -258,6 +241,49 @@ def _improves(value: float, best: float | None, cfg: TunelabConfig) -> bool:
     return value < best - margin if lower_is_better else value > best + margin
 
 
+@dataclass
+class StepStats:
+    loss_sum: float  # summed loss of the step's target tokens (or pairs)
+    weight: int  # what the loss is averaged over
+    real_tokens: int  # non-pad tokens
+    grad_norm: float
+    metrics: dict
+
+
+def optimizer_step(model, objective, micro_batches: list[dict], optimizer, scheduler, scaler,
+                   cfg: TunelabConfig, device) -> StepStats:
+    """One optimizer step: accumulate the micro-batches' gradients, clip, step, schedule.
+
+    A function of its own so benchmarks time exactly the code the trainer runs.
+    """
+    step_weight = sum(objective.weight(b) for b in micro_batches)
+    loss_total, real_tokens, metrics = 0.0, 0, {}
+    for batch in micro_batches:
+        batch = _to_device(batch, device)
+        with _autocast(cfg, device):
+            loss_sum, batch_metrics = objective.loss(model, batch)
+        # Divide by the weight of the whole step: the loss one big batch would give.
+        loss = loss_sum / max(step_weight, 1)
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_total += float(loss_sum.detach())
+        real_tokens += int(batch["attention_mask"].sum())
+        for key, value in batch_metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + value
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad],
+        cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss_total, step_weight, real_tokens, float(grad_norm), metrics)
+
+
 def build_optimizer(model, cfg: TunelabConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norms (as transformers does)."""
     decay, no_decay = [], []
@@ -292,7 +318,21 @@ def evaluate(model, objective, rows: list, cfg: TunelabConfig, device) -> tuple[
         for key, value in batch_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + value
     weight = max(weight, 1)
-    return total / weight, {k: v / weight for k, v in metrics.items()}
+    return total / weight, average_metrics(metrics, weight)
+
+
+def average_metrics(sums: dict[str, float], weight: float) -> dict[str, float]:
+    """Mean of each summed metric over the step weight. A metric `group/name` for which the
+    objective also reports `count/name` averages over that count instead (KTO's chosen
+    rewards average over its desirable examples only); counts are not logged themselves."""
+    out = {}
+    for key, value in sums.items():
+        if key.startswith("count/"):
+            continue
+        count = sums.get(f"count/{key.rsplit('/', 1)[-1]}", weight) if "/" in key else weight
+        if count > 0:
+            out[key] = value / count
+    return out
 
 
 def _autocast(cfg: TunelabConfig, device: torch.device):
@@ -332,7 +372,7 @@ def _log_window(tracker: Tracker, window: dict, state: TrainerState, scheduler, 
         "grad_norm": sum(window["grad_norms"]) / max(len(window["grad_norms"]), 1),
         "tokens_per_second": window["real_tokens"] / elapsed,
     }
-    row.update({k: v / weight for k, v in window["metrics"].items()})
+    row.update(average_metrics(window["metrics"], weight))
     tracker.log(row)
     state.log_history.append(row)
     window.update(new_window())

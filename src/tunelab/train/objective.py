@@ -45,7 +45,10 @@ class SFTObjective:
         return train, data.eval
 
     def setup(self, model, device) -> None:
-        """Nothing to prepare for SFT (preference stages precompute reference log-probs here)."""
+        """Switch on the speed levers the config asks for (preference stages precompute here)."""
+        from tunelab.train.fast import apply_speed_levers
+
+        apply_speed_levers(model, self.cfg)
 
     def collate(self, rows) -> dict:
         if rows and rows[0].seq_lens:
@@ -56,5 +59,10 @@ class SFTObjective:
         return count_label_tokens(batch)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        total, _ = causal_lm_loss_sum(model, batch)
+        if self.cfg.padding_free or self.cfg.fused_loss:
+            from tunelab.train.fast import fast_causal_lm_loss_sum
+
+            total, _ = fast_causal_lm_loss_sum(model, batch, self.cfg.padding_free, self.cfg.fused_loss)
+        else:
+            total, _ = causal_lm_loss_sum(model, batch)
         return total, {}

@@ -103,7 +103,12 @@ def plot_loss(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    # Preference stages add a second panel: the rewards say more than the loss does.
+    prefs = any("rewards/chosen" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if prefs else 1, figsize=(14 if prefs else 8, 4.5), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    if prefs:
+        _plot_rewards(axes[0][1], rows)
     if train:
         xs, ys = zip(*train)
         ax.plot(xs, ys, color="#9ab", linewidth=1, label="train loss")
@@ -124,6 +129,28 @@ def plot_loss(run_dir: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    """Chosen / rejected rewards and their margin; reward accuracy (train and eval) on a 0-1 axis."""
+    colors = {"rewards/chosen": "#2e8b57", "rewards/rejected": "#b22222", "rewards/margins": "#1f5f9f"}
+    for key, color in colors.items():
+        points = [(r["step"], r[key]) for r in rows if key in r and "loss" in r]
+        if points:
+            ax.plot(*zip(*points), color=color, linewidth=1.5, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    accuracy = ax.twinx()
+    for key, style, color in (("rewards/accuracies", "--", "#555"), ("eval_rewards/accuracies", "o-", "#d2691e")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            accuracy.plot(*zip(*points), style, color=color, linewidth=1.2, label=key)
+    accuracy.set_ylim(0, 1.05)
+    accuracy.set_ylabel("reward accuracy")
+    more_handles, more_labels = accuracy.get_legend_handles_labels()
+    ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="upper left")
 
 
 def _ema(values, alpha: float = 0.1) -> list[float]:

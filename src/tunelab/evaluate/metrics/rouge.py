@@ -13,6 +13,7 @@ and every Chinese sample would score 0. We therefore choose the tokenizer per sa
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Sequence
 
@@ -38,6 +39,7 @@ class JiebaTokenizer:
     def tokenize(self, text: str) -> list[str]:
         import jieba
 
+        jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" chatter in the eval output
         tokens: list[str] = []
         last = 0
         text = text.lower()

@@ -1,0 +1,201 @@
+"""`tunelab data dedup`: drop exact and near-duplicate records, keeping the first of each group.
+
+Exact duplicates share the hash of their normalised text (Unicode NFKC, case-folded,
+whitespace collapsed). Near duplicates are found with MinHash LSH (datasketch) over
+character n-grams, so Chinese and other unsegmented scripts work, and each LSH candidate
+is confirmed against its stored signature before a record is dropped. Memory per kept
+record: one 16-byte hash and one `num_perm` x 4-byte signature, never the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import unicodedata
+from dataclasses import dataclass, field
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+from tunelab.data.readers import location, parse_record
+from tunelab.data.tools.common import (
+    check_output_path,
+    item_text,
+    raw_records,
+    snippet,
+    table,
+    valid_items,
+    write_records,
+)
+from tunelab.errors import TunelabError
+
+
+def normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def exact_key(normalised: str) -> bytes:
+    return hashlib.blake2b(normalised.encode("utf-8"), digest_size=16).digest()
+
+
+def shingle_hashes(normalised: str, n: int) -> np.ndarray:
+    """32-bit hashes (as uint64) of the character n-grams of a normalised text; the whole
+    text is one n-gram when shorter than n. Vectorised: per-n-gram Python calls were 3/4
+    of dedup's time. Repeats are left in: they cannot change a minimum."""
+    codes = np.frombuffer(normalised.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    width = max(1, min(n, len(codes)))
+    hashes = np.zeros(max(1, len(codes) - width + 1), dtype=np.uint64)
+    for k in range(min(width, len(codes))):  # polynomial hash of each window; uint64 wraps on purpose
+        hashes = hashes * np.uint64(1_000_003) + codes[k: k + len(hashes)]
+    return (hashes * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)  # Fibonacci hashing: well-mixed high bits
+
+
+class MinHasher:
+    """MinHash signatures with multiply-shift hash functions h(x) = ((a*x + b) mod 2^64) >> 32,
+    computed for all n-grams and permutations at once in numpy."""
+
+    CHUNK = 4096  # n-grams per step, so a 10 MB record needs no 10 GB matrix
+
+    def __init__(self, num_perm: int, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+        self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+
+    def signature(self, hashes: np.ndarray) -> np.ndarray:
+        out = np.full(len(self.a), np.iinfo(np.uint32).max, dtype=np.uint64)
+        for start in range(0, len(hashes), self.CHUNK):
+            block = hashes[start:start + self.CHUNK, None] * self.a + self.b
+            np.minimum(out, (block >> np.uint64(32)).min(axis=0), out=out)
+        return out.astype(np.uint32)
+
+
+@dataclass
+class Duplicate:
+    number: int  # the removed record
+    where: str
+    kind: str  # "exact" | "near"
+    similarity: float  # estimated Jaccard similarity to the kept record (1.0 for exact)
+    example: str
+
+
+@dataclass
+class DedupResult:
+    records: int = 0  # valid records read
+    format: str | None = None
+    invalid: set[int] = field(default_factory=set)  # record numbers --skip-invalid dropped
+    groups: dict[int, list[Duplicate]] = field(default_factory=dict)  # kept record number -> removed
+    removed_numbers: set[int] = field(default_factory=set)
+    heads: dict[int, tuple[str, str]] = field(default_factory=dict)  # kept number -> (where, example)
+    written: int = 0
+
+    def add(self, head: int, duplicate: Duplicate) -> None:
+        self.groups.setdefault(head, []).append(duplicate)
+        self.removed_numbers.add(duplicate.number)
+
+    def count(self, kind: str) -> int:
+        return sum(d.kind == kind for dups in self.groups.values() for d in dups)
+
+    def largest_groups(self, limit: int) -> list[tuple[int, list[Duplicate]]]:
+        return sorted(self.groups.items(), key=lambda g: (-len(g[1]), g[0]))[:limit]
+
+    def summary(self, examples: int = 5) -> str:
+        rows = [["valid records read", self.records], ["exact duplicates removed", self.count("exact")],
+                ["near duplicates removed", self.count("near")], ["records written", self.written]]
+        if self.invalid:
+            rows.insert(1, ["invalid records skipped", len(self.invalid)])
+        lines = [table(["dedup", "count"], rows)]
+        for head, dups in self.largest_groups(examples):
+            where, example = self.heads.get(head, (f"record {head}", ""))
+            lines.append(f"\nkept    {where}: {example}")
+            for d in dups[:3]:
+                lines.append(f"removed {d.where} ({d.kind}, similarity {d.similarity:.2f}): {d.example}")
+            if len(dups) > 3:
+                lines.append(f"... and {len(dups) - 3} more in this group")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "records": self.records, "written": self.written, "skipped_invalid": len(self.invalid),
+            "exact_removed": self.count("exact"), "near_removed": self.count("near"),
+            "groups": [{"kept": self.heads.get(h, ("", ""))[0], "kept_example": self.heads.get(h, ("", ""))[1],
+                        "removed": [{"where": d.where, "kind": d.kind, "similarity": round(d.similarity, 3),
+                                     "example": d.example} for d in dups]}
+                       for h, dups in self.largest_groups(len(self.groups))],
+        }
+
+
+class NearDuplicateIndex:
+    """MinHash LSH over the kept records: `match_or_add` names the kept record a text
+    nearly repeats, or keeps the text as a new one."""
+
+    def __init__(self, threshold: float, num_perm: int = 128, ngram: int = 5):
+        if not 0 < threshold <= 1:
+            raise TunelabError(f"--near {threshold} is not in (0, 1]", where="dedup",
+                               fix="use e.g. --near 0.9 (Jaccard similarity of character n-grams), or 0 for exact only")
+        self.threshold, self.ngram = threshold, ngram
+        # Banding tuned for recall (false negatives weigh 0.9): every candidate is confirmed
+        # on its stored signature below, so a false positive costs one comparison, while a
+        # missed pair stays in the data. At threshold 0.9 this finds 95% of pairs at J=0.93.
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
+        self.signatures: dict[int, np.ndarray] = {}
+        self.hasher = MinHasher(num_perm)
+        # The LSH reads signatures from a MinHash; one container serves every record.
+        self._minhash = MinHash(num_perm=num_perm)
+
+    def match_or_add(self, number: int, normalised: str) -> tuple[int, float] | None:
+        """(kept record number, estimated Jaccard similarity) of the best match >= threshold;
+        None after adding the text to the index as record `number`."""
+        signature = self.hasher.signature(shingle_hashes(normalised, self.ngram))
+        m = self._minhash
+        m.hashvalues = signature
+        best = None
+        for key in self.lsh.query(m):  # LSH candidates, confirmed on the stored signatures
+            similarity = float(np.mean(self.signatures[key] == signature))
+            if similarity >= self.threshold and (best is None or similarity > best[1]):
+                best = (key, similarity)
+        if best is None:
+            self.lsh.insert(number, m, check_duplication=False)
+            self.signatures[number] = signature
+        return best
+
+
+def find_duplicates(path, fmt: str = "auto", *, near: float | None = 0.9, ngram: int = 5, num_perm: int = 128,
+                    skip_invalid: bool = False) -> DedupResult:
+    """First pass: which records repeat an earlier one (hashes and signatures only in memory)."""
+    result = DedupResult()
+    index = NearDuplicateIndex(near, num_perm, ngram) if near else None
+    exact: dict[bytes, int] = {}
+    for number, file_format, item in valid_items(path, fmt, skip_invalid=skip_invalid, skipped=result.invalid):
+        result.records += 1
+        result.format = file_format
+        text = item_text(item)
+        normalised = normalise(text)
+        key = exact_key(normalised)
+        if key in exact:
+            result.add(exact[key], Duplicate(number, location(item.source, number), "exact", 1.0, snippet(text)))
+            continue
+        match = index.match_or_add(number, normalised) if index else None
+        if match:
+            head, similarity = match
+            result.add(head, Duplicate(number, location(item.source, number), "near", similarity, snippet(text)))
+        else:
+            exact[key] = number
+    return result
+
+
+def dedup_file(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", *, near: float | None = 0.9,
+               ngram: int = 5, num_perm: int = 128, skip_invalid: bool = False) -> DedupResult:
+    """Write `src` without its duplicates to `dst` (.jsonl or .json) and say what was removed."""
+    check_output_path(dst)
+    result = find_duplicates(src, fmt, near=near, ngram=ngram, num_perm=num_perm, skip_invalid=skip_invalid)
+
+    def kept():
+        for source, number, record in raw_records(src):
+            if number in result.groups:  # a kept record others repeat: remember it for the report
+                item = parse_record(record, result.format, source)
+                result.heads[number] = (location(source, number), snippet(item_text(item)))
+            if number not in result.removed_numbers and number not in result.invalid:
+                yield record
+
+    result.written = write_records(dst, kept())
+    return result

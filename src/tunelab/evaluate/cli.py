@@ -1,0 +1,170 @@
+"""`tunelab eval` (generate + score a data set) and `tunelab report` (read a training run)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate import runner
+from tunelab.evaluate.tasks import TASKS, get_task
+from tunelab.model.generate import GenerationOptions
+
+EVAL_EXAMPLES = """examples:
+  tunelab eval --model smollm2-135m-instruct --adapter runs/hotel_lora --data test.jsonl --task hotel
+  tunelab eval --model M --adapter runs/x --data test.jsonl --metrics bleu,rouge,em,ppl
+  tunelab eval --model M --adapter runs/x --data test.jsonl --task hotel --compare-base
+  tunelab eval --predictions eval_out/predictions.jsonl --metrics bleu,rouge   # re-score, no model
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="generate on a test set and score it (BLEU, ROUGE, slots, ppl...)",
+                              description="Generate a prediction for every row of a data set and score it.",
+                              epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="alias, local folder or cached hub id")
+    p.add_argument("--adapter", help="a LoRA adapter folder (a run folder or one of its checkpoints)")
+    p.add_argument("--data", help="test file (any supported format)")
+    p.add_argument("--format", default="auto", help="data format (default: detected)")
+    p.add_argument("--task", choices=sorted(TASKS), help="scoring task (default generic; hotel for the hotel set)")
+    p.add_argument("--metrics", help="comma list, e.g. bleu,rouge,em,ppl (default: the task's)")
+    p.add_argument("--template", help="chat template: auto, a built-in name or a .jinja path "
+                                      "(default: the task's, else the model's own)")
+    p.add_argument("--compare-base", action="store_true", help="also evaluate the base model; print both")
+    p.add_argument("--predictions", help="re-score this predictions.jsonl without generating")
+    p.add_argument("--limit", type=int, help="use only the first N rows")
+    p.add_argument("--output-dir", help="default: ADAPTER/eval, else eval_out")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization-bit", type=int, choices=(4, 8))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_eval)
+
+    r = subparsers.add_parser("report", help="plot a training run's curves and diagnose them",
+                              description="Draw loss/perplexity curves of RUN_DIR/trainer_log.jsonl and "
+                                          "read them: convergence, over-fitting, memorising, divergence.")
+    r.add_argument("run_dir", help="a training output folder (holds trainer_log.jsonl)")
+    r.add_argument("--output-dir", help="where to write report.md/json and the PNGs (default: RUN_DIR)")
+    r.set_defaults(func=run_report)
+
+
+# --- tunelab eval ----------------------------------------------------------------------
+
+def _output_dir(args) -> Path:
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.predictions:
+        return Path(args.predictions).parent
+    return Path(args.adapter) / "eval" if args.adapter else Path("eval_out")
+
+
+def _options(args) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _check_args(args) -> None:
+    if args.predictions:
+        if args.compare_base:
+            raise TunelabError("--compare-base needs generation, --predictions skips it", where="command line",
+                               fix="run the two evaluations, or drop --predictions")
+        return
+    if not args.data:
+        raise TunelabError("no test data given", where="command line",
+                           fix="add --data path/to/test.jsonl (or --predictions FILE to re-score)")
+    if args.compare_base and not args.adapter:
+        raise TunelabError("--compare-base compares the base model with an adapter, but none was given",
+                           where="command line", fix="add --adapter runs/your_run")
+    for name in ("limit", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise TunelabError(f"--{name.replace('_', '-')} must be > 0, got {value}", where="command line",
+                               fix=f"e.g. --{name.replace('_', '-')} 8")
+
+
+def run_eval(args) -> int:
+    _check_args(args)
+    if args.predictions:
+        return _rescore(args)
+    task = get_task(args.task or "generic")
+    metrics = runner.parse_metrics(task, args.metrics)
+    options = _options(args)
+    samples = task.load(args.data, args.format, args.limit)  # bad rows fail before a model loads
+
+    from tunelab.data.templates import resolve_template
+    from tunelab.model.loader import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    template = args.template or task.default_template or "auto"
+    template_src = resolve_template(template, tokenizer)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantization_bit=args.quantization_bit)
+    out_dir = _output_dir(args)
+    info = {"task": task.name, "metrics": list(metrics), "model": args.model, "data": args.data,
+            "template": template, "generation": dataclasses.asdict(options)}
+
+    def evaluate(model, label: str) -> dict:
+        generated = runner.predict(model, tokenizer, samples, template_src, options, task=task.name,
+                                   batch_size=args.batch_size, with_ppl="ppl" in metrics,
+                                   progress=not args.no_progress, desc=label)
+        summary = runner.score(task, generated.rows, metrics)
+        where = out_dir / label if args.compare_base else out_dir
+        runner.write_results(where, generated.rows, summary, {**info, "speed": generated.speed})
+        print(f"{label}: {len(samples)} samples in {generated.speed['seconds']} s "
+              f"({generated.speed['samples_per_s']} samples/s, {generated.speed['tokens_per_s']} tokens/s)",
+              file=sys.stderr)
+        return summary
+
+    if args.compare_base:
+        base = evaluate(model, "base")
+    if args.adapter:
+        from tunelab.model.adapters import load_adapter
+
+        model = load_adapter(model, args.adapter)
+        info["adapter"] = args.adapter
+    tuned = evaluate(model, "tuned" if args.compare_base else "eval")
+    if args.compare_base:
+        print(runner.write_comparison(out_dir, base, tuned, info))
+    else:
+        print(runner.markdown_table(tuned))
+    _warn_empty(tuned)
+    print(f"results in {out_dir}", file=sys.stderr)
+    return 0
+
+
+def _rescore(args) -> int:
+    rows = runner.read_predictions(args.predictions)
+    task = get_task(args.task or rows[0].get("task") or "generic")
+    metrics = runner.parse_metrics(task, args.metrics)
+    summary = runner.score(task, rows, metrics)
+    runner.write_results(_output_dir(args), rows, summary,
+                         {"task": task.name, "metrics": list(metrics), "predictions": args.predictions})
+    print(runner.markdown_table(summary))
+    _warn_empty(summary)
+    return 0
+
+
+def _warn_empty(summary: dict) -> None:
+    if summary.get("empty_predictions"):
+        print(f"note: {summary['empty_predictions']} of {summary['samples']} predictions were empty "
+              "(scored 0, kept in every average)", file=sys.stderr)
+
+
+# --- tunelab report --------------------------------------------------------------------
+
+def run_report(args) -> int:
+    from tunelab.evaluate.report import format_findings
+    from tunelab.evaluate.report import run_report as make_report
+
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    result = make_report(Path(args.run_dir), out_dir)
+    print(format_findings(result))
+    return 0

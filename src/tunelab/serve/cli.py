@@ -1,0 +1,106 @@
+"""`tunelab chat`, `tunelab serve` and `tunelab estimate`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tunelab.config import DEFAULT_MODEL
+
+
+def register(subparsers) -> None:
+    chat = subparsers.add_parser("chat", help="chat with a model in the terminal (streamed)",
+                                 description="Multi-turn chat in the model's own template. "
+                                             "Commands: /reset, /system TEXT, /exit.")
+    add_model_args(chat)
+    chat.add_argument("--adapter", help="a LoRA adapter folder to chat with")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.set_defaults(func=run_chat)
+
+    serve = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible API (/v1/chat/completions)",
+        description="OpenAI-compatible HTTP API. Several adapters share one base; clients pick one "
+                    "with the `model` field (the base is served under its own name).",
+        epilog="example: tunelab serve --model smollm2-135m-instruct --adapter hotel=runs/hotel --port 8000")
+    add_model_args(serve)
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="an adapter to serve under NAME (repeatable; a bare PATH is named after its folder)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                       help="require `Authorization: Bearer KEY` (default: $TUNELAB_API_KEY, else none)")
+    serve.set_defaults(func=run_serve)
+
+    est = subparsers.add_parser(
+        "estimate", help="estimate GPU memory for training or inference from a model's config",
+        description="GPU memory for full / LoRA / QLoRA training or inference, from config.json alone "
+                    "(no weights are loaded). Every line shows its formula.",
+        epilog="example: tunelab estimate --model qwen2.5-7b-instruct --method qlora --seq-len 2048 --batch 4")
+    est.add_argument("--model", required=True, help="a known alias, a model folder or a config.json")
+    est.add_argument("--method", default="lora", help="full, lora, qlora or inference")
+    est.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (inference: prompt + reply)")
+    est.add_argument("--batch", type=int, default=4, help="sequences per step (per GPU)")
+    est.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 weights and activations")
+    est.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw or paged_adamw_8bit")
+    est.add_argument("--gradient-checkpointing", action="store_true")
+    est.add_argument("--lora-rank", type=int, default=8)
+    est.add_argument("--lora-target", default="all-linear", help="all-linear or a comma list (q_proj,v_proj)")
+    est.add_argument("--packing", action="store_true", help="unpadded (packed) batches: no attention mask")
+    est.add_argument("--quantization-bit", type=int, choices=(4, 8), help="inference with 4/8-bit weights")
+    est.set_defaults(func=run_estimate)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--template", default="auto", help="auto (the tokenizer's own), a built-in name or a .jinja file")
+    p.add_argument("--quantization-bit", type=int, choices=(4, 8), help="load 4-bit (NF4) or 8-bit weights (CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    p.add_argument("--context-length", type=int, help="override the model's context length (tokens)")
+
+
+def engine_from_args(args, adapters):
+    from tunelab.serve.engine import load_engine
+
+    return load_engine(args.model, adapters, template=args.template, quantization_bit=args.quantization_bit,
+                       device=args.device, dtype=args.dtype, context_length=args.context_length)
+
+
+def run_chat(args) -> int:
+    from tunelab.model.generate import GenerationOptions
+    from tunelab.serve.chat import chat_loop
+    from tunelab.serve.engine import parse_adapters
+
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    engine = engine_from_args(args, parse_adapters([args.adapter] if args.adapter else []))
+    chat_loop(engine, options, sys.stdin, sys.stdout, system=args.system)
+    return 0
+
+
+def run_serve(args) -> int:
+    from tunelab.serve.engine import parse_adapters
+    from tunelab.serve.server import check_port_free, serve
+
+    adapters = parse_adapters(args.adapter)
+    check_port_free(args.host, args.port)  # before minutes of model loading, not after
+    engine = engine_from_args(args, adapters)
+    names = ", ".join(engine.model_names())
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (context {engine.context_length} tokens"
+          f"{', API key required' if args.api_key else ''})", file=sys.stderr)
+    serve(engine, args.host, args.port, api_key=args.api_key)
+    return 0
+
+
+def run_estimate(args) -> int:
+    from tunelab.serve.estimate import Settings, estimate_memory, format_estimate, load_architecture
+
+    settings = Settings(method=args.method, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
+                        optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
+                        lora_rank=args.lora_rank, lora_target=[t.strip() for t in args.lora_target.split(",")],
+                        padded=not args.packing, quantization_bit=args.quantization_bit)
+    print(format_estimate(estimate_memory(load_architecture(args.model), settings)))
+    return 0

@@ -1,0 +1,285 @@
+"""Preference training (DPO, SimPO, KTO, ORPO) as an objective of the one training loop.
+
+The loop (`loop.py`) is shared with SFT; this file says what a preference step computes:
+
+    rows    pairs (or KTO examples) tokenized with one shared prompt      preference_tokenize.py
+    batch   chosen and rejected stacked, scored in one forward pass
+    loss    sum over pairs of the stage's loss on sequence log-probs      pref_losses.py
+    weight  the number of pairs (examples for KTO): the loop averages over them
+
+The reference model is the policy as it stands at `setup()` (the base, or the SFT model
+given by `adapter_name_or_path`), obtained without a second copy whenever possible:
+- LoRA whose fresh adapter adds nothing yet: the same weights with the adapter disabled;
+- `precompute_ref_log_probs`, or LoRA starting from non-zero adapter weights (a loaded
+  adapter, PiSSA): reference log-probs computed once in `setup()`, stored in the rows;
+- full / freeze fine-tuning: a frozen copy (or precomputed log-probs, which free it).
+SimPO and ORPO need no reference at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+
+import torch
+
+from tunelab.config import TunelabConfig
+from tunelab.data.preference_tokenize import (
+    KTORow, PairRow, assign_kl_completions, collate_kto, collate_pairs, encode_preferences, unpair,
+)
+from tunelab.data.types import KTOExample, PreferencePair
+from tunelab.errors import TunelabError
+from tunelab.train.losses import shifted_token_losses
+from tunelab.train.objective import pad_token_id
+from tunelab.train.pref_losses import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
+
+REFERENCE_FREE = ("simpo", "orpo")
+# KTO paper, section 4: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].
+KTO_BALANCE = (1.0, 4 / 3)
+
+
+def train_preference(cfg: TunelabConfig):
+    """Run a dpo / simpo / kto / orpo stage through the shared training loop."""
+    from tunelab.train.loop import train
+
+    return train(cfg, objective_factory=PreferenceObjective)
+
+
+# --- log-probs -------------------------------------------------------------------------
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of the labelled tokens' log-probs (fp32), and how many there are."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    token_losses, mask = shifted_token_losses(logits, labels)
+    return -token_losses.sum(-1), mask.sum(-1)
+
+
+def _batch_logps(model, batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    return sequence_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
+                          batch[f"{prefix}labels"])
+
+
+def lora_adds_nothing(model) -> bool:
+    """True when every LoRA B matrix is zero: the adapter-disabled model *is* the model
+    (a fresh adapter). A loaded adapter or PiSSA's initialisation is not."""
+    found = False
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            found = True
+            if torch.count_nonzero(param.detach()):
+                return False
+    return found and hasattr(model, "disable_adapter")
+
+
+class PreferenceObjective:
+    """The objective (see objective.py) of the dpo, simpo, kto and orpo stages."""
+
+    def __init__(self, cfg: TunelabConfig, tokenizer):
+        if cfg.packing:
+            raise TunelabError(f"packing is not available for stage={cfg.stage}", where="config",
+                               fix="set packing=false: preference rows pair two answers to one prompt")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.pad_id = pad_token_id(tokenizer)
+        self.ref_model = None  # a frozen copy (full fine-tuning without precomputed log-probs)
+        self.ref_source = "none" if cfg.stage in REFERENCE_FREE else "adapter_disabled"
+        self.rows: list = []
+
+    # -- data ----------------------------------------------------------------------------
+
+    def load_data(self) -> tuple[list, list]:
+        from tunelab.data.readers import load_preferences
+        from tunelab.data.templates import resolve_template
+        from tunelab.train.dataset import split_validation
+
+        cfg = self.cfg
+        if not cfg.dataset:
+            raise TunelabError("no training data given", where="config",
+                               fix="set dataset: path/to/pairs.jsonl (prompt / chosen / rejected records)")
+        read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)
+        items = self._for_stage(load_preferences(cfg.dataset, max_samples=cfg.max_samples, **read), cfg.dataset)
+        if cfg.eval_dataset:
+            train_items = items
+            eval_items = self._for_stage(load_preferences(cfg.eval_dataset, **read), cfg.eval_dataset)
+        else:
+            train_items, eval_items = split_validation(items, cfg.val_size, cfg.seed)
+        if cfg.eval_strategy != "no" and not eval_items:
+            raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data",
+                               where="config", fix="set val_size=0.1 or eval_dataset=path/to/pairs.jsonl")
+        template = resolve_template(cfg.template, self.tokenizer)
+        train, _ = encode_preferences(train_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
+        evals, _ = encode_preferences(eval_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
+        if not train:
+            raise TunelabError("no training pair is left after tokenization", where=", ".join(cfg.dataset),
+                               fix="check the data with `tunelab data check`, or raise cutoff_len")
+        if cfg.stage == "kto":
+            warn_kto_balance(train, cfg)
+            assign_kl_completions(train, cfg.seed, cfg.cutoff_len)
+            if evals:
+                assign_kl_completions(evals, cfg.seed, cfg.cutoff_len)
+        kind = "examples" if cfg.stage == "kto" else "pairs"
+        print(f"{len(train)} training {kind}, {len(evals)} validation", file=sys.stderr)
+        self.rows = train + evals
+        return train, evals
+
+    def _for_stage(self, items: list, paths: list[str]) -> list:
+        """KTO trains on pairs too (unpaired); the pairwise stages refuse KTO examples."""
+        kto = [i for i in items if isinstance(i, KTOExample)]
+        if self.cfg.stage == "kto":
+            return kto + unpair([i for i in items if isinstance(i, PreferencePair)])
+        if kto:
+            raise TunelabError(f"stage={self.cfg.stage} needs chosen/rejected pairs, but {kto[0].source} is a "
+                               "KTO example (one answer with a kto_tag)", where=", ".join(paths),
+                               fix="train KTO data with stage=kto, or give pairs (prompt, chosen, rejected)")
+        return items
+
+    # -- reference -----------------------------------------------------------------------
+
+    def setup(self, model, device) -> None:
+        """Choose how the reference is scored; precompute its log-probs where that is the way."""
+        cfg = self.cfg
+        if cfg.stage in REFERENCE_FREE:
+            return
+        if cfg.precompute_ref_log_probs:
+            self.ref_source = "precomputed"
+        elif cfg.finetuning_type == "lora":
+            self.ref_source = "adapter_disabled" if lora_adds_nothing(model) else "precomputed"
+        else:
+            self.ref_source = "frozen_copy"
+        if self.ref_source == "precomputed":
+            precompute_reference(model, self, device)
+        elif self.ref_source == "frozen_copy":
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        print(f"reference model: {self.ref_source.replace('_', ' ')}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """The model that scores the reference log-probs (under no_grad)."""
+        with torch.no_grad():
+            if self.ref_model is not None:
+                yield self.ref_model
+            else:
+                with model.disable_adapter():
+                    yield model
+
+    def reference_logps(self, model, batch: dict, prefix: str = "") -> torch.Tensor:
+        if f"ref_{prefix}logps" in batch:
+            return batch[f"ref_{prefix}logps"].float()
+        if self.ref_source == "precomputed":
+            raise RuntimeError("a batch without precomputed reference log-probs")  # rows come from load_data
+        with self.reference(model) as ref:
+            return _batch_logps(ref, batch, prefix)[0]
+
+    # -- batches and loss ----------------------------------------------------------------
+
+    def collate(self, rows: list) -> dict:
+        return collate_kto(rows, self.pad_id) if self.cfg.stage == "kto" else collate_pairs(rows, self.pad_id)
+
+    def weight(self, batch: dict) -> int:
+        return batch["n_examples"]
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cfg.stage == "kto":
+            return self._kto(model, batch)
+        logps, counts = _batch_logps(model, batch)  # one forward: chosen rows, then rejected rows
+        n = batch["n_examples"]
+        chosen, rejected = logps[:n], logps[n:]
+        cfg = self.cfg
+        extra = {}
+        if cfg.stage == "dpo":
+            ref = self.reference_logps(model, batch)
+            losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref[:n], ref[n:], cfg.pref_beta,
+                                                    cfg.pref_loss, cfg.pref_label_smoothing)
+        else:
+            avg = logps / counts.clamp(min=1)
+            if cfg.stage == "simpo":
+                losses, r_chosen, r_rejected = simpo_loss(avg[:n], avg[n:], cfg.pref_beta, cfg.simpo_gamma,
+                                                          cfg.pref_label_smoothing)
+            else:  # orpo
+                losses, r_chosen, r_rejected, log_odds = orpo_loss(avg[:n], avg[n:], cfg.pref_beta)
+                extra = {"nll": float(-avg[:n].detach().sum()), "log_odds_ratio": float(log_odds.sum())}
+        return losses.sum(), pair_metrics(r_chosen, r_rejected, chosen.detach(), rejected.detach()) | extra
+
+    def _kto(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        logps, _ = _batch_logps(model, batch)
+        with torch.no_grad():
+            policy_kl, _ = _batch_logps(model, batch, "kl_")
+        ref = self.reference_logps(model, batch)
+        kl = kto_kl_estimate(policy_kl, self.reference_logps(model, batch, "kl_"))
+        desirable = batch["desirable"]
+        losses, rewards = kto_loss(logps, ref, desirable, kl, cfg.pref_beta,
+                                   cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        return losses.sum(), kto_metrics(rewards, logps.detach(), desirable, kl)
+
+
+def pair_metrics(r_chosen, r_rejected, logps_chosen, logps_rejected) -> dict[str, float]:
+    """Sums over the batch (the loop divides by the number of pairs)."""
+    return {
+        "rewards/chosen": float(r_chosen.sum()),
+        "rewards/rejected": float(r_rejected.sum()),
+        "rewards/margins": float((r_chosen - r_rejected).sum()),
+        "rewards/accuracies": float((r_chosen > r_rejected).float().sum()),
+        "logps/chosen": float(logps_chosen.sum()),
+        "logps/rejected": float(logps_rejected.sum()),
+    }
+
+
+def kto_metrics(rewards, logps, desirable, kl) -> dict[str, float]:
+    """Sums; chosen / rejected metrics come with `count/...` so they average over their own class."""
+    d = desirable.bool()
+    return {
+        "rewards/chosen": float(rewards[d].sum()), "rewards/rejected": float(rewards[~d].sum()),
+        "logps/chosen": float(logps[d].sum()), "logps/rejected": float(logps[~d].sum()),
+        "count/chosen": float(d.sum()), "count/rejected": float((~d).sum()),
+        "kl": float(kl) * len(rewards),
+    }
+
+
+def warn_kto_balance(rows: list[KTORow], cfg: TunelabConfig) -> None:
+    """Say when the desirable / undesirable balance is off the KTO paper's advice, and which weights fix it."""
+    n_good = sum(r.desirable for r in rows)
+    n_bad = len(rows) - n_good
+    if not n_good or not n_bad:
+        kind, other = ("desirable", "undesirable") if n_good else ("undesirable", "desirable")
+        print(f"tunelab: warning: all {len(rows)} KTO examples are {kind}; KTO then only moves their "
+              f"likelihood against the reference and kto_{other}_weight has no effect. Add {other} examples "
+              f"(kto_tag={str(not n_good).lower()}) for a contrastive signal.", file=sys.stderr)
+        return
+    ratio = cfg.kto_desirable_weight * n_good / (cfg.kto_undesirable_weight * n_bad)
+    low, high = KTO_BALANCE
+    if not low <= ratio <= high:
+        if n_good < n_bad:
+            fix = f"kto_desirable_weight={n_bad / n_good:.3g} kto_undesirable_weight=1"
+        else:
+            fix = f"kto_desirable_weight=1 kto_undesirable_weight={n_good / n_bad:.3g}"
+        print(f"tunelab: warning: {n_good} desirable and {n_bad} undesirable KTO examples give "
+              f"desirable_weight*n_desirable / (undesirable_weight*n_undesirable) = {ratio:.3g}; the KTO paper "
+              f"advises 1 to 4/3 so that neither class dominates the loss; e.g. set {fix}", file=sys.stderr)
+
+
+@torch.no_grad()
+def precompute_reference(model, objective: PreferenceObjective, device) -> None:
+    """Score every row once with the model as it stands (the reference) and store the log-probs."""
+    from tunelab.train.loop import _autocast, _to_device
+
+    was_training = model.training
+    model.eval()
+    rows = sorted(objective.rows, key=len)  # similar lengths together: little padding
+    size = objective.cfg.per_device_eval_batch_size
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        batch = _to_device(objective.collate(chunk), device)
+        with _autocast(objective.cfg, device):
+            logps = _batch_logps(model, batch)[0].float().cpu()
+            if isinstance(chunk[0], KTORow):
+                kl_logps = _batch_logps(model, batch, "kl_")[0].float().cpu()
+        for i, row in enumerate(chunk):
+            if isinstance(row, PairRow):
+                row.ref_logps = (float(logps[i]), float(logps[len(chunk) + i]))
+            else:
+                row.ref_logps = (float(logps[i]), float(kl_logps[i]))
+    print(f"precomputed reference log-probs of {len(rows)} rows", file=sys.stderr)
+    model.train(was_training)
