@@ -51,8 +51,9 @@ class Tracker:
         if shown:
             self.bar.set_postfix({k.replace("tokens_per_second", "tok/s"): _short(v) for k, v in shown.items()})
         if "eval_loss" in row:
-            self.bar.write(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}, "
-                           f"perplexity {row.get('eval_perplexity', float('nan')):.3f}")
+            extra = {k: row[k] for k in ("eval_perplexity", "eval_rewards/accuracies") if k in row}
+            self.bar.write(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}"
+                           + "".join(f", {k.removeprefix('eval_')} {v:.3f}" for k, v in extra.items()))
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
