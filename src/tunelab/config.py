@@ -8,6 +8,7 @@ flat on purpose: every key can be overridden on the command line by its bare nam
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class TunelabConfig:
     # --- evaluation, checkpoints, logging ------------------------------------------
     eval_strategy: str = "no"  # no | steps | epoch
     eval_steps: int = 100
+    eval_on_start: bool = True  # evaluate the untuned model first: the baseline every curve is read against
     save_strategy: str = "steps"  # no | steps | epoch
     save_steps: int = 500
     save_total_limit: int | None = 3
@@ -240,6 +242,21 @@ def _example(tp) -> str:
     return {bool: "true", int: "8", float: "2e-4", str: "text"}.get(tp, "value")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with only true/false as booleans: `eval_strategy: no` stays the string "no"."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`["lora_rank=16", "dataset=a.jsonl,b.jsonl"]` -> dict, values parsed as YAML scalars."""
     out = {}
@@ -249,7 +266,7 @@ def parse_overrides(pairs: list[str]) -> dict:
                                fix="write overrides as key=value, e.g. learning_rate=1e-4")
         key, raw = pair.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = _load_yaml(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
         # YAML reads "1e-4" as a string; let _coerce parse numbers from text.
@@ -288,7 +305,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise TunelabError(f"config file {path} does not exist", where="command line",
                                fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -1,7 +1,5 @@
 """The training recipe end to end on a tiny model: outputs, resume, early stopping, errors."""
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -53,7 +51,8 @@ def test_lora_run_writes_adapter_logs_plot_and_loss_falls(tmp_path, tiny_model_d
     assert len(history) == 12
     assert history[-1][1] < history[0][1] - 0.2  # a random model: loss starts near ln(vocab) = 11.9
     evals = [r for r in read_log(run / "trainer_log.jsonl") if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]  # step 0: the untuned model
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert all(abs(r["eval_perplexity"] - torch.tensor(r["eval_loss"]).exp().item()) < 1e-3 * r["eval_perplexity"]
                for r in evals)
     # The saved adapter loads with PEFT and changes the model's output.
@@ -110,7 +109,7 @@ def test_early_stopping_and_best_model(tmp_path, tiny_model_dir, monkeypatch):
     eval_losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
     monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (next(eval_losses), {}))
     cfg = config(tmp_path, tiny_model_dir, max_steps=40, eval_steps=2, save_steps=100,
-                 early_stopping_patience=2, load_best_model_at_end=True, save_total_limit=1)
+                 early_stopping_patience=2, load_best_model_at_end=True, save_total_limit=1, eval_on_start=False)
     result = loop.train(cfg)
     assert result.stopped_early and result.global_step == 8  # evals at 2, 4 (best), 6, 8 -> stop
     assert result.best_metric == 2.0

@@ -129,6 +129,10 @@ def run_eval(args) -> int:
         from tunelab.model.adapters import load_adapter
 
         model = load_adapter(model, args.adapter)
+        if not args.quantization_bit:
+            # Fold the adapter into the weights for generation: the same function, without
+            # PEFT's extra matmuls and Python per layer (decoding is launch-bound on small models).
+            model = model.merge_and_unload()
         info["adapter"] = args.adapter
     tuned = evaluate(model, "tuned" if args.compare_base else "eval")
     if args.compare_base:

@@ -131,8 +131,10 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
         patience = cfg.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 
-    model.train()
     try:
+        if cfg.eval_strategy != "no" and cfg.eval_on_start and state.global_step == 0:
+            evaluate_and_track()  # the untuned model's validation loss: what training must beat
+        model.train()
         while state.global_step < total_steps and not stopped_early:
             order = batch_order([len(r) for r in train_rows], cfg.per_device_train_batch_size, cfg.seed,
                                 state.epoch, group_by_length=cfg.group_by_length and not cfg.packing)

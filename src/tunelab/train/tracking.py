@@ -113,7 +113,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     if train:
         xs, ys = zip(*train)
         ax.plot(xs, ys, color="#9ab", linewidth=1, label="train loss")
-        if len(ys) >= 5:
+        if len(ys) >= 20:  # fewer points: the raw curve is already readable
             ax.plot(xs, _ema(ys), color="#1f5f9f", linewidth=2, label="train loss (smoothed)")
     if evals:
         xs, ys = zip(*evals)
@@ -154,9 +154,15 @@ def _plot_rewards(ax, rows: list[dict]) -> None:
     ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="upper left")
 
 
-def _ema(values, alpha: float = 0.1) -> list[float]:
-    out, acc = [], values[0]
-    for v in values:
+def _ema(values) -> list[float]:
+    """Bias-corrected exponential moving average over about a tenth of the points.
+
+    The window scales with the number of logged points so a short run is not drawn as a
+    lagging curve; bias correction keeps the first points from being pulled to values[0].
+    """
+    alpha = 2 / (max(3, len(values) // 10) + 1)
+    out, acc = [], 0.0
+    for n, v in enumerate(values, start=1):
         acc = alpha * v + (1 - alpha) * acc
-        out.append(acc)
+        out.append(acc / (1 - (1 - alpha) ** n))
     return out
