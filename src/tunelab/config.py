@@ -34,6 +34,7 @@ class TunelabConfig:
     dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
     eval_dataset: list[str] = field(default_factory=list)  # validation file(s); else val_size
     val_size: float = 0.0  # fraction (<1) or count (>=1) of training records held out
+    val_split_by: str = "dialogue"  # dialogue: rows of one dialogue stay together; record: rows drawn alone
     template: str = "auto"  # auto = the tokenizer's chat_template; or a name / .jinja path
     system_prompt: str | None = None  # prepended where a record has no system message
     cutoff_len: int = 1024
@@ -129,6 +130,7 @@ CHOICES = {
     "eval_strategy": ("no", "steps", "epoch"),
     "save_strategy": ("no", "steps", "epoch"),
     "train_on": ("all", "last"),
+    "val_split_by": ("dialogue", "record"),
     "pref_loss": ("sigmoid", "ipo", "hinge"),
 }
 

@@ -77,3 +77,15 @@ def test_hotel_rows_are_deduplicated_without_loss_of_format(hotel_dir, tmp_path)
     lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == result.written == 1054 - result.count("exact")
     assert set(json.loads(lines[0])) == {"context", "response"}
+
+
+def test_exchange_mode_keeps_rows_that_only_share_a_dialogue_prefix(tmp_path, hotel_dir):
+    # The first rows of the hotel set are one growing dialogue: whole-record similarity calls
+    # consecutive rows near-duplicates; the exchange each row teaches is different.
+    rows = (hotel_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    src = tmp_path / "dialogue.jsonl"
+    src.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    by_record = dedup_file(src, tmp_path / "a.jsonl", near=0.8)
+    by_exchange = dedup_file(src, tmp_path / "b.jsonl", near=0.8, compare="exchange")
+    assert by_record.count("near") > 0
+    assert by_exchange.count("near") == 0 and by_exchange.written == 8

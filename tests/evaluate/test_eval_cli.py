@@ -95,6 +95,27 @@ def test_rescoring_counts_empty_predictions(tmp_path):
     assert summary["empty_predictions"] == 1 and summary["exact_match"] == 50.0
 
 
+def test_rescoring_with_an_llm_judge(tmp_path, monkeypatch):
+    from test_judge import FakeJudge
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    fake = FakeJudge()
+    try:
+        rows = [{"task": "generic", "prompt": "Capital of France?", "reference": "Paris.", "prediction": "Paris.",
+                 "meta": {}}]
+        path = tmp_path / "predictions.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        args = ("eval", "--predictions", path, "--metrics", "em", "--judge-url", fake.url, "--judge-model", "j")
+        assert cli(*args) == 0
+        summary = scores_of(tmp_path)
+        assert summary["judge_correctness"] == 4 and summary["judge_fluency"] == 3
+        assert (tmp_path / "judgements.jsonl").exists()
+        assert cli(*args) == 0 and len(fake.requests) == 1  # the second run is served from the cache
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+
+
 def test_compare_base_writes_one_table(model_dir, adapter_dir, hotel_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert eval_cli("--model", model_dir, "--adapter", adapter_dir, "--data", hotel_dir / "test.jsonl",

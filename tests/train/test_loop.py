@@ -1,5 +1,6 @@
 """The training recipe end to end on a tiny model: outputs, resume, early stopping, errors."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,25 @@ def test_cli_train_with_overrides_and_clean_errors(tmp_path, tiny_model_dir, cap
     # A cutoff smaller than every prompt.
     assert main(["train", str(yaml_path), "cutoff_len=8", "overwrite_output_dir=true"]) == 2
     assert "cutoff_len" in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_a_step_lands_after_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A SIGINT during the optimizer step is held until the step and its counters are done."""
+    import os
+    import signal
+
+    real_step = loop.optimizer_step
+    calls = []
+
+    def step_with_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", step_with_ctrl_c)
+    cfg = config(tmp_path, tiny_model_dir, eval_strategy="no", val_size=0, save_steps=100)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg)
+    state = json.loads((Path(cfg.output_dir) / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["batch_in_epoch"] == 3 * cfg.gradient_accumulation_steps

@@ -51,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("dst", metavar="OUT", help="output .jsonl or .json")
     p.add_argument("--near", type=float, default=0.9,
                    help="Jaccard similarity of character n-grams counted as a near duplicate (0: exact only)")
+    p.add_argument("--compare", choices=("record", "exchange"), default="record",
+                   help="near-duplicates by whole record, or by the last exchange only (the turn before the "
+                        "answer + the answer): use exchange for rows that share dialogue prefixes, like the hotel set")
     p.add_argument("--ngram", type=int, default=5, help="characters per n-gram (default 5)")
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
     p.add_argument("--report", help="also write every removed group to this JSON file")
@@ -123,7 +126,7 @@ def cmd_dedup(args) -> int:
     from tunelab.io import write_json_atomic
 
     result = dedup_file(args.src, args.dst, args.format, near=args.near or None, ngram=args.ngram,
-                        num_perm=args.num_perm, skip_invalid=args.skip_invalid)
+                        num_perm=args.num_perm, skip_invalid=args.skip_invalid, compare=args.compare)
     if args.report:
         write_json_atomic(args.report, result.to_json())
     print(json.dumps(result.to_json(), ensure_ascii=False, indent=2) if args.json else result.summary())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,15 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization-bit", type=int, choices=(4, 8))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    judge = p.add_argument_group("LLM-as-judge (any OpenAI-compatible endpoint; answers cached on disk)")
+    judge.add_argument("--judge-url", help="base URL, e.g. http://127.0.0.1:8001/v1 (enables the judge)")
+    judge.add_argument("--judge-model", help="the judge's model name at that endpoint")
+    judge.add_argument("--judge-api-key", default=os.environ.get("TUNELAB_JUDGE_API_KEY"),
+                       help="default: $TUNELAB_JUDGE_API_KEY")
+    judge.add_argument("--judge-dimensions", default="",
+                       help='rubric, e.g. "correctness,fluency" or "name=what it measures;..." '
+                            "(default: correctness, helpfulness, fluency on 1-5)")
+    judge.add_argument("--judge-rps", type=float, default=2.0, help="requests per second (0 = no limit)")
     p.set_defaults(func=run_eval)
 
     r = subparsers.add_parser("report", help="plot a training run's curves and diagnose them",
@@ -81,6 +91,9 @@ def _check_args(args) -> None:
     if not args.data:
         raise TunelabError("no test data given", where="command line",
                            fix="add --data path/to/test.jsonl (or --predictions FILE to re-score)")
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise TunelabError("the judge needs both --judge-url and --judge-model", where="command line",
+                           fix="e.g. --judge-url http://127.0.0.1:8001/v1 --judge-model qwen2.5-72b-instruct")
     if args.compare_base and not args.adapter:
         raise TunelabError("--compare-base compares the base model with an adapter, but none was given",
                            where="command line", fix="add --adapter runs/your_run")
@@ -89,6 +102,29 @@ def _check_args(args) -> None:
         if value is not None and value <= 0:
             raise TunelabError(f"--{name.replace('_', '-')} must be > 0, got {value}", where="command line",
                                fix=f"e.g. --{name.replace('_', '-')} 8")
+
+
+def _judge_scores(args, rows: list[dict], out_dir: Path) -> dict:
+    """Mean judge score per rubric dimension (`judge_<name>`), or nothing without --judge-url.
+
+    Judgements go to OUT/judgements.jsonl; answers are cached under $TUNELAB_CACHE/judge, so
+    a rerun (or a rerun after the endpoint went down) only asks for what is missing.
+    """
+    if not args.judge_url:
+        return {}
+    from tunelab.evaluate.judge import JudgeItem, JudgeSettings, judge, parse_dimensions
+    from tunelab.model.embedded import cache_root
+
+    settings = JudgeSettings(base_url=args.judge_url, model=args.judge_model, api_key=args.judge_api_key,
+                             requests_per_second=args.judge_rps, cache_dir=cache_root() / "judge")
+    if args.judge_dimensions:
+        settings.dimensions = parse_dimensions(args.judge_dimensions)
+    items = [JudgeItem(str(r.get("prompt", "")), str(r.get("reference", "")), str(r.get("prediction", "")))
+             for r in rows]
+    result = judge(items, settings, results_path=out_dir / "judgements.jsonl")
+    print(f"judge: {len(result.judgements)} scored, {result.unparseable} unreadable answers", file=sys.stderr)
+    return {f"judge_{name}": value for name, value in result.mean_scores().items()} | {
+        "judge_unparseable": result.unparseable}
 
 
 def run_eval(args) -> int:
@@ -117,6 +153,7 @@ def run_eval(args) -> int:
                                    progress=not args.no_progress, desc=label)
         summary = runner.score(task, generated.rows, metrics)
         where = out_dir / label if args.compare_base else out_dir
+        summary |= _judge_scores(args, generated.rows, where)
         runner.write_results(where, generated.rows, summary, {**info, "speed": generated.speed})
         print(f"{label}: {len(samples)} samples in {generated.speed['seconds']} s "
               f"({generated.speed['samples_per_s']} samples/s, {generated.speed['tokens_per_s']} tokens/s)",
@@ -148,7 +185,7 @@ def _rescore(args) -> int:
     rows = runner.read_predictions(args.predictions)
     task = get_task(args.task or rows[0].get("task") or "generic")
     metrics = runner.parse_metrics(task, args.metrics)
-    summary = runner.score(task, rows, metrics)
+    summary = runner.score(task, rows, metrics) | _judge_scores(args, rows, _output_dir(args))
     runner.write_results(_output_dir(args), rows, summary,
                          {"task": task.name, "metrics": list(metrics), "predictions": args.predictions})
     print(runner.markdown_table(summary))

@@ -25,15 +25,35 @@ class SFTData:
     n_skipped: int = 0
 
 
-def split_validation(records: list, val_size: float, seed: int) -> tuple[list, list]:
-    """Hold out `val_size` (a fraction < 1, or a count >= 1) of the records, seeded."""
+def split_validation(records: list, val_size: float, seed: int, by: str = "dialogue") -> tuple[list, list]:
+    """Hold out `val_size` (a fraction < 1, or a count >= 1) of the records, seeded.
+
+    `by="dialogue"` keeps the rows of one dialogue (rows that start with the same user
+    turn, as the hotel set's growing prefixes do) on one side, so validation never scores
+    a row whose prefix was trained on; `by="record"` draws rows independently.
+    """
     if val_size <= 0:
         return records, []
     n_val = int(round(len(records) * val_size)) if val_size < 1 else int(val_size)
     n_val = max(1, min(n_val, len(records) - 1))
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_val])
+    rng = random.Random(seed)
+    if by == "record":
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        held = set(order[:n_val])
+    else:
+        from tunelab.data.tools.common import first_user_turn
+
+        groups: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            groups.setdefault(first_user_turn(record), []).append(i)
+        members = list(groups.values())
+        rng.shuffle(members)
+        held = set()
+        for group in members[:-1]:  # the last group always trains: never an empty train set
+            if len(held) >= n_val:
+                break
+            held.update(group)
     return ([r for i, r in enumerate(records) if i not in held],
             [r for i, r in enumerate(records) if i in held])
 
@@ -50,7 +70,7 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
     if cfg.eval_dataset:
         train_convs, eval_convs = convs, load_conversations(cfg.eval_dataset, **read)
     else:
-        train_convs, eval_convs = split_validation(convs, cfg.val_size, cfg.seed)
+        train_convs, eval_convs = split_validation(convs, cfg.val_size, cfg.seed, cfg.val_split_by)
     if cfg.eval_strategy != "no" and not eval_convs:
         raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")

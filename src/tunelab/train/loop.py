@@ -16,8 +16,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ from tunelab.config import TunelabConfig, save_config
 from tunelab.data.collate import batch_order
 from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import (
-    TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints, save_checkpoint,
+    TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
+    save_checkpoint,
 )
 from tunelab.train.objective import SFTObjective
 from tunelab.train.tracking import Tracker, plot_loss
@@ -97,7 +100,7 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
 
     tracker = Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
     window = new_window()
-    last_eval = None
+    last_eval, last_eval_step = None, None
     stopped_early = False
 
     def checkpoint() -> Path:
@@ -109,9 +112,9 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
 
     def evaluate_and_track() -> bool:
         """Validation loss; best-model bookkeeping; returns True when early stopping triggers."""
-        nonlocal last_eval
+        nonlocal last_eval, last_eval_step
         eval_loss, eval_metrics = evaluate(model, objective, eval_rows, cfg, device)
-        last_eval = eval_loss
+        last_eval, last_eval_step = eval_loss, state.global_step
         row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
                "eval_loss": eval_loss}
         if cfg.stage in ("sft", "pt"):
@@ -142,16 +145,16 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
                 # One optimizer step = up to gradient_accumulation_steps micro-batches.
                 step_ids = order[state.batch_in_epoch:state.batch_in_epoch + cfg.gradient_accumulation_steps]
                 micro_batches = [objective.collate([train_rows[i] for i in ids]) for ids in step_ids]
-                step = optimizer_step(model, objective, micro_batches, optimizer, scheduler, scaler, cfg, device)
+                with _ctrl_c_after_step():  # weights and counters must agree in the checkpoint Ctrl-C writes
+                    step = optimizer_step(model, objective, micro_batches, optimizer, scheduler, scaler, cfg, device)
+                    state.global_step += 1
+                    state.batch_in_epoch += len(step_ids)
+                    state.tokens_seen += step.real_tokens
                 window["loss_sum"] += step.loss_sum
                 window["real_tokens"] += step.real_tokens
                 for key, value in step.metrics.items():
                     window["metrics"][key] = window["metrics"].get(key, 0.0) + value
                 window["weight"] += step.weight
-
-                state.global_step += 1
-                state.batch_in_epoch += len(step_ids)
-                state.tokens_seen += step.real_tokens
                 window["grad_norms"].append(step.grad_norm)
                 tracker.advance()
 
@@ -178,9 +181,10 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
                     checkpoint()
         if stopped_early:
             tracker.bar.write(f"early stopping at step {state.global_step}: no improvement of "
-                              f"{cfg.metric_for_best_model} in {cfg.early_stopping_patience} evaluations (best {state.best_metric:.4f})")
-        if cfg.eval_strategy != "no" and last_eval is None:
-            evaluate_and_track()
+                              f"{cfg.metric_for_best_model} in {cfg.early_stopping_patience} evaluations "
+                              f"(best {state.best_metric:.4f})")
+        elif cfg.eval_strategy != "no" and last_eval_step != state.global_step:
+            evaluate_and_track()  # the final model is always evaluated
     except KeyboardInterrupt:
         path = checkpoint()
         plot_loss(run_dir)
@@ -207,6 +211,26 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
 
 
 # --- pieces of the recipe ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def _ctrl_c_after_step():
+    """Hold Ctrl-C until the optimizer step and the step counters are both done.
+
+    An interrupt between `optimizer.step()` and `global_step += 1` would save updated
+    weights under the old step number, and the resumed run would repeat a step.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
 
 def prepare_run_dir(run_dir: Path, cfg: TunelabConfig, resuming: bool) -> None:
     """Refuse to mix a new run into an old one's folder unless told to."""

@@ -104,7 +104,7 @@ class PreferenceObjective:
             train_items = items
             eval_items = self._for_stage(load_preferences(cfg.eval_dataset, **read), cfg.eval_dataset)
         else:
-            train_items, eval_items = split_validation(items, cfg.val_size, cfg.seed)
+            train_items, eval_items = split_validation(items, cfg.val_size, cfg.seed, cfg.val_split_by)
         if cfg.eval_strategy != "no" and not eval_items:
             raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data",
                                where="config", fix="set val_size=0.1 or eval_dataset=path/to/pairs.jsonl")

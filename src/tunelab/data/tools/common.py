@@ -30,6 +30,20 @@ def item_text(item: Item) -> str:
     return "\n".join(f"{m.role}: {m.content}" for m in item_messages(item))
 
 
+def exchange_text(item: Item) -> str:
+    """The last exchange only: the last user turn before the first target turn, and the targets.
+
+    Rows of one hotel dialogue repeat its whole prefix, so whole-record similarity calls
+    them near-duplicates; comparing the exchange each row teaches does not. Tool results
+    (the hotel `return` records) are left out: the same records follow many requests.
+    """
+    messages = item_messages(item)
+    first = next((i for i, m in enumerate(messages) if m.is_target()), len(messages))
+    asks = [m for m in messages[:first] if m.role in ("user", "text")]
+    kept = asks[-1:] + [m for m in messages[first:] if m.is_target()]
+    return "\n".join(f"{m.role}: {m.content}" for m in kept)
+
+
 def first_user_turn(item: Item) -> str:
     """What a dialogue starts with: rows of one dialogue (the hotel set) share it."""
     messages = item_messages(item)

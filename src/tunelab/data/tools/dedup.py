@@ -20,6 +20,7 @@ from datasketch import MinHash, MinHashLSH
 from tunelab.data.readers import location, parse_record
 from tunelab.data.tools.common import (
     check_output_path,
+    exchange_text,
     item_text,
     raw_records,
     snippet,
@@ -159,16 +160,25 @@ class NearDuplicateIndex:
         return best
 
 
+# What near/exact duplicates are judged on (see find_duplicates).
+TEXT_OF = {"record": item_text, "exchange": exchange_text}
+
+
 def find_duplicates(path, fmt: str = "auto", *, near: float | None = 0.9, ngram: int = 5, num_perm: int = 128,
-                    skip_invalid: bool = False) -> DedupResult:
-    """First pass: which records repeat an earlier one (hashes and signatures only in memory)."""
+                    skip_invalid: bool = False, compare: str = "record") -> DedupResult:
+    """First pass: which records repeat an earlier one (hashes and signatures only in memory).
+
+    `compare="record"` looks at whole records; `"exchange"` at the last exchange only
+    (the turn before the answer, and the answer), for data whose rows share prefixes.
+    """
+    text_of = TEXT_OF[compare]
     result = DedupResult()
     index = NearDuplicateIndex(near, num_perm, ngram) if near else None
     exact: dict[bytes, int] = {}
     for number, file_format, item in valid_items(path, fmt, skip_invalid=skip_invalid, skipped=result.invalid):
         result.records += 1
         result.format = file_format
-        text = item_text(item)
+        text = text_of(item)
         normalised = normalise(text)
         key = exact_key(normalised)
         if key in exact:
@@ -184,16 +194,18 @@ def find_duplicates(path, fmt: str = "auto", *, near: float | None = 0.9, ngram:
 
 
 def dedup_file(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", *, near: float | None = 0.9,
-               ngram: int = 5, num_perm: int = 128, skip_invalid: bool = False) -> DedupResult:
+               ngram: int = 5, num_perm: int = 128, skip_invalid: bool = False,
+               compare: str = "record") -> DedupResult:
     """Write `src` without its duplicates to `dst` (.jsonl or .json) and say what was removed."""
     check_output_path(dst)
-    result = find_duplicates(src, fmt, near=near, ngram=ngram, num_perm=num_perm, skip_invalid=skip_invalid)
+    result = find_duplicates(src, fmt, near=near, ngram=ngram, num_perm=num_perm, skip_invalid=skip_invalid,
+                             compare=compare)
 
     def kept():
         for source, number, record in raw_records(src):
             if number in result.groups:  # a kept record others repeat: remember it for the report
                 item = parse_record(record, result.format, source)
-                result.heads[number] = (location(source, number), snippet(item_text(item)))
+                result.heads[number] = (location(source, number), snippet(TEXT_OF[compare](item)))
             if number not in result.removed_numbers and number not in result.invalid:
                 yield record
 
