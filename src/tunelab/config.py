@@ -184,7 +184,9 @@ def _field_types() -> dict[str, typing.Any]:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_args(tp):  # list[str], int | None: the full spelling, not just "list"
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", None) or str(tp)
 
 
 def _coerce(key: str, value, tp, where: str):
