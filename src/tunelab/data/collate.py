@@ -32,6 +32,14 @@ class Sample:
         return len(self.input_ids)
 
 
+def pad_id_for(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (padding is masked anyway), else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
                 group_by_length: bool = True, shuffle: bool = True) -> list[list[int]]:
     """Indices of each batch for one epoch.

@@ -162,15 +162,20 @@ def _alpaca(record: dict) -> list[Message]:
     return messages
 
 
+def _known_role(role, allowed, what: str):
+    """`role` if the format knows it; else a RecordError with the nearest known role."""
+    if role in allowed:
+        return role
+    hint = nearest(str(role), allowed)
+    raise RecordError(f"{what} {role!r}",
+                      fix=f"use {hint!r}" if hint else f"use one of {', '.join(allowed)}")
+
+
 def _sharegpt_message(turn, name: str) -> Message:
     if not isinstance(turn, dict):
         raise RecordError(f"{name} must be an object with 'from' and 'value'",
                           fix='write turns as {"from": "human", "value": "..."}')
-    speaker = turn.get("from")
-    if speaker not in SHAREGPT_ROLES:
-        hint = nearest(str(speaker), SHAREGPT_ROLES)
-        raise RecordError(f"{name} has unknown role 'from': {speaker!r}",
-                          fix=f"use {hint!r}" if hint else f"use one of {', '.join(SHAREGPT_ROLES)}")
+    speaker = _known_role(turn.get("from"), SHAREGPT_ROLES, f"{name} has unknown role 'from':")
     role = SHAREGPT_ROLES[speaker]
     # function_call turns are the model's output: trained like assistant turns.
     return Message(role, _string(turn.get("value"), f"{name}.value"),
@@ -202,11 +207,7 @@ def _openai_message(message, name: str) -> Message:
     if not isinstance(message, dict):
         raise RecordError(f"{name} must be an object with 'role' and 'content'",
                           fix='write messages as {"role": "user", "content": "..."}')
-    role = message.get("role")
-    if role not in OPENAI_ROLES:
-        hint = nearest(str(role), OPENAI_ROLES)
-        raise RecordError(f"{name} has unknown role {role!r}",
-                          fix=f"use {hint!r}" if hint else f"use one of {', '.join(OPENAI_ROLES)}")
+    role = _known_role(message.get("role"), OPENAI_ROLES, f"{name} has unknown role")
     weight = message.get("weight")
     if weight not in (None, 0, 1) or isinstance(weight, float):
         raise RecordError(f"{name}.weight must be 0 or 1, got {weight!r}",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.data.collate import pad_id_for
 from tunelab.errors import TunelabError
 from tunelab.evaluate.tasks import Sample, Task
 from tunelab.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -84,7 +85,7 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
     encoded = [encode_conversation(s.conversation(), tokenizer, template_src, limit, train_on="last")
                for s in samples]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_for(tokenizer)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in range(0, len(order), batch_size):

@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from tunelab.data.collate import pad_id_for
 from tunelab.errors import TunelabError
 
 
@@ -90,13 +91,6 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
         ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
     return ids.to(device), mask.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 @torch.inference_mode()
@@ -185,7 +179,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
                            fix="use e.g. --batch-size 8")
     was_training = model.training
     model.eval()
-    pad_id, stop_set = _pad_id(tokenizer), set(stop_ids)
+    pad_id, stop_set = pad_id_for(tokenizer), set(stop_ids)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), unit="sample", desc=desc, disable=not progress, dynamic_ncols=True)
@@ -225,7 +219,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], options: Genera
     was_training = model.training
     model.eval()
     try:
-        for step in _decode_steps(model, [prompt_ids], options, stop_ids, _pad_id(tokenizer)):
+        for step in _decode_steps(model, [prompt_ids], options, stop_ids, pad_id_for(tokenizer)):
             token = step[0]
             if token in stop_set:
                 return

@@ -19,12 +19,8 @@ import sys
 import torch
 
 from tunelab.config import TunelabConfig
-from tunelab.data.collate import collate_packed, count_label_tokens, pack_samples, pad_batch
+from tunelab.data.collate import collate_packed, count_label_tokens, pack_samples, pad_batch, pad_id_for
 from tunelab.train.losses import causal_lm_loss_sum
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 class SFTObjective:
@@ -33,7 +29,7 @@ class SFTObjective:
     def __init__(self, cfg: TunelabConfig, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.pad_id = pad_token_id(tokenizer)
+        self.pad_id = pad_id_for(tokenizer)
 
     def load_data(self) -> tuple[list, list]:
         from tunelab.train.dataset import load_sft_data

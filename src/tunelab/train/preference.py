@@ -31,7 +31,7 @@ from tunelab.data.preference_tokenize import (
 from tunelab.data.types import KTOExample, PreferencePair
 from tunelab.errors import TunelabError
 from tunelab.train.losses import shifted_token_losses
-from tunelab.train.objective import pad_token_id
+from tunelab.data.collate import pad_id_for
 from tunelab.train.pref_losses import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -82,7 +82,7 @@ class PreferenceObjective:
                                fix="set packing=false: preference rows pair two answers to one prompt")
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.pad_id = pad_token_id(tokenizer)
+        self.pad_id = pad_id_for(tokenizer)
         self.ref_model = None  # a frozen copy (full fine-tuning without precomputed log-probs)
         self.ref_source = "none" if cfg.stage in REFERENCE_FREE else "adapter_disabled"
         self.rows: list = []
