@@ -83,6 +83,15 @@ def _logits_processors(options: GenerationOptions) -> LogitsProcessorList:
     return procs
 
 
+def cache_keyword(model) -> str:
+    """The forward keyword that takes the KV cache: `cache` from transformers 5.2x on,
+    `past_key_values` before (the old name warns and goes in 5.40)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -114,12 +123,12 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
         generator = torch.Generator(device=device).manual_seed(options.seed)
 
     cache = DynamicCache(config=model.config)
+    cache_key = cache_keyword(model)
     step_input, step_positions = ids, positions
     for step in range(options.max_new_tokens):
         # logits_to_keep=1: the prefill needs only the last position's vocab logits.
         out = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    use_cache=True, logits_to_keep=1, **{cache_key: cache})  # the cache fills in place
         logits = out.logits[:, -1, :].float()
         logits = processors(history, logits)
         if options.greedy:

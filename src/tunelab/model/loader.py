@@ -258,6 +258,10 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in backward. Non-reentrant checkpointing gives gradients to
     frozen-input layers too (LoRA, freeze); input grads make the reentrant variant safe
     should a model force it."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.2x renamed it (the old name warns and goes in v6); older 5.x has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False  # a KV cache is useless in training and clashes with recomputation
