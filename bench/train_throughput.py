@@ -270,21 +270,24 @@ def profiled(enabled: bool):
 
 
 def run_tunelab(model, samples, warmup: int, name: str, lora_init: dict, micro: int = SAMPLES_PER_STEP,
-                **levers) -> Result:
+                lora: dict | None = None, **levers) -> Result:
     """tunelab's own pieces: prepare_for_training, SFTObjective (+ levers), loop.optimizer_step."""
     from types import SimpleNamespace
 
     from tunelab.config import TunelabConfig
     from tunelab.model.adapters import prepare_for_training
+    from tunelab.train.fast import apply_speed_levers
     from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step
     from tunelab.train.objective import SFTObjective
 
+    levers = dict(padding_free=False, fused_loss=False, torch_compile=False, gradient_checkpointing=False) | levers
     cfg = TunelabConfig(bf16=True, per_device_train_batch_size=micro, lr_scheduler_type="constant",
-                        max_grad_norm=1.0, **LORA, **levers)
+                        max_grad_norm=1.0, **(LORA | (lora or {})), **levers)
     device = torch.device("cuda")
     peft_model = prepare_for_training(model, cfg)
     load_lora_state(peft_model, lora_init)
     objective = SFTObjective(cfg, SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    apply_speed_levers(peft_model, cfg, device)
     objective.setup(peft_model, device)
     peft_model.train()
     optimizer = build_optimizer(peft_model, cfg, device)
@@ -440,6 +443,10 @@ TUNELAB_CONFIGS = {  # name -> config keys (micro = samples per micro-batch)
     "tunelab_plain_loss": dict(padding_free=True),
     "tunelab_padded": dict(fused_loss=True, micro=BASELINE_MICRO),
     "tunelab_qlora": dict(padding_free=True, fused_loss=True, gradient_checkpointing=True),  # vs tunelab_ckpt
+    # the recipe's lora_dropout 0.1: masks recomputed in backward (train/fast/lora_dropout.py) vs PEFT's dropout
+    "tunelab_dropout": dict(padding_free=True, fused_loss=True, torch_compile=True, lora=dict(lora_dropout=0.1)),
+    "tunelab_dropout_peft": dict(padding_free=True, fused_loss=True, torch_compile=True, speed="off",
+                                 lora=dict(lora_dropout=0.1)),
 }
 
 

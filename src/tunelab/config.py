@@ -42,7 +42,7 @@ class TunelabConfig:
     skip_invalid: bool = False  # drop bad records (with a count) instead of stopping
     max_samples: int | None = None  # use only the first N records (quick experiments)
     packing: bool = False  # concatenate samples; attention never crosses sample borders
-    group_by_length: bool = True  # batch similar lengths together so short samples pay less padding
+    group_by_length: bool | None = None  # similar lengths per batch (less padding); auto: on unless padding-free
 
     # --- fine-tuning method --------------------------------------------------------
     finetuning_type: str = "lora"  # lora | full | freeze
@@ -82,15 +82,20 @@ class TunelabConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     seed: int = 42
-    bf16: bool = False
+    bf16: bool | None = None  # auto: on where the device computes in bf16 (CUDA Ampere+), off on CPU
     fp16: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # auto: off, switched on by the memory back-off if needed
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
-    # --- speed levers (train/fast; each one keeps the math, see docs/benchmarks.md) -----
-    padding_free: bool = False  # drop padding: one token stream, per-sample varlen attention (CUDA kernel)
-    fused_loss: bool = False  # chunked LM head + cross-entropy: never builds the full [tokens, vocab] logits
-    torch_compile: bool = False  # compile each decoder layer (fuses norms, RoPE, SwiGLU, LoRA adds)
+    # --- speed (train/fast; each lever keeps the math, see docs/benchmarks.md) -----------
+    # A lever left unset (auto) is chosen by `speed`: on CUDA the fastest correct path, on CPU the
+    # plain one; the run log says in one line what was chosen and why. true/false force a lever.
+    speed: str = "auto"  # auto | off (off: every unset lever off, micro-batches by sample count)
+    padding_free: bool | None = None  # one token stream, per-sample varlen attention (CUDA kernel)
+    fused_loss: bool | None = None  # chunked LM head + loss: never builds the full [tokens, vocab] logits
+    torch_compile: bool | None = None  # compile each decoder layer (fuses norms, RoPE, SwiGLU, LoRA adds)
+    max_tokens_per_batch: int | None = None  # micro-batch token budget; auto on CUDA: sized to free memory
+    oom_backoff: bool = True  # on CUDA out-of-memory: smaller micro-batches, then checkpointing; retry the step
 
     # --- evaluation, checkpoints, logging ------------------------------------------
     eval_strategy: str = "no"  # no | steps | epoch
@@ -132,6 +137,7 @@ CHOICES = {
     "train_on": ("all", "last"),
     "val_split_by": ("dialogue", "record"),
     "pref_loss": ("sigmoid", "ipo", "hinge"),
+    "speed": ("auto", "off"),
 }
 
 
@@ -153,6 +159,9 @@ def validate(cfg: TunelabConfig) -> None:
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
         raise TunelabError("quantized weights can only be trained through LoRA (QLoRA)", where="config",
                            fix="set finetuning_type=lora or drop quantization_bit")
+    if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch <= 0:
+        raise TunelabError(f"max_tokens_per_batch must be > 0, got {cfg.max_tokens_per_batch}", where="config",
+                           fix="leave it unset (auto) or give a token count such as max_tokens_per_batch=16384")
     positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps")
     for key in positive:
@@ -199,6 +208,8 @@ def _coerce(key: str, value, tp, where: str):
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.lower() == "auto" and inner[0] in (bool, int):
+            return None  # an automatic lever (bool | None, int | None): None is "auto"
         return _coerce(key, value, inner[0], where)
     if origin is list:
         (item_tp,) = args
@@ -325,6 +336,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 PATH_KEYS = ("dataset", "eval_dataset")
+# Keys whose unset value (None) means "chosen at run time" (train/fast/plan.py says how).
+AUTO_KEYS = ("bf16", "gradient_checkpointing", "group_by_length", "padding_free", "fused_loss", "torch_compile",
+             "max_tokens_per_batch")
 
 
 def _resolve_relative_paths(values: dict, base: Path) -> dict:
@@ -354,5 +368,6 @@ def describe_keys() -> str:
     lines = []
     for f in dataclasses.fields(TunelabConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {f.name:32s} {_type_name(_field_types()[f.name]):14s} default: {default!r}")
+        shown = "auto" if default is None and f.name in AUTO_KEYS else repr(default)
+        lines.append(f"  {f.name:32s} {_type_name(_field_types()[f.name]):14s} default: {shown}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import torch
 from tunelab.config import TunelabConfig
 from tunelab.data.collate import IGNORE_INDEX, Sample
 from tunelab.train.fast import compile_decoder_layers
+from tunelab.train.fast import apply_speed_levers
 from tunelab.train.objective import SFTObjective
 
 VOCAB = 97
@@ -42,6 +43,7 @@ def _samples(seed=0):
 
 def _loss_and_grads(model, cfg: TunelabConfig, rows):
     objective = SFTObjective(cfg, SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    apply_speed_levers(model, cfg, torch.device("cpu"))
     objective.setup(model, torch.device("cpu"))
     batch = objective.collate(rows)
     model.zero_grad()
@@ -76,5 +78,33 @@ def test_compiled_layers_keep_the_loss():
     assert compile_decoder_layers(model, backend="eager") == 2  # graph capture only: codegen is too slow for CI
     got_loss, got_grads = _loss_and_grads(model, TunelabConfig(padding_free=True, fused_loss=True), rows)
     torch.testing.assert_close(got_loss.double(), ref_loss.double(), rtol=1e-6, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("levers", [dict(padding_free=True, fused_loss=True), dict(fused_loss=True),
+                                    dict(padding_free=True)])
+def test_preference_log_probs_through_the_levers_equal_the_plain_path(levers):
+    """DPO/SimPO/KTO/ORPO score sequences with `batch_logps`: same values and LoRA gradients either way."""
+    from tunelab.data.collate import pad_batch
+    from tunelab.train.preference import batch_logps
+
+    model = _model("llama")
+    batch = pad_batch(_samples(3), pad_token_id=0)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])  # a sequence-level loss weighs each row differently
+
+    def logps_and_grads(cfg):
+        apply_speed_levers(model, cfg, torch.device("cpu"))
+        model.zero_grad()
+        logps, counts = batch_logps(model, batch, cfg)
+        (logps * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.base_model.model.set_attn_implementation("sdpa")
+        return logps.detach(), counts, grads
+
+    ref, ref_counts, ref_grads = logps_and_grads(TunelabConfig())
+    got, got_counts, got_grads = logps_and_grads(TunelabConfig(**levers))
+    assert torch.equal(ref_counts.long(), got_counts.long()) and int(ref_counts.sum()) > 0
+    torch.testing.assert_close(got.double(), ref.double(), rtol=1e-6, atol=1e-6)
     for name in ref_grads:
         torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-5, atol=1e-8, msg=name)

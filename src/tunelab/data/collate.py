@@ -67,6 +67,29 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
     return batches
 
 
+def split_by_tokens(ids: Sequence[int], lengths: Sequence[int], max_tokens: int,
+                    padded: bool = False) -> list[list[int]]:
+    """Cut one optimizer step's samples into micro-batches of at most `max_tokens` tokens.
+
+    A padded micro-batch costs (samples x longest); a padding-free one the sum of lengths.
+    Longest first, so each micro-batch holds similar lengths; a sample longer than the budget
+    goes alone (samples are never cut). The step's loss is averaged over all its target
+    tokens whatever the split, so the budget changes memory and speed, never the math.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(ids, key=lambda i: -lengths[i]):
+        grown = current + [i]
+        cost = len(grown) * lengths[grown[0]] if padded else sum(lengths[j] for j in grown)
+        if current and cost > max_tokens:
+            batches.append(current)
+            grown = [i]
+        current = grown
+    if current:
+        batches.append(current)
+    return batches
+
+
 def pad_batch(samples: Sequence[Sample], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
     """Right-pad samples to the longest one; padding is masked out of attention and loss."""
     width = max(len(s) for s in samples)

@@ -28,12 +28,14 @@ import numpy as np
 import torch
 
 from tunelab.config import TunelabConfig, save_config
-from tunelab.data.collate import batch_order
+from tunelab.data.collate import batch_order, split_by_tokens
 from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import (
     TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
     save_checkpoint,
 )
+from tunelab.train.fast.plan import resolve_precision, resolve_speed
+from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
 from tunelab.train.tracking import Tracker, plot_loss
 
@@ -61,24 +63,31 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     the default is next-token loss on the target turns (SFT / pt).
     """
     from tunelab.model.adapters import count_parameters, prepare_for_training
-    from tunelab.model.loader import load_model, load_tokenizer, resolve_device
+    from tunelab.model.loader import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device
+    from tunelab.train.fast import apply_speed_levers
 
     run_dir = Path(cfg.output_dir)
     resume_path = resolve_resume(run_dir, cfg.resume_from_checkpoint)
     prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
     set_seed(cfg.seed)
+    user_cfg = cfg  # saved as given: `auto` levers are decided anew on whatever device a resume runs on
 
     # 1. Data: read, split, render with the chat template, mask everything but the answers.
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     objective = (objective_factory or SFTObjective)(cfg, tokenizer)
     train_rows, eval_rows = objective.load_data()
 
-    # 2. Model: base weights, then LoRA / freeze / full.
+    # 2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py).
     device = resolve_device(cfg.device)
+    cfg = resolve_precision(cfg, device)
     model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=device,
                        quantization_bit=cfg.quantization_bit,
                        gradient_checkpointing=cfg.gradient_checkpointing)
     model = prepare_for_training(model, cfg)
+    plan = resolve_speed(cfg, model, device)
+    cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
+    print(plan.describe(), file=sys.stderr)
+    apply_speed_levers(model, cfg, device)
     objective.setup(model, device)
     trainable, total = count_parameters(model)
     print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}",
@@ -96,12 +105,35 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     if resume_path is not None:
         state = load_checkpoint(resume_path, model, optimizer, scheduler)
         print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(user_cfg, run_dir / "config.yaml")
 
     tracker = Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
     window = new_window()
     last_eval, last_eval_step = None, None
     stopped_early = False
+    lengths = [len(r) for r in train_rows]
+    memory = MemoryBackoff(cfg.max_tokens_per_batch, enabled=cfg.oom_backoff,
+                           enable_checkpointing=lambda: enable_gradient_checkpointing(model),
+                           checkpointing=bool(cfg.gradient_checkpointing), log=tracker.note)
+
+    def micro_batches(step_ids: list[list[int]], budget: int | None) -> list[list[int]]:
+        """The step's samples as micro-batches: by token budget, or as batch_order cut them."""
+        if budget is None:
+            return step_ids
+        return split_by_tokens([i for ids in step_ids for i in ids], lengths, budget, padded=not cfg.padding_free)
+
+    def micro_tokens(ids: list[int]) -> int:
+        return sum(lengths[i] for i in ids) if cfg.padding_free else len(ids) * max(lengths[i] for i in ids)
+
+    def run_step(step_ids: list[list[int]]) -> StepStats:
+        """One optimizer step, retried in smaller pieces if it runs out of memory (train/memory.py)."""
+        def attempt(budget):
+            batches = [objective.collate([train_rows[i] for i in ids]) for ids in micro_batches(step_ids, budget)]
+            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device)
+
+        return memory.run(state.global_step + 1, max(lengths[i] for ids in step_ids for i in ids),
+                          largest_micro=lambda budget: max(map(micro_tokens, micro_batches(step_ids, budget))),
+                          attempt=attempt, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
     def checkpoint() -> Path:
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
@@ -139,14 +171,14 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
             evaluate_and_track()  # the untuned model's validation loss: what training must beat
         model.train()
         while state.global_step < total_steps and not stopped_early:
-            order = batch_order([len(r) for r in train_rows], cfg.per_device_train_batch_size, cfg.seed,
+            order = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed,
                                 state.epoch, group_by_length=cfg.group_by_length and not cfg.packing)
             while state.batch_in_epoch < len(order) and state.global_step < total_steps:
                 # One optimizer step = up to gradient_accumulation_steps micro-batches.
                 step_ids = order[state.batch_in_epoch:state.batch_in_epoch + cfg.gradient_accumulation_steps]
-                micro_batches = [objective.collate([train_rows[i] for i in ids]) for ids in step_ids]
+                started = time.perf_counter()
                 with _ctrl_c_after_step():  # weights and counters must agree in the checkpoint Ctrl-C writes
-                    step = optimizer_step(model, objective, micro_batches, optimizer, scheduler, scaler, cfg, device)
+                    step = run_step(step_ids)
                     state.global_step += 1
                     state.batch_in_epoch += len(step_ids)
                     state.tokens_seen += step.real_tokens
@@ -156,7 +188,11 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
                     window["metrics"][key] = window["metrics"].get(key, 0.0) + value
                 window["weight"] += step.weight
                 window["grad_norms"].append(step.grad_norm)
+                window["seconds"] += time.perf_counter() - started  # training only: evaluations and saves excluded
                 tracker.advance()
+                if state.global_step == 1 and device.type == "cuda":
+                    tracker.note(f"step 1: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} "
+                                      f"of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
 
                 if not math.isfinite(window["loss_sum"]):
                     raise TunelabError(f"the loss became {window['loss_sum']} at step {state.global_step}",
@@ -295,16 +331,19 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
         real_tokens += int(batch["attention_mask"].sum())
         for key, value in batch_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + value
-    if scaler:
-        scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad],
-        cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    try:
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad],
+            cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    except torch.OutOfMemoryError as exc:  # weights may be half-updated: this step cannot be retried
+        raise OptimizerOutOfMemory(str(exc)) from None
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss_total, step_weight, real_tokens, float(grad_norm), metrics)
@@ -333,18 +372,35 @@ def build_scheduler(optimizer, cfg: TunelabConfig, total_steps: int):
 def evaluate(model, objective, rows: list, cfg: TunelabConfig, device) -> tuple[float, dict[str, float]]:
     """Mean validation loss (per token for SFT, per pair for preferences) and mean metrics."""
     model.eval()
-    total, weight, metrics = 0.0, 0, {}
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths: little padding
-    for start in range(0, len(order), cfg.per_device_eval_batch_size):
-        batch = objective.collate([rows[i] for i in order[start:start + cfg.per_device_eval_batch_size]])
-        weight += objective.weight(batch)
-        with _autocast(cfg, device):
-            loss_sum, batch_metrics = objective.loss(model, _to_device(batch, device))
-        total += float(loss_sum)
-        for key, value in batch_metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + value
-    weight = max(weight, 1)
-    return total / weight, average_metrics(metrics, weight)
+    sums = {"loss": 0.0, "weight": 0, "metrics": {}}
+
+    def score(chunk: list) -> None:
+        """Add one batch's loss; a batch that runs out of memory is scored in two halves."""
+        batch = objective.collate(chunk)
+        try:
+            with _autocast(cfg, device):
+                loss_sum, batch_metrics = objective.loss(model, _to_device(batch, device))
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            oom = True
+        else:
+            oom = False
+            sums["loss"] += float(loss_sum)
+            sums["weight"] += objective.weight(batch)
+            for key, value in batch_metrics.items():
+                sums["metrics"][key] = sums["metrics"].get(key, 0.0) + value
+        if oom:  # outside the except block, so the failed try's tensors are freed first
+            del batch
+            torch.cuda.empty_cache()
+            score(chunk[:len(chunk) // 2])
+            score(chunk[len(chunk) // 2:])
+
+    ordered = sorted(rows, key=len)  # similar lengths: little padding
+    for start in range(0, len(ordered), cfg.per_device_eval_batch_size):
+        score(ordered[start:start + cfg.per_device_eval_batch_size])
+    weight = max(sums["weight"], 1)
+    return sums["loss"] / weight, average_metrics(sums["metrics"], weight)
 
 
 def average_metrics(sums: dict[str, float], weight: float) -> dict[str, float]:
@@ -383,12 +439,11 @@ def _perplexity(loss: float) -> float:
 
 def new_window() -> dict:
     """Running sums between two log lines."""
-    return {"loss_sum": 0.0, "weight": 0, "real_tokens": 0, "time": time.perf_counter(), "grad_norms": [],
-            "metrics": {}}
+    return {"loss_sum": 0.0, "weight": 0, "real_tokens": 0, "seconds": 0.0, "grad_norms": [], "metrics": {}}
 
 
 def _log_window(tracker: Tracker, window: dict, state: TrainerState, scheduler, micro_per_epoch: int) -> None:
-    elapsed = max(time.perf_counter() - window["time"], 1e-9)
+    elapsed = max(window["seconds"], 1e-9)
     weight = max(window["weight"], 1)
     row = {
         "step": state.global_step,

@@ -27,7 +27,8 @@ def model_inputs(batch: dict) -> dict:
 
 def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy (fp32) of predicting labels[t+1] from position t, and its mask."""
-    logits = logits[:, :-1, :].float()
+    logits = logits[:, :-1, :]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in >= fp32
     targets = labels[:, 1:]
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"

@@ -41,10 +41,7 @@ class SFTObjective:
         return train, data.eval
 
     def setup(self, model, device) -> None:
-        """Switch on the speed levers the config asks for (preference stages precompute here)."""
-        from tunelab.train.fast import apply_speed_levers
-
-        apply_speed_levers(model, self.cfg)
+        """Nothing to prepare for next-token loss (preference stages score their reference here)."""
 
     def collate(self, rows) -> dict:
         if rows and rows[0].seq_lens:

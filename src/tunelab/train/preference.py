@@ -56,9 +56,16 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return -token_losses.sum(-1), mask.sum(-1)
 
 
-def _batch_logps(model, batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    return sequence_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
-                          batch[f"{prefix}labels"])
+def batch_logps(model, batch: dict, cfg: TunelabConfig, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of the batch's rows (`prefix`: KTO's `kl_` rows), through the speed levers
+    (padding-free attention, chunked LM head) when the run takes them."""
+    ids, mask, labels = (batch[f"{prefix}{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    if cfg.padding_free or cfg.fused_loss:
+        from tunelab.train.fast import fast_sequence_logps
+
+        return fast_sequence_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                   bool(cfg.padding_free), bool(cfg.fused_loss))
+    return sequence_logps(model, ids, mask, labels)
 
 
 def lora_adds_nothing(model) -> bool:
@@ -170,7 +177,7 @@ class PreferenceObjective:
         if self.ref_source == "precomputed":
             raise RuntimeError("a batch without precomputed reference log-probs")  # rows come from load_data
         with self.reference(model) as ref:
-            return _batch_logps(ref, batch, prefix)[0]
+            return batch_logps(ref, batch, self.cfg, prefix)[0]
 
     # -- batches and loss ----------------------------------------------------------------
 
@@ -181,12 +188,12 @@ class PreferenceObjective:
         return batch["n_examples"]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.cfg.stage == "kto":
+        cfg = self.cfg
+        if cfg.stage == "kto":
             return self._kto(model, batch)
-        logps, counts = _batch_logps(model, batch)  # one forward: chosen rows, then rejected rows
+        logps, counts = batch_logps(model, batch, cfg)  # one forward: chosen rows, then rejected rows
         n = batch["n_examples"]
         chosen, rejected = logps[:n], logps[n:]
-        cfg = self.cfg
         extra = {}
         if cfg.stage == "dpo":
             ref = self.reference_logps(model, batch)
@@ -204,9 +211,9 @@ class PreferenceObjective:
 
     def _kto(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        logps, _ = _batch_logps(model, batch)
+        logps, _ = batch_logps(model, batch, cfg)
         with torch.no_grad():
-            policy_kl, _ = _batch_logps(model, batch, "kl_")
+            policy_kl, _ = batch_logps(model, batch, cfg, "kl_")
         ref = self.reference_logps(model, batch)
         kl = kto_kl_estimate(policy_kl, self.reference_logps(model, batch, "kl_"))
         desirable = batch["desirable"]
@@ -273,9 +280,9 @@ def precompute_reference(model, objective: PreferenceObjective, device) -> None:
         chunk = rows[start:start + size]
         batch = _to_device(objective.collate(chunk), device)
         with _autocast(objective.cfg, device):
-            logps = _batch_logps(model, batch)[0].float().cpu()
+            logps = batch_logps(model, batch, objective.cfg)[0].float().cpu()
             if isinstance(chunk[0], KTORow):
-                kl_logps = _batch_logps(model, batch, "kl_")[0].float().cpu()
+                kl_logps = batch_logps(model, batch, objective.cfg, "kl_")[0].float().cpu()
         for i, row in enumerate(chunk):
             if isinstance(row, PairRow):
                 row.ref_logps = (float(logps[i]), float(logps[len(chunk) + i]))

@@ -55,6 +55,10 @@ class Tracker:
             self.bar.write(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}"
                            + "".join(f", {k.removeprefix('eval_')} {v:.3f}" for k, v in extra.items()))
 
+    def note(self, message: str) -> None:
+        """A line for the run log (stderr), printed above the progress bar."""
+        self.bar.write(message, file=sys.stderr)
+
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
 

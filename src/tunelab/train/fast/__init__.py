@@ -4,16 +4,20 @@
   through torch's FlashAttention varlen kernel (`padding_free=true`);
 - `chunked_ce`: LM head + cross-entropy in token chunks, never the full logits (`fused_loss=true`);
 - `loss.fast_causal_lm_loss_sum`: the SFT loss through both;
-- `compile_decoder_layers`: regional torch.compile of each decoder layer (`torch_compile=true`).
+- `compile_decoder_layers`: regional torch.compile of each decoder layer (`torch_compile=true`);
+- `lora_dropout`: LoRA dropout whose masks are recomputed in backward instead of stored;
+- `plan`: which of these a run takes when the keys are left on auto (the default).
 """
 
 from __future__ import annotations
 
 from tunelab.config import TunelabConfig
-from tunelab.train.fast.loss import fast_causal_lm_loss_sum
+from tunelab.train.fast.lora_dropout import recompute_lora_dropout
+from tunelab.train.fast.loss import fast_causal_lm_loss_sum, fast_sequence_logps
 from tunelab.train.fast.varlen import base_model, use_varlen_attention
 
-__all__ = ["apply_speed_levers", "compile_decoder_layers", "fast_causal_lm_loss_sum", "uses_fast_loss"]
+__all__ = ["apply_speed_levers", "compile_decoder_layers", "fast_causal_lm_loss_sum", "fast_sequence_logps",
+           "recompute_lora_dropout"]
 
 
 def compile_decoder_layers(model, backend: str = "inductor") -> int:
@@ -32,13 +36,13 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def apply_speed_levers(model, cfg: TunelabConfig) -> None:
-    """Switch the model to what the config's speed keys ask for (after LoRA is applied)."""
+def apply_speed_levers(model, cfg: TunelabConfig, device=None) -> None:
+    """Switch the model to the levers `plan.resolve_speed` decided (after LoRA is applied)."""
+    from tunelab.train.fast.plan import lora_dropout_recomputed
+
     if cfg.padding_free:
         use_varlen_attention(model)
+    if lora_dropout_recomputed(cfg, device):
+        recompute_lora_dropout(model)
     if cfg.torch_compile:
         compile_decoder_layers(model)
-
-
-def uses_fast_loss(cfg: TunelabConfig) -> bool:
-    return cfg.padding_free or cfg.fused_loss

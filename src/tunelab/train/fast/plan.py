@@ -1,0 +1,154 @@
+"""Which speed levers a run takes: the fastest correct path on CUDA, the plain one elsewhere.
+
+A lever the user left unset (`auto`) is decided here, once, from the device and the model;
+a lever set to true/false is honoured as given. Every decision has a reason, and the run
+log prints them in one line:
+
+    speed: bf16 on; padding-free on; fused loss on; compiled layers on; checkpointing off
+    (memory back-off turns it on if needed); micro-batches of <= 15,872 tokens (sized to 61.3 GiB free)
+
+Nothing here changes the math: each lever has a test that it gives the plain path's loss
+and gradients (tests/train/test_fast_*.py, tests/train/test_speed_plan.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import torch
+
+from tunelab.config import TunelabConfig
+
+# bf16 activations a decoder layer keeps for backward, per token, in units of hidden_size and
+# intermediate_size (measured on the Qwen2.5-7B shape without checkpointing: 66.1 GiB peak for
+# 4.2k tokens with 15.2 GiB of weights, i.e. ~12 MB per token; this formula gives 11.4 MB).
+ACTIVATION_PER_TOKEN = (20, 7)
+# What part of the free memory the token budget may plan to fill (the rest: allocator slack,
+# the loss chunks, the optimizer's temporary buffers).
+FREE_MEMORY_SHARE = 0.85
+MIN_TOKEN_BUDGET = 2048
+
+
+@dataclasses.dataclass
+class SpeedPlan:
+    cfg: TunelabConfig  # the run's config with every auto lever resolved to a value
+    notes: list[str]
+
+    def describe(self) -> str:
+        return "speed: " + "; ".join(self.notes)
+
+
+def resolve_precision(cfg: TunelabConfig, device: torch.device) -> TunelabConfig:
+    """bf16 and checkpointing, needed before the model loads (bf16 auto: on where the device has it)."""
+    from tunelab.model.loader import bf16_supported
+
+    bf16 = cfg.bf16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and not cfg.fp16 and bf16_supported(device)
+    checkpointing = bool(cfg.gradient_checkpointing)  # auto: off; the memory back-off may turn it on
+    return dataclasses.replace(cfg, bf16=bf16, gradient_checkpointing=checkpointing)
+
+
+def _auto(cfg: TunelabConfig, device: torch.device) -> bool:
+    return cfg.speed == "auto" and device.type == "cuda"
+
+
+def varlen_unsupported(model) -> str | None:
+    """Why the padding-free attention cannot serve this model, or None when it can."""
+    from tunelab.train.fast.varlen import _varlen_kernel, base_model
+
+    if _varlen_kernel() is None:
+        return "this torch has no torch.nn.attention.varlen kernel"
+    base = base_model(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if not getattr(type(base), "_supports_attention_backend", False):
+        return f"{type(base).__name__} does not take custom attention functions"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "the model soft-caps attention logits"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any("sliding" in str(t) for t in layer_types) or (
+            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+        return "the model uses sliding-window attention"
+    return None
+
+
+def resolve_speed(cfg: TunelabConfig, model, device: torch.device) -> SpeedPlan:
+    """Decide every auto lever for this model on this device (after LoRA is applied)."""
+    from tunelab.model.adapters import is_quantized
+    from tunelab.train.fast.loss import plain_head_weight
+
+    auto = _auto(cfg, device)
+    why_plain = "off (speed=off)" if cfg.speed == "off" else f"off (plain path on {device.type})"
+    notes = [f"bf16 {'on' if cfg.bf16 else 'off'}"]
+
+    def decide(key: str, label: str, blocker: str | None) -> bool:
+        value = getattr(cfg, key)
+        if value is not None:
+            notes.append(f"{label} {'on' if value else 'off'} ({key}={str(value).lower()})")
+            return value
+        on = auto and blocker is None
+        notes.append(f"{label} on" if on else f"{label} {why_plain if not auto else f'off ({blocker})'}")
+        return on
+
+    padding_free = decide("padding_free", "padding-free", varlen_unsupported(model) if auto else None)
+    head_blocker = None if plain_head_weight(model) is not None else \
+        "the LM head is trained, biased or soft-capped"
+    fused = decide("fused_loss", "fused loss", head_blocker if auto else None)
+    compile_blocker = None
+    if auto and importlib.util.find_spec("triton") is None:
+        compile_blocker = "triton is not installed"
+    elif auto and is_quantized(model):
+        compile_blocker = "bitsandbytes layers do not compile"
+    compiled = decide("torch_compile", "compiled layers", compile_blocker)
+    group = cfg.group_by_length if cfg.group_by_length is not None else not padding_free
+    notes.append("checkpointing " + ("on" if cfg.gradient_checkpointing else
+                                     "off (memory back-off turns it on if needed)" if cfg.oom_backoff and auto
+                                     else "off"))
+    resolved = dataclasses.replace(cfg, padding_free=padding_free, fused_loss=fused, torch_compile=compiled,
+                                   group_by_length=group)
+    budget = cfg.max_tokens_per_batch
+    if budget is not None:
+        notes.append(f"micro-batches of <= {budget:,} tokens (max_tokens_per_batch)")
+    elif auto and not cfg.packing:
+        budget, free = token_budget(resolved, model, device)
+        notes.append(f"micro-batches of <= {budget:,} tokens (sized to {free / 2**30:.1f} GiB free)")
+    else:
+        notes.append(f"micro-batches of {cfg.per_device_train_batch_size} samples")
+    resolved = dataclasses.replace(resolved, max_tokens_per_batch=budget)
+    if lora_dropout_recomputed(resolved, device):
+        notes.append(f"LoRA dropout {cfg.lora_dropout} with masks recomputed in backward (no stored copies)")
+    return SpeedPlan(resolved, notes)
+
+
+def lora_dropout_recomputed(cfg: TunelabConfig, device) -> bool:
+    """The memory-free LoRA dropout (train/fast/lora_dropout.py) replaces PEFT's on the compiled path
+    (compiled, its mask hash is one fused kernel; eager, it would cost several passes per module)."""
+    return (device is not None and _auto(cfg, torch.device(device)) and bool(cfg.torch_compile)
+            and cfg.finetuning_type == "lora" and cfg.lora_dropout > 0 and not cfg.use_dora)
+
+
+def activation_bytes_per_token(model, checkpointing: bool, fused_loss: bool) -> float:
+    """bf16 activation bytes one training token costs (forward kept for backward), by a formula
+    calibrated on the Qwen2.5-7B shape (ACTIVATION_PER_TOKEN)."""
+    from tunelab.train.fast.varlen import base_model
+
+    config = base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    per_layer = (ACTIVATION_PER_TOKEN[0] * hidden + ACTIVATION_PER_TOKEN[1] * intermediate) * 2
+    total = hidden * 2 * layers + per_layer if checkpointing else per_layer * layers
+    if not fused_loss:  # bf16 logits, their fp32 copy, softmax and its gradient (~14 bytes a vocab entry)
+        total += 14 * config.vocab_size
+    return total
+
+
+def token_budget(cfg: TunelabConfig, model, device: torch.device) -> tuple[int, int]:
+    """Tokens per micro-batch that fit the free GPU memory, and the free bytes it was sized to."""
+    free, _ = torch.cuda.mem_get_info(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    free_for_activations = free - trainable * 12  # fp32 gradient + two AdamW moments, not allocated yet
+    per_token = activation_bytes_per_token(model, bool(cfg.gradient_checkpointing), bool(cfg.fused_loss))
+    budget = int(FREE_MEMORY_SHARE * max(free_for_activations, 0) / per_token) // 256 * 256
+    return max(budget, MIN_TOKEN_BUDGET), free
