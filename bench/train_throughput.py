@@ -187,19 +187,22 @@ def load_lora_state(peft_model, state: dict) -> None:
 
 
 def run_baseline(model, samples, warmup: int, packed: bool, lora_init: dict | None,
-                 micro: int = BASELINE_MICRO) -> tuple[Result, dict]:
-    """The seed recipe: HF Trainer + PEFT LoRA, bf16, SDPA, checkpointing, dynamic padding."""
+                 micro: int = BASELINE_MICRO, checkpointing: bool = True, name: str | None = None,
+                 peft_model=None) -> tuple[Result, dict]:
+    """The seed recipe: HF Trainer + PEFT LoRA, bf16, SDPA, checkpointing, dynamic padding.
+
+    `peft_model` given: a model another library already wrapped (Unsloth), trained the same way."""
     import tempfile
 
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
-    name = ("baseline_packed" if packed else "baseline") + ("" if micro == BASELINE_MICRO else f"_mb{micro}")
+    name = name or ("baseline_packed" if packed else "baseline") + ("" if micro == BASELINE_MICRO else f"_mb{micro}")
     torch.manual_seed(1)
-    peft_model = get_peft_model(model, LoraConfig(r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"],
-                                                  lora_dropout=LORA["lora_dropout"], target_modules="all-linear",
-                                                  task_type="CAUSAL_LM"))
+    peft_model = peft_model or get_peft_model(model, LoraConfig(
+        r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+        target_modules="all-linear", task_type="CAUSAL_LM"))
     init = initial_lora_state(peft_model)
     if lora_init is not None:
         load_lora_state(peft_model, lora_init)
@@ -236,7 +239,7 @@ def run_baseline(model, samples, warmup: int, packed: bool, lora_init: dict | No
             output_dir=tmp, per_device_train_batch_size=micro,
             gradient_accumulation_steps=SAMPLES_PER_STEP // micro, max_steps=n_steps,
             learning_rate=LORA["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, optim="adamw_torch_fused", bf16=True, gradient_checkpointing=True,
+            max_grad_norm=1.0, optim="adamw_torch_fused", bf16=True, gradient_checkpointing=checkpointing,
             logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
             remove_unused_columns=False, disable_tqdm=True, seed=1)
         collate = DataCollatorWithFlattening() if packed else pad_collate
@@ -248,9 +251,10 @@ def run_baseline(model, samples, warmup: int, packed: bool, lora_init: dict | No
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     measured = [s for s in samples[warmup * SAMPLES_PER_STEP:n_steps * SAMPLES_PER_STEP]]
     result = Result(name, sum(len(s) for s in measured), sum(times[warmup:]), 0.0, peak, losses)
-    peft_model.unload()  # drops the LoRA layers: the base model is shared by the next configuration
+    if model is not None:
+        peft_model.unload()  # drops the LoRA layers: the base model is shared by the next configuration
+        reset_base(model)
     del trainer, peft_model
-    reset_base(model)
     return result, init
 
 

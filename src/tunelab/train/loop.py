@@ -108,6 +108,7 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     save_config(user_cfg, run_dir / "config.yaml")
 
     tracker = Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
+    start_step = state.global_step
     window = new_window()
     last_eval, last_eval_step = None, None
     stopped_early = False
@@ -176,6 +177,10 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
             while state.batch_in_epoch < len(order) and state.global_step < total_steps:
                 # One optimizer step = up to gradient_accumulation_steps micro-batches.
                 step_ids = order[state.batch_in_epoch:state.batch_in_epoch + cfg.gradient_accumulation_steps]
+                first_cuda_step = state.global_step == start_step and device.type == "cuda"
+                if first_cuda_step:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base_bytes = torch.cuda.memory_allocated(device)
                 started = time.perf_counter()
                 with _ctrl_c_after_step():  # weights and counters must agree in the checkpoint Ctrl-C writes
                     step = run_step(step_ids)
@@ -190,9 +195,13 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
                 window["grad_norms"].append(step.grad_norm)
                 window["seconds"] += time.perf_counter() - started  # training only: evaluations and saves excluded
                 tracker.advance()
-                if state.global_step == 1 and device.type == "cuda":
-                    tracker.note(f"step 1: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} "
-                                      f"of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
+                if first_cuda_step:
+                    tracker.note(f"step {state.global_step}: peak GPU memory "
+                                 f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} of "
+                                 f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
+                    if cfg.max_tokens_per_batch is not None and user_cfg.max_tokens_per_batch is None:
+                        memory.calibrate(device, base_bytes, max(map(micro_tokens, micro_batches(
+                            step_ids, memory.budget))))
 
                 if not math.isfinite(window["loss_sum"]):
                     raise TunelabError(f"the loss became {window['loss_sum']} at step {state.global_step}",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.train.fast.plan import MIN_TOKEN_BUDGET
+from tunelab.train.fast.plan import FREE_MEMORY_SHARE, MIN_TOKEN_BUDGET
 
 
 class OptimizerOutOfMemory(TunelabError):
@@ -75,6 +75,22 @@ class MemoryBackoff:
         self.checkpointing = checkpointing
         self.log = log
         self.tried: list[str] = []
+
+    def calibrate(self, device: torch.device, base_bytes: int, tokens: int) -> None:
+        """After the first step on CUDA: raise a formula-sized budget to what the step measured.
+
+        The step kept (peak - base_bytes) bytes of activations for `tokens` tokens in its largest
+        micro-batch; the budget becomes what fits FREE_MEMORY_SHARE of the memory left beside the
+        weights and optimizer state. Only ever raised here: the back-off lowers it if a longer
+        step does not fit after all."""
+        per_token = max(torch.cuda.max_memory_allocated(device) - base_bytes, 1) / max(tokens, 1)
+        capacity = torch.cuda.get_device_properties(device).total_memory
+        room = capacity - torch.cuda.memory_allocated(device)  # weights, gradients and optimizer state stay
+        budget = int(FREE_MEMORY_SHARE * room / per_token) // 256 * 256
+        if self.budget is not None and budget > self.budget and not self.tried:
+            self.log(f"micro-batch budget raised to {budget:,} tokens (step 1 kept {per_token / 2**20:.2f} MiB "
+                     f"a token; {gib(room)} free beside the weights)")
+            self.budget = budget
 
     def run(self, step: int, longest: int, largest_micro: Callable[[int | None], int],
             attempt: Callable[[int | None], object], reset: Callable[[], None]):

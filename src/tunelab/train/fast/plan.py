@@ -21,8 +21,10 @@ import torch
 from tunelab.config import TunelabConfig
 
 # bf16 activations a decoder layer keeps for backward, per token, in units of hidden_size and
-# intermediate_size (measured on the Qwen2.5-7B shape without checkpointing: 66.1 GiB peak for
-# 4.2k tokens with 15.2 GiB of weights, i.e. ~12 MB per token; this formula gives 11.4 MB).
+# intermediate_size (measured on the Qwen2.5-7B shape eager, without checkpointing: 66.1 GiB peak for
+# 4.2k tokens with 15.2 GiB of weights, i.e. ~12 MB per token; this formula gives 11.4 MB). Compiled
+# layers keep less (~4.4 MB measured): the first step measures it and raises the budget to fit
+# (train/memory.py, MemoryBackoff.calibrate), so the formula only has to be safe, not tight.
 ACTIVATION_PER_TOKEN = (20, 7)
 # What part of the free memory the token budget may plan to fill (the rest: allocator slack,
 # the loss chunks, the optimizer's temporary buffers).
@@ -147,6 +149,7 @@ def activation_bytes_per_token(model, checkpointing: bool, fused_loss: bool) -> 
 def token_budget(cfg: TunelabConfig, model, device: torch.device) -> tuple[int, int]:
     """Tokens per micro-batch that fit the free GPU memory, and the free bytes it was sized to."""
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch: usable
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     free_for_activations = free - trainable * 12  # fp32 gradient + two AdamW moments, not allocated yet
     per_token = activation_bytes_per_token(model, bool(cfg.gradient_checkpointing), bool(cfg.fused_loss))
