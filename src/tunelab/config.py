@@ -85,7 +85,12 @@ class TunelabConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; under torchrun/accelerate auto = cuda:LOCAL_RANK
+
+    # --- several GPUs (train/distributed.py; docs/distributed.md) --------------------
+    nproc_per_node: int = 1  # > 1: `tunelab train` starts itself through torchrun with this many processes
+    distributed_strategy: str = "auto"  # auto (ddp for lora, fsdp otherwise) | ddp | fsdp
+    fsdp_cpu_offload: bool = False  # fsdp: keep sharded weights, gradients and optimizer state in CPU memory
 
     # --- speed levers (train/fast; each one keeps the math, see docs/benchmarks.md) -----
     padding_free: bool = False  # drop padding: one token stream, per-sample varlen attention (CUDA kernel)
@@ -132,6 +137,7 @@ CHOICES = {
     "train_on": ("all", "last"),
     "val_split_by": ("dialogue", "record"),
     "pref_loss": ("sigmoid", "ipo", "hinge"),
+    "distributed_strategy": ("auto", "ddp", "fsdp"),
 }
 
 
@@ -154,7 +160,8 @@ def validate(cfg: TunelabConfig) -> None:
         raise TunelabError("quantized weights can only be trained through LoRA (QLoRA)", where="config",
                            fix="set finetuning_type=lora or drop quantization_bit")
     positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps")
+                "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps",
+                "nproc_per_node")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise TunelabError(f"{key} must be > 0, got {getattr(cfg, key)}", where="config",

@@ -34,6 +34,8 @@ from tunelab.train.checkpoint import (
     TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
     save_checkpoint,
 )
+from tunelab.train import distributed
+from tunelab.train.distributed import SINGLE, Dist, rank_share
 from tunelab.train.objective import SFTObjective
 from tunelab.train.tracking import Tracker, plot_loss
 
@@ -60,12 +62,22 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     `objective_factory(cfg, tokenizer)` builds the stage's objective (see objective.py);
     the default is next-token loss on the target turns (SFT / pt).
     """
+    dist = distributed.init_distributed(cfg)  # one process, or one of WORLD_SIZE under a launcher
+    try:
+        return _train(cfg, objective_factory, dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
     from tunelab.model.adapters import count_parameters, prepare_for_training
     from tunelab.model.loader import load_model, load_tokenizer, resolve_device
 
     run_dir = Path(cfg.output_dir)
     resume_path = resolve_resume(run_dir, cfg.resume_from_checkpoint)
-    prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
+    if dist.is_main:  # rank 0 alone writes into the run folder
+        prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
+    dist.barrier()
     set_seed(cfg.seed)
 
     # 1. Data: read, split, render with the chat template, mask everything but the answers.
@@ -74,19 +86,25 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     train_rows, eval_rows = objective.load_data()
 
     # 2. Model: base weights, then LoRA / freeze / full.
-    device = resolve_device(cfg.device)
-    model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=device,
+    device = resolve_device(distributed.device_for(cfg, dist))
+    # FSDP shards from CPU memory: no GPU ever holds the whole model.
+    load_device = torch.device("cpu") if dist.strategy == "fsdp" else device
+    model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
                        quantization_bit=cfg.quantization_bit,
                        gradient_checkpointing=cfg.gradient_checkpointing)
     model = prepare_for_training(model, cfg)
-    objective.setup(model, device)
     trainable, total = count_parameters(model)
-    print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}",
-          file=sys.stderr)
+    # Several processes: DDP or FSDP2 around model + loss (compiled layers come after wrapping).
+    objective = distributed.wrap(model, objective, cfg, dist, device)
+    objective.setup(model, device)
+    if dist.is_main:
+        print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}"
+              + (f" x {dist.world} processes ({dist.strategy})" if dist.enabled else ""), file=sys.stderr)
 
-    # 3. Optimizer and schedule.
+    # 3. Optimizer and schedule. A global step takes accumulation x processes micro-batches.
+    step_micro = cfg.gradient_accumulation_steps * dist.world
     micro_per_epoch = math.ceil(len(train_rows) / cfg.per_device_train_batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -94,26 +112,39 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
 
     state = TrainerState()
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, scheduler)
-        print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
-    save_config(cfg, run_dir / "config.yaml")
+        state = _load_checkpoint(resume_path, model, optimizer, scheduler, dist)
+        if dist.is_main:
+            print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
 
-    tracker = Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
+    tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
+               if dist.is_main else distributed.SilentTracker())
     window = new_window()
     last_eval, last_eval_step = None, None
     stopped_early = False
 
     def checkpoint() -> Path:
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
-        extra = (lambda folder: _save_weights(model, tokenizer, folder)) if cfg.finetuning_type == "lora" else None
-        path = save_checkpoint(run_dir, model, optimizer, scheduler, state, extra_save=extra)
-        rotate_checkpoints(run_dir, cfg.save_total_limit, keep=state.best_checkpoint)
+        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist))
+                 if cfg.finetuning_type == "lora" else None)
+        if dist.strategy == "fsdp":
+            from tunelab.train.sharded_checkpoint import save_sharded_checkpoint
+
+            path = save_sharded_checkpoint(run_dir, model, optimizer, scheduler, state, dist, extra_save=extra)
+        else:  # DDP: every rank holds the same weights, rank 0 writes the usual checkpoint
+            path = checkpoint_path(run_dir, state.global_step)
+            if dist.is_main:
+                save_checkpoint(run_dir, model, optimizer, scheduler, state, extra_save=extra)
+        if dist.is_main:
+            rotate_checkpoints(run_dir, cfg.save_total_limit, keep=state.best_checkpoint)
+        dist.barrier()
         return path
 
     def evaluate_and_track() -> bool:
         """Validation loss; best-model bookkeeping; returns True when early stopping triggers."""
         nonlocal last_eval, last_eval_step
-        eval_loss, eval_metrics = evaluate(model, objective, eval_rows, cfg, device)
+        eval_loss, eval_metrics = evaluate(model, objective, eval_rows, cfg, device, dist)
         last_eval, last_eval_step = eval_loss, state.global_step
         row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
                "eval_loss": eval_loss}
@@ -142,11 +173,14 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
             order = batch_order([len(r) for r in train_rows], cfg.per_device_train_batch_size, cfg.seed,
                                 state.epoch, group_by_length=cfg.group_by_length and not cfg.packing)
             while state.batch_in_epoch < len(order) and state.global_step < total_steps:
-                # One optimizer step = up to gradient_accumulation_steps micro-batches.
-                step_ids = order[state.batch_in_epoch:state.batch_in_epoch + cfg.gradient_accumulation_steps]
-                micro_batches = [objective.collate([train_rows[i] for i in ids]) for ids in step_ids]
+                # One optimizer step = up to gradient_accumulation_steps micro-batches per process.
+                step_ids = order[state.batch_in_epoch:state.batch_in_epoch + step_micro]
+                micro_batches = [objective.collate([train_rows[i] for i in ids])
+                                 for ids in rank_share(step_ids, dist.rank, dist.world)]
+                spare = objective.collate([train_rows[step_ids[0][0]]]) if dist.enabled else None
                 with _ctrl_c_after_step():  # weights and counters must agree in the checkpoint Ctrl-C writes
-                    step = optimizer_step(model, objective, micro_batches, optimizer, scheduler, scaler, cfg, device)
+                    step = optimizer_step(model, objective, micro_batches, optimizer, scheduler, scaler, cfg, device,
+                                          dist, spare)
                     state.global_step += 1
                     state.batch_in_epoch += len(step_ids)
                     state.tokens_seen += step.real_tokens
@@ -187,6 +221,8 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
             evaluate_and_track()  # the final model is always evaluated
     except KeyboardInterrupt:
         path = checkpoint()
+        if not dist.is_main:
+            raise
         plot_loss(run_dir)
         print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
               file=sys.stderr)
@@ -196,16 +232,17 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
 
     # 4. Final weights: the best checkpoint's if asked, else the last step's.
     if cfg.load_best_model_at_end and state.best_checkpoint:
-        from safetensors.torch import load_file
-
-        load_trainable_state(model, load_file(Path(state.best_checkpoint) / "trainable.safetensors"))
-        print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
-              f"{state.best_checkpoint}", file=sys.stderr)
-    _save_weights(model, tokenizer, run_dir)
-    if cfg.plot_loss:
+        _load_best(Path(state.best_checkpoint), model)
+        if dist.is_main:
+            print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
+                  f"{state.best_checkpoint}", file=sys.stderr)
+    save_final_weights(model, tokenizer, run_dir, cfg, dist)
+    if cfg.plot_loss and dist.is_main:
         plot_loss(run_dir)
+    dist.barrier()
     train_losses = [r["loss"] for r in state.log_history if "loss" in r]
-    print(f"done: {state.global_step} steps; weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
+    if dist.is_main:
+        print(f"done: {state.global_step} steps; weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
     return RunResult(run_dir, state.global_step, train_losses[-1] if train_losses else None, last_eval,
                      state.best_metric, stopped_early)
 
@@ -244,6 +281,42 @@ def prepare_run_dir(run_dir: Path, cfg: TunelabConfig, resuming: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> TrainerState:
+    """Sharded (FSDP) checkpoints load on any number of processes; the others on one or DDP."""
+    from tunelab.train.sharded_checkpoint import is_sharded, load_sharded_checkpoint
+
+    if is_sharded(path):
+        return load_sharded_checkpoint(path, model, optimizer, scheduler, dist)
+    if dist.strategy == "fsdp":
+        raise TunelabError(f"{path} was written by a DDP or one-process run and cannot be sharded on load",
+                           where="resume_from_checkpoint",
+                           fix="resume with distributed_strategy=ddp, or on one process")
+    return load_checkpoint(path, model, optimizer, scheduler)
+
+
+def _load_best(path: Path, model) -> None:
+    from safetensors.torch import load_file
+
+    from tunelab.train.sharded_checkpoint import is_sharded, load_sharded_weights
+
+    if is_sharded(path):
+        load_sharded_weights(path, model)
+    else:
+        load_trainable_state(model, load_file(path / "trainable.safetensors"))
+
+
+def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE) -> None:
+    """The adapter or full weights as one loadable folder, written by rank 0. Under FSDP every
+    rank first sends its shards to rank 0 (a collective call: every rank makes it)."""
+    state = None
+    if dist.strategy == "fsdp":
+        from tunelab.train.sharded_checkpoint import consolidated_state
+
+        state = consolidated_state(model, dist, trainable_only=cfg.finetuning_type == "lora")
+    if dist.is_main:
+        _save_weights(model, tokenizer, out_dir, state_dict=state)
+
+
 def _load_dtype(cfg: TunelabConfig) -> str:
     # bf16 weights with fp32 trainable params; fp16 keeps fp32 master weights (GradScaler).
     return "bfloat16" if cfg.bf16 else "float32"
@@ -277,29 +350,42 @@ class StepStats:
 
 
 def optimizer_step(model, objective, micro_batches: list[dict], optimizer, scheduler, scaler,
-                   cfg: TunelabConfig, device) -> StepStats:
+                   cfg: TunelabConfig, device, dist: Dist = SINGLE, spare: dict | None = None) -> StepStats:
     """One optimizer step: accumulate the micro-batches' gradients, clip, step, schedule.
 
+    Under several processes `micro_batches` is this rank's share of the global step and
+    `spare` a batch to run at zero weight should the share be short (distributed.padded_passes).
     A function of its own so benchmarks time exactly the code the trainer runs.
     """
-    step_weight = sum(objective.weight(b) for b in micro_batches)
+    # Divide by the weight of the whole global step (every rank's): the loss one big batch would
+    # give. DDP and FSDP average gradients over ranks; multiplying by the world size undoes it.
+    (step_weight,) = dist.all_sum([sum(objective.weight(b) for b in micro_batches)], device)
+    scale = dist.world / max(step_weight, 1)
+    passes = distributed.padded_passes(micro_batches, dist, device, lambda: spare)
     loss_total, real_tokens, metrics = 0.0, 0, {}
-    for batch in micro_batches:
+    for i, (batch, counts) in enumerate(passes):
         batch = _to_device(batch, device)
-        with _autocast(cfg, device):
-            loss_sum, batch_metrics = objective.loss(model, batch)
-        # Divide by the weight of the whole step: the loss one big batch would give.
-        loss = loss_sum / max(step_weight, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+        with _grad_sync(objective, last=i == len(passes) - 1):
+            with _autocast(cfg, device):
+                loss_sum, batch_metrics = objective.loss(model, batch)
+            loss = loss_sum * (scale if counts else 0.0)
+            (scaler.scale(loss) if scaler else loss).backward()
+        if not counts:
+            continue
         loss_total += float(loss_sum.detach())
         real_tokens += int(batch["attention_mask"].sum())
         for key, value in batch_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + value
+    if dist.enabled:  # the logged loss, tokens and metrics are the global step's
+        keys = sorted(metrics)
+        loss_total, real_tokens, *values = dist.all_sum([loss_total, real_tokens, *(metrics[k] for k in keys)],
+                                                        device)
+        real_tokens, metrics = int(real_tokens), dict(zip(keys, values))
     if scaler:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
+    grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad],
-        cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -307,7 +393,12 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_total, step_weight, real_tokens, float(grad_norm), metrics)
+    return StepStats(loss_total, int(step_weight), real_tokens, grad_norm, metrics)
+
+
+def _grad_sync(objective, last: bool):
+    """DDP all-reduces on the last micro-batch of a step only (see distributed.DistributedObjective)."""
+    return objective.grad_sync(last) if hasattr(objective, "grad_sync") else contextlib.nullcontext()
 
 
 def build_optimizer(model, cfg: TunelabConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -330,19 +421,29 @@ def build_scheduler(optimizer, cfg: TunelabConfig, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate(model, objective, rows: list, cfg: TunelabConfig, device) -> tuple[float, dict[str, float]]:
-    """Mean validation loss (per token for SFT, per pair for preferences) and mean metrics."""
+def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
+             dist: Dist = SINGLE) -> tuple[float, dict[str, float]]:
+    """Mean validation loss (per token for SFT, per pair for preferences) and mean metrics.
+    Several processes: rank r scores batches r, r + world, ...; the sums are all-reduced."""
     model.eval()
     total, weight, metrics = 0.0, 0, {}
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths: little padding
-    for start in range(0, len(order), cfg.per_device_eval_batch_size):
-        batch = objective.collate([rows[i] for i in order[start:start + cfg.per_device_eval_batch_size]])
-        weight += objective.weight(batch)
+    size = cfg.per_device_eval_batch_size
+    batches = [order[start:start + size] for start in range(0, len(order), size)]
+    mine = [objective.collate([rows[i] for i in ids]) for ids in batches[dist.rank::dist.world]]
+    spare = objective.collate([rows[order[0]]]) if order else None
+    for batch, counts in distributed.padded_passes(mine, dist, device, lambda: spare):
         with _autocast(cfg, device):
             loss_sum, batch_metrics = objective.loss(model, _to_device(batch, device))
-        total += float(loss_sum)
+        factor = 1 if counts else 0  # a padding pass: scored for the collectives, counted as nothing
+        weight += factor * objective.weight(batch)
+        total += factor * float(loss_sum)
         for key, value in batch_metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + value
+            metrics[key] = metrics.get(key, 0.0) + factor * value
+    if dist.enabled:
+        keys = sorted(metrics)
+        total, weight, *values = dist.all_sum([total, weight, *(metrics[k] for k in keys)], device)
+        metrics = dict(zip(keys, values))
     weight = max(weight, 1)
     return total / weight, average_metrics(metrics, weight)
 
@@ -404,7 +505,7 @@ def _log_window(tracker: Tracker, window: dict, state: TrainerState, scheduler, 
     window.update(new_window())
 
 
-def _save_weights(model, tokenizer, out_dir: Path) -> None:
+def _save_weights(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """Adapter (LoRA) or full weights + tokenizer into `out_dir`, file by file atomically.
 
     Saved into a temporary folder first, then each file is renamed into `out_dir`, so
@@ -415,7 +516,7 @@ def _save_weights(model, tokenizer, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=out_dir))
     try:
-        save_trained(model, tokenizer, tmp / "w")
+        save_trained(model, tokenizer, tmp / "w", state_dict=state_dict)
         for path in (tmp / "w").iterdir():
             target = out_dir / path.name
             if target.is_dir():
