@@ -22,9 +22,10 @@ from tunelab.train.distributed import init_distributed, launcher_env, rank_share
 from tunelab.train.tracking import read_log
 
 REPO = Path(__file__).resolve().parents[2]
-# Global batch 4 either way: one process 2 x 2 accumulation, two processes 2 x 1 each.
+# Global batch 4 either way: one process 2 x 2 accumulation, two processes 2 x 1 each. The fast
+# path (padding-free stream, chunked LM head + loss) runs under both engines, as on GPUs.
 COMMON = dict(max_steps=4, per_device_train_batch_size=2, lora_dropout=0.0, save_steps=2, eval_steps=2,
-              save_total_limit=None)
+              save_total_limit=None, eval_on_start=False, padding_free=True, fused_loss=True)
 ONE = dict(COMMON, gradient_accumulation_steps=2)
 TWO = dict(COMMON, gradient_accumulation_steps=1)
 

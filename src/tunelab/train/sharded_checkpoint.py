@@ -125,7 +125,15 @@ def consolidated_state(model, dist: Dist, trainable_only: bool) -> dict | None:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     state = get_model_state_dict(model, options=options)
-    return state if dist.is_main else None
+    if not dist.is_main:
+        return None
+    # Gathering unties tied weights (embeddings = LM head): keep each shared weight under its first
+    # name only, as save_pretrained does for the model's own state.
+    first = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            state.pop(name, None)
+    return state
 
 
 # --- RNG state that loads with weights_only=True (no numpy arrays) ------------------------------
