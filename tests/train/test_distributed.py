@@ -18,7 +18,7 @@ from test_loop import config, losses
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train import loop
-from tunelab.train.distributed import init_distributed, launcher_env, rank_share, torchrun_command
+from tunelab.train.distributed import init_distributed, launcher_env, rank_share
 from tunelab.train.tracking import read_log
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,9 +155,22 @@ def test_cpu_offload_without_fsdp_is_refused(monkeypatch):
         init_distributed(load_config(None, {"fsdp_cpu_offload": True}))
 
 
-def test_nproc_reexecutes_through_torchrun():
-    command = torchrun_command(2, ["--nnodes=2", "--node-rank=1", "--rdzv-endpoint=host:29400"],
-                               ["cfg.yaml", "lora_rank=4"])
-    assert command[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=2"]
-    assert command[4:7] == ["--nnodes=2", "--node-rank=1", "--rdzv-endpoint=host:29400"]
-    assert command[7:] == ["-m", "tunelab.cli", "train", "cfg.yaml", "lora_rank=4"]
+def test_nproc_reexecutes_through_torchrun_with_the_rendezvous_flags(monkeypatch, tmp_path):
+    import subprocess
+
+    from tunelab.cli import main
+
+    started = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda command: started.append(command) or subprocess.CompletedProcess(
+        command, 0))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("lora_rank: 4\n")
+    assert main(["train", str(cfg), "max_steps=3", "--nproc", "2", "--nnodes", "2", "--node-rank", "1",
+                 "--rdzv-endpoint", "host:29400"]) == 0
+    assert started == [[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=2",
+                        "--node-rank=1", "--rdzv-endpoint=host:29400", "-m", "tunelab.cli", "train", str(cfg),
+                        "max_steps=3", "nproc_per_node=2"]]
+    started.clear()
+    assert main(["train", str(cfg), "nproc_per_node=4"]) == 0  # the config key alone, one node
+    assert started[0][3:5] == ["--nproc-per-node=4", "--standalone"]
