@@ -1,0 +1,176 @@
+"""Several GPUs: LoRA on 1 vs 2 GPUs (same global batch), and FSDP2 full fine-tuning across 2.
+
+    # on any machine (needs ../shared): the hotel set tokenized with the real Qwen2 tokenizer
+    python bench/train_throughput.py prepare --tokenizer qwen2 --out bench_data/hotel-qwen2.json
+    # on a 2-GPU machine, one command: three torchrun launches, a table at the end
+    python bench/multi_gpu.py run --samples bench_data/hotel-qwen2.json --out bench_data/multi_gpu.json
+
+Every launch trains tunelab's own pieces: `prepare_for_training`, `SFTObjective` with the
+fast path (padding-free, chunked loss, compiled layers), `distributed.wrap` (DDP or FSDP2),
+`rank_share` and `loop.optimizer_step` - the code `tunelab train` runs under torchrun.
+Weights are random (speed does not depend on their values) in the real Qwen2.5-7B shape.
+
+- lora_1gpu / lora_2gpu: LoRA r=16 on all linear layers, 16 samples per optimizer step
+  (one GPU: one micro-batch of 16; two GPUs: 8 each), same samples, same adapter init:
+  real tokens/s and the per-step loss curves, which must agree within bf16 noise.
+- full_fsdp_2gpu: every weight trains (fp32 master weights + AdamW state sharded by FSDP2,
+  bf16 compute, fp32 gradient reduction), gradient checkpointing, 16 samples per step
+  (2 GPUs x 2 micro-batches of 4). MFU counts 6N FLOPs per token (forward + both
+  backward matmuls; recomputation not counted) + attention, against the measured peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
+
+SAMPLES_PER_STEP = 16
+MODES = {  # name -> (processes, config keys, samples per micro-batch)
+    "lora_1gpu": (1, dict(finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_dropout=0.0,
+                          learning_rate=1e-4), 16),
+    "lora_2gpu": (2, dict(finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_dropout=0.0,
+                          learning_rate=1e-4), 16),
+    "full_fsdp_2gpu": (2, dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True), 4),
+}
+
+
+# --- one launch (runs under torchrun) -----------------------------------------------------------
+
+def worker(args) -> None:
+    from train_throughput import build_model, flops_per_step, linear_params, load_samples, measured_peak_tflops
+
+    from tunelab.config import TunelabConfig
+    from tunelab.model.adapters import prepare_for_training
+    from tunelab.train import distributed
+    from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step
+    from tunelab.train.objective import SFTObjective
+    from types import SimpleNamespace
+
+    torch._dynamo.config.recompile_limit = 64
+    world, keys, micro = MODES[args.mode]
+    cfg = TunelabConfig(bf16=torch.cuda.is_available(), per_device_train_batch_size=micro, lr_scheduler_type="constant",
+                        max_grad_norm=1.0, padding_free=True, fused_loss=True, torch_compile=args.compile,
+                        **keys)
+    dist = distributed.init_distributed(cfg)
+    assert dist.world == world, f"{args.mode} needs {world} processes, got {dist.world}"
+    cuda = torch.cuda.is_available()  # CPU + gloo only to smoke-test this script (--model tiny)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak = measured_peak_tflops() if cuda else float("nan")
+    samples = load_samples(args.samples, (args.steps + args.warmup) * SAMPLES_PER_STEP)
+    model = build_model(args.model, str(device))
+    n_params = linear_params(model)
+    torch.manual_seed(1)  # the same adapter init in every launch
+    model = prepare_for_training(model, cfg)
+    objective = SFTObjective(cfg, SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    objective = distributed.wrap(model, objective, cfg, dist, device)
+    objective.setup(model, device)  # compiled layers after wrapping
+    model.train()
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10**6)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses, seconds, tokens, lengths = [], 0.0, 0, []
+    for i in range(args.steps + args.warmup):
+        # The global step: 16 samples as micro-batches of `micro`, split by rank as the loop does.
+        ids = list(range(i * SAMPLES_PER_STEP, (i + 1) * SAMPLES_PER_STEP))
+        step_ids = [ids[j:j + micro] for j in range(0, len(ids), micro)]
+        batches = [objective.collate([samples[k] for k in share])
+                   for share in distributed.rank_share(step_ids, dist.rank, dist.world)]
+        sync()
+        start = time.perf_counter()
+        stats = optimizer_step(model, objective, batches, optimizer, scheduler, None, cfg, device, dist)
+        sync()
+        losses.append(stats.loss_sum / stats.weight)
+        if i >= args.warmup:
+            seconds += time.perf_counter() - start
+            tokens += stats.real_tokens
+            lengths += [len(samples[k]) for k in ids]
+    flops = flops_per_step(model.config, n_params, lengths)
+    if cfg.finetuning_type == "full":
+        flops += 2 * n_params * sum(lengths)  # weight gradients: 6N instead of LoRA's 4N
+    result = {"mode": args.mode, "gpus": dist.world, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "peak_tflops": peak, "tokens_per_s": tokens / seconds, "seconds": seconds,
+              "mfu": flops / seconds / (peak * 1e12 * dist.world), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+              "losses": losses, "steps": args.steps, "warmup": args.warmup, "n_params": n_params}
+    if dist.is_main:
+        Path(args.result).write_text(json.dumps(result))
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+    distributed.shutdown(dist)
+
+
+# --- the whole benchmark ------------------------------------------------------------------------
+
+def run(args) -> None:
+    out_dir = Path(args.out).with_suffix("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for mode in args.modes.split(","):
+        world = MODES[mode][0]
+        result = out_dir / f"{mode}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                   __file__, "worker", "--mode", mode, "--samples", args.samples, "--model", args.model,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", str(result)]
+        if not args.compile:
+            command.append("--no-compile")
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="8"))
+        if proc.returncode != 0 or not result.exists():
+            print(f"{mode}: failed (exit {proc.returncode})", flush=True)
+            continue
+        results[mode] = json.loads(result.read_text()) | {"wall_s": time.perf_counter() - t0}
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    lines = ["| run | GPUs | real tok/s | x 1 GPU | MFU (measured peak) | peak GiB / GPU | final loss "
+             "| max abs loss diff vs 1 GPU |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    base = results.get("lora_1gpu")
+    for mode, r in results.items():
+        same_math = mode.startswith("lora") and base
+        speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if same_math else "-"
+        diff = (f"{max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.4f}" if same_math else "-")
+        lines.append(f"| {mode} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {speedup} | {100 * r['mfu']:.1f}% | "
+                     f"{r['peak_gib']:.1f} | {r['losses'][-1]:.4f} | {diff} |")
+    if results:
+        r = next(iter(results.values()))
+        lines.append(f"{r['device']}; peak bf16 matmul {r['peak_tflops']:.0f} TFLOP/s measured; N = "
+                     f"{r['n_params'] / 1e9:.2f}B; {r['steps']} steps x {SAMPLES_PER_STEP} samples after "
+                     f"{r['warmup']} warm-up")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "worker"):
+        p = sub.add_parser(name)
+        p.add_argument("--samples", required=True, help="from train_throughput.py prepare")
+        p.add_argument("--model", default="qwen2.5-7b")
+        p.add_argument("--steps", type=int, default=12, help="measured optimizer steps")
+        p.add_argument("--warmup", type=int, default=3, help="optimizer steps before timing (compilation)")
+        p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decoder layers")
+    run_p, worker_p = sub.choices["run"], sub.choices["worker"]
+    run_p.add_argument("--modes", default=",".join(MODES))
+    run_p.add_argument("--out", default="bench_data/multi_gpu.json")
+    worker_p.add_argument("--mode", choices=sorted(MODES), required=True)
+    worker_p.add_argument("--result", required=True)
+    args = parser.parse_args()
+    run(args) if args.command == "run" else worker(args)
+
+
+if __name__ == "__main__":
+    main()
