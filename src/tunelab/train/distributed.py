@@ -151,6 +151,12 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
                            "sharded by fully_shard", where="config",
                            fix="use distributed_strategy=ddp (each GPU holds the 4-bit model), or plain LoRA "
                                "with distributed_strategy=fsdp")
+    if strategy == "fsdp" and cfg.fp16:
+        raise TunelabError("fp16 with FSDP is not supported (the loss scaler would skip steps on some ranks only)",
+                           where="config", fix="use bf16=true (Ampere or newer GPUs), or distributed_strategy=ddp")
+    if strategy == "fsdp" and cfg.pissa_init:
+        raise TunelabError("pissa_init with FSDP is not supported (the adapter conversion at save time needs "
+                           "unsharded weights)", where="config", fix="use distributed_strategy=ddp with pissa_init")
     dist = Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], strategy)
     if _wants_cuda(cfg):
         torch.cuda.set_device(_cuda_index(cfg, dist))
