@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMMON = dict(max_steps=4, per_device_train_batch_size=2, lora_dropout=0.0, save_steps=2, eval_steps=2,
               save_total_limit=None, eval_on_start=False, padding_free=True, fused_loss=True)
 ONE = dict(COMMON, gradient_accumulation_steps=2)
+FULL = dict(finetuning_type="full", learning_rate=1e-3, eval_strategy="no")  # the LoRA runs check validation
 TWO = dict(COMMON, gradient_accumulation_steps=1)
 
 
@@ -42,7 +43,7 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
     jobs = {
         "ddp_lora": values(tmp, tiny_model_dir, "ddp_lora", **TWO),
         "fsdp_lora": values(tmp, tiny_model_dir, "fsdp_lora", distributed_strategy="fsdp", **TWO),
-        "fsdp_full": values(tmp, tiny_model_dir, "fsdp_full", finetuning_type="full", learning_rate=1e-3, **TWO),
+        "fsdp_full": values(tmp, tiny_model_dir, "fsdp_full", **FULL, **TWO),
     }
     jobs["fsdp_resume"] = dict(jobs["fsdp_full"], output_dir=str(tmp / "fsdp_resume"),
                                resume_from_checkpoint=str(tmp / "fsdp_full/checkpoints/checkpoint-2"))
@@ -91,8 +92,7 @@ def test_ddp_and_fsdp_lora_train_the_one_process_math(two_process_runs, tmp_path
 def test_fsdp_full_matches_one_process_and_loads_on_one_device(two_process_runs, tmp_path, tiny_model_dir):
     torch.set_num_threads(1)
     runs, _ = two_process_runs
-    single = Path(loop.train(load_config(None, values(tmp_path, tiny_model_dir, "one", finetuning_type="full",
-                                                      learning_rate=1e-3, **ONE))).output_dir)
+    single = Path(loop.train(load_config(None, values(tmp_path, tiny_model_dir, "one", **FULL, **ONE))).output_dir)
     close_losses(runs["fsdp_full"], single)
     close_weights(runs["fsdp_full"], single, "model.safetensors")
     from transformers import AutoModelForCausalLM
@@ -113,8 +113,8 @@ def test_one_process_resumes_a_two_process_checkpoint(two_process_runs, tmp_path
     torch.set_num_threads(1)
     runs, tmp = two_process_runs
     checkpoint = runs["fsdp_full"] / "checkpoints/checkpoint-2"
-    cfg = load_config(None, values(tmp_path, tiny_model_dir, "one_resumed", finetuning_type="full",
-                                   learning_rate=1e-3, resume_from_checkpoint=str(checkpoint), **ONE))
+    cfg = load_config(None, values(tmp_path, tiny_model_dir, "one_resumed", resume_from_checkpoint=str(checkpoint),
+                                   **FULL, **ONE))
     run = Path(loop.train(cfg).output_dir)
     close_losses(run, runs["fsdp_full"], steps=[3, 4])
     close_weights(run, runs["fsdp_full"], "model.safetensors")
@@ -174,3 +174,28 @@ def test_nproc_reexecutes_through_torchrun_with_the_rendezvous_flags(monkeypatch
     started.clear()
     assert main(["train", str(cfg), "nproc_per_node=4"]) == 0  # the config key alone, one node
     assert started[0][3:5] == ["--nproc-per-node=4", "--standalone"]
+
+
+# --- the real launch lines, end to end (slow: a launcher and two fresh processes each) ---------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["tunelab --nproc", "accelerate launch --use_fsdp"])
+def test_launch_lines_train_one_run_on_two_processes(launcher, tmp_path, tiny_model_dir):
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(values(tmp_path, tiny_model_dir, "run", max_steps=2, eval_strategy="no",
+                                         save_strategy="no", **{k: v for k, v in TWO.items() if k != "max_steps"})))
+    if launcher.startswith("tunelab"):
+        command = [sys.executable, "-m", "tunelab.cli", "train", str(cfg), "--nproc", "2"]
+    else:  # accelerate's --multi_gpu / --use_fsdp run torchrun underneath, on CPU too
+        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--use_fsdp", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", "tunelab.cli", "train", str(cfg)]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "x 2 processes (" + ("fsdp" if "fsdp" in launcher else "ddp") + ")" in proc.stderr
+    assert [step for step, _ in losses(run)] == [1, 2]  # one log, written once
+    assert (run / "adapter_model.safetensors").exists()

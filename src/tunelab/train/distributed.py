@@ -282,20 +282,30 @@ def wrap(model, objective, cfg: TunelabConfig, dist: Dist, device: torch.device)
 
 
 def _ddp(holder: nn.Module, device: torch.device):
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     # Only trainable weights are bucketed and all-reduced; every rank loaded the same frozen
     # base, so broadcasting it (gigabytes, or 4-bit tensors) at start-up is skipped.
     frozen = [n for n, p in holder.named_parameters() if not p.requires_grad]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(holder, frozen)
+    # Buffers (rotary tables) are the same everywhere: no broadcast before each forward
+    # (torch 2.13 renamed the switch).
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
     return DistributedDataParallel(
         holder, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=False, broadcast_buffers=False, gradient_as_bucket_view=True)
+        find_unused_parameters=False, gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import (
+            CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard)
 
     from tunelab.model.adapters import decoder_layers
 
