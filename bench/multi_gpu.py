@@ -10,12 +10,12 @@ fast path (padding-free, chunked loss, compiled layers), `distributed.wrap` (DDP
 `rank_share` and `loop.optimizer_step` - the code `tunelab train` runs under torchrun.
 Weights are random (speed does not depend on their values) in the real Qwen2.5-7B shape.
 
-- lora_1gpu / lora_2gpu: LoRA r=16 on all linear layers, 16 samples per optimizer step
-  (one GPU: one micro-batch of 16; two GPUs: 8 each), same samples, same adapter init:
-  real tokens/s and the per-step loss curves, which must agree within bf16 noise.
+- lora_1gpu / lora_2gpu: LoRA r=16 on all linear layers, 32 samples per optimizer step in
+  micro-batches of 16 (one GPU: 2 accumulated; two GPUs: 1 each), same samples, same adapter
+  init: real tokens/s and the per-step loss curves, which must agree within bf16 noise.
 - full_fsdp_2gpu: every weight trains (fp32 master weights + AdamW state sharded by FSDP2,
-  bf16 compute, fp32 gradient reduction), gradient checkpointing, 16 samples per step
-  (2 GPUs x 2 micro-batches of 4). MFU counts 6N FLOPs per token (forward + both
+  bf16 compute, fp32 gradient reduction), gradient checkpointing, 64 samples per step
+  (2 GPUs x 2 micro-batches of 16). MFU counts 6N FLOPs per token (forward + both
   backward matmuls; recomputation not counted) + attention, against the measured peak.
 """
 
@@ -36,13 +36,11 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
-SAMPLES_PER_STEP = 16
-MODES = {  # name -> (processes, config keys, samples per micro-batch)
-    "lora_1gpu": (1, dict(finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_dropout=0.0,
-                          learning_rate=1e-4), 16),
-    "lora_2gpu": (2, dict(finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_dropout=0.0,
-                          learning_rate=1e-4), 16),
-    "full_fsdp_2gpu": (2, dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True), 4),
+LORA = dict(finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-4)
+MODES = {  # name -> (processes, config keys, samples per micro-batch, samples per optimizer step)
+    "lora_1gpu": (1, LORA, 16, 32),
+    "lora_2gpu": (2, LORA, 16, 32),
+    "full_fsdp_2gpu": (2, dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True), 16, 64),
 }
 
 
@@ -59,7 +57,7 @@ def worker(args) -> None:
     from types import SimpleNamespace
 
     torch._dynamo.config.recompile_limit = 64
-    world, keys, micro = MODES[args.mode]
+    world, keys, micro, per_step = MODES[args.mode]
     cfg = TunelabConfig(bf16=torch.cuda.is_available(), per_device_train_batch_size=micro, lr_scheduler_type="constant",
                         max_grad_norm=1.0, padding_free=True, fused_loss=True, torch_compile=args.compile,
                         **keys)
@@ -69,7 +67,7 @@ def worker(args) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     peak = measured_peak_tflops() if cuda else float("nan")
-    samples = load_samples(args.samples, (args.steps + args.warmup) * SAMPLES_PER_STEP)
+    samples = load_samples(args.samples, (args.steps + args.warmup) * per_step)
     model = build_model(args.model, str(device))
     n_params = linear_params(model)
     torch.manual_seed(1)  # the same adapter init in every launch
@@ -84,8 +82,8 @@ def worker(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     losses, seconds, tokens, lengths = [], 0.0, 0, []
     for i in range(args.steps + args.warmup):
-        # The global step: 16 samples as micro-batches of `micro`, split by rank as the loop does.
-        ids = list(range(i * SAMPLES_PER_STEP, (i + 1) * SAMPLES_PER_STEP))
+        # The global step: `per_step` samples as micro-batches of `micro`, split by rank as the loop does.
+        ids = list(range(i * per_step, (i + 1) * per_step))
         step_ids = [ids[j:j + micro] for j in range(0, len(ids), micro)]
         batches = [objective.collate([samples[k] for k in share])
                    for share in distributed.rank_share(step_ids, dist.rank, dist.world)]
@@ -104,7 +102,8 @@ def worker(args) -> None:
     result = {"mode": args.mode, "gpus": dist.world, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "peak_tflops": peak, "tokens_per_s": tokens / seconds, "seconds": seconds,
               "mfu": flops / seconds / (peak * 1e12 * dist.world), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-              "losses": losses, "steps": args.steps, "warmup": args.warmup, "n_params": n_params}
+              "losses": losses, "steps": args.steps, "warmup": args.warmup, "n_params": n_params,
+              "samples_per_step": per_step, "micro": micro}
     if dist.is_main:
         Path(args.result).write_text(json.dumps(result))
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
@@ -136,20 +135,20 @@ def run(args) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| run | GPUs | real tok/s | x 1 GPU | MFU (measured peak) | peak GiB / GPU | final loss "
-             "| max abs loss diff vs 1 GPU |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | GPUs | samples / step (micro) | real tok/s | x 1 GPU | MFU (measured peak) | peak GiB / GPU "
+             "| final loss | max abs loss diff vs 1 GPU |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     base = results.get("lora_1gpu")
     for mode, r in results.items():
         same_math = mode.startswith("lora") and base
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if same_math else "-"
         diff = (f"{max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.4f}" if same_math else "-")
-        lines.append(f"| {mode} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {speedup} | {100 * r['mfu']:.1f}% | "
+        lines.append(f"| {mode} | {r['gpus']} | {r['samples_per_step']} ({r['micro']}) | {r['tokens_per_s']:,.0f} | {speedup} | {100 * r['mfu']:.1f}% | "
                      f"{r['peak_gib']:.1f} | {r['losses'][-1]:.4f} | {diff} |")
     if results:
         r = next(iter(results.values()))
         lines.append(f"{r['device']}; peak bf16 matmul {r['peak_tflops']:.0f} TFLOP/s measured; N = "
-                     f"{r['n_params'] / 1e9:.2f}B; {r['steps']} steps x {SAMPLES_PER_STEP} samples after "
-                     f"{r['warmup']} warm-up")
+                     f"{r['n_params'] / 1e9:.2f}B; {r['steps']} measured steps after {r['warmup']} warm-up")
     return "\n".join(lines)
 
 
