@@ -4,6 +4,11 @@
     python bench/train_throughput.py prepare --tokenizer qwen2 --out bench_data/hotel-qwen2.json
     # on a 2-GPU machine, one command: three torchrun launches, a table at the end
     python bench/multi_gpu.py run --samples bench_data/hotel-qwen2.json --out bench_data/multi_gpu.json
+    # LoRA on the Qwen2.5-32B shape (65 GB of bf16 weights) sharded by FSDP2 across 2 GPUs
+    python bench/multi_gpu.py run --samples bench_data/hotel-qwen2.json --modes lora_fsdp_32b_2gpu \
+        --out bench_data/multi_gpu_32b.json
+    # smoke test of this script on CPU (gloo), no GPU needed
+    python bench/multi_gpu.py run --samples bench_data/hotel-qwen2.json --model tiny --steps 1 --warmup 1 --no-compile
 
 Every launch trains tunelab's own pieces: `prepare_for_training`, `SFTObjective` with the
 fast path (padding-free, chunked loss, compiled layers), `distributed.wrap` (DDP or FSDP2),
@@ -17,6 +22,8 @@ Weights are random (speed does not depend on their values) in the real Qwen2.5-7
   bf16 compute, fp32 gradient reduction), gradient checkpointing, 64 samples per step
   (2 GPUs x 2 micro-batches of 16). MFU counts 6N FLOPs per token (forward + both
   backward matmuls; recomputation not counted) + attention, against the measured peak.
+- lora_fsdp_32b_2gpu (asked for by name): the 32B model is built on the meta device, sharded,
+  and only each GPU's shards are allocated and filled with random values.
 """
 
 from __future__ import annotations
@@ -37,10 +44,21 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
 LORA = dict(finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-4)
-MODES = {  # name -> (processes, config keys, samples per micro-batch, samples per optimizer step)
-    "lora_1gpu": (1, LORA, 16, 32),
-    "lora_2gpu": (2, LORA, 16, 32),
-    "full_fsdp_2gpu": (2, dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True), 16, 64),
+MODES = {  # name -> (processes, shape, config keys, samples per micro-batch, samples per optimizer step)
+    "lora_1gpu": (1, "qwen2.5-7b", LORA, 16, 32),
+    "lora_2gpu": (2, "qwen2.5-7b", LORA, 16, 32),
+    "full_fsdp_2gpu": (2, "qwen2.5-7b", dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True),
+                       16, 64),
+    # Not in the default set: LoRA on a model whose bf16 weights (65 GB) exceed one card.
+    "lora_fsdp_32b_2gpu": (2, "qwen2.5-32b", dict(LORA, distributed_strategy="fsdp", gradient_checkpointing=True),
+                           16, 32),
+}
+DEFAULT_MODES = "lora_1gpu,lora_2gpu,full_fsdp_2gpu"
+EXTRA_SHAPES = {  # the real config of Qwen2.5-32B
+    "qwen2.5-32b": ("qwen2", dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
+                                  num_key_value_heads=8, intermediate_size=27648, vocab_size=152064,
+                                  rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768,
+                                  tie_word_embeddings=False)),
 }
 
 
@@ -57,7 +75,8 @@ def worker(args) -> None:
     from types import SimpleNamespace
 
     torch._dynamo.config.recompile_limit = 64
-    world, keys, micro, per_step = MODES[args.mode]
+    world, shape, keys, micro, per_step = MODES[args.mode]
+    shape = args.model or shape
     cfg = TunelabConfig(bf16=torch.cuda.is_available(), per_device_train_batch_size=micro, lr_scheduler_type="constant",
                         max_grad_norm=1.0, padding_free=True, fused_loss=True, torch_compile=args.compile,
                         **keys)
@@ -68,12 +87,15 @@ def worker(args) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     peak = measured_peak_tflops() if cuda else float("nan")
     samples = load_samples(args.samples, (args.steps + args.warmup) * per_step)
-    model = build_model(args.model, str(device))
+    meta = shape in EXTRA_SHAPES or args.meta
+    model = build_meta_model(shape) if meta else build_model(shape, str(device))
     n_params = linear_params(model)
     torch.manual_seed(1)  # the same adapter init in every launch
     model = prepare_for_training(model, cfg)
     objective = SFTObjective(cfg, SimpleNamespace(pad_token_id=0, eos_token_id=0))
     objective = distributed.wrap(model, objective, cfg, dist, device)
+    if meta:
+        materialize_shards(objective.engine, model.config, device)
     objective.setup(model, device)  # compiled layers after wrapping
     model.train()
     optimizer = build_optimizer(model, cfg, device)
@@ -110,6 +132,40 @@ def worker(args) -> None:
     distributed.shutdown(dist)
 
 
+def build_meta_model(name: str):
+    """The model on the meta device: shapes only, no memory (a 32B model fits no single card)."""
+    from train_throughput import SHAPES
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    arch, shape = (SHAPES | EXTRA_SHAPES)[name]
+    config = (Qwen2Config if arch == "qwen2" else LlamaConfig)(**shape)
+    with torch.device("meta"):
+        return (Qwen2ForCausalLM if arch == "qwen2" else LlamaForCausalLM)._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+@torch.no_grad()
+def materialize_shards(engine, config, device) -> None:
+    """After fully_shard: allocate only this rank's shards and fill them with random weights
+    (LoRA B = 0, norms = 1, as a fresh adapter on a real model), then rebuild the RoPE tables."""
+    torch.manual_seed(2)
+    engine.to_empty(device=device)
+    for name, param in engine.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if "lora_B" in name:
+            local.zero_()
+        elif "norm" in name:
+            local.fill_(1.0)
+        else:
+            local.normal_(0.0, 0.02)
+    for module in engine.modules():
+        if hasattr(module, "inv_freq"):
+            fresh = type(module)(config)
+            for buffer in ("inv_freq", "original_inv_freq"):
+                if hasattr(module, buffer):
+                    getattr(module, buffer).copy_(getattr(fresh, buffer))
+
+
 # --- the whole benchmark ------------------------------------------------------------------------
 
 def run(args) -> None:
@@ -120,8 +176,10 @@ def run(args) -> None:
         world = MODES[mode][0]
         result = out_dir / f"{mode}.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                   __file__, "worker", "--mode", mode, "--samples", args.samples, "--model", args.model,
+                   __file__, "worker", "--mode", mode, "--samples", args.samples,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--result", str(result)]
+        command += ["--model", args.model] if args.model else []
+        command += ["--meta"] if args.meta else []
         if not args.compile:
             command.append("--no-compile")
         t0 = time.perf_counter()
@@ -158,12 +216,13 @@ def main() -> None:
     for name in ("run", "worker"):
         p = sub.add_parser(name)
         p.add_argument("--samples", required=True, help="from train_throughput.py prepare")
-        p.add_argument("--model", default="qwen2.5-7b")
+        p.add_argument("--model", default=None, help="override every mode's shape (tiny: smoke test on CPU)")
+        p.add_argument("--meta", action="store_true", help="build every model on the meta device (as the 32B)")
         p.add_argument("--steps", type=int, default=12, help="measured optimizer steps")
         p.add_argument("--warmup", type=int, default=3, help="optimizer steps before timing (compilation)")
         p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decoder layers")
     run_p, worker_p = sub.choices["run"], sub.choices["worker"]
-    run_p.add_argument("--modes", default=",".join(MODES))
+    run_p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {', '.join(MODES)}")
     run_p.add_argument("--out", default="bench_data/multi_gpu.json")
     worker_p.add_argument("--mode", choices=sorted(MODES), required=True)
     worker_p.add_argument("--result", required=True)
