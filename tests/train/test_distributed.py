@@ -149,10 +149,12 @@ def test_foreign_or_broken_launchers_fail_at_once(monkeypatch):
         launcher_env()
 
 
-def test_cpu_offload_without_fsdp_is_refused(monkeypatch):
+def test_settings_one_process_cannot_honour_are_refused(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(TunelabError, match="fsdp_cpu_offload"):
         init_distributed(load_config(None, {"fsdp_cpu_offload": True}))
+    with pytest.raises(TunelabError, match="not started by a launcher"):  # loop.train called directly
+        init_distributed(load_config(None, {"nproc_per_node": 2}))
 
 
 def test_nproc_reexecutes_through_torchrun_with_the_rendezvous_flags(monkeypatch, tmp_path):

@@ -133,6 +133,10 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
         raise TunelabError(f"nproc_per_node={cfg.nproc_per_node} but the launcher started {local_world} "
                            "processes on this node", where="config",
                            fix="drop nproc_per_node when starting through torchrun or accelerate launch")
+    if env is None and cfg.nproc_per_node > 1:
+        raise TunelabError(f"nproc_per_node={cfg.nproc_per_node}, but this process was not started by a launcher",
+                           where="config", fix="start with `tunelab train cfg.yaml` (it launches torchrun itself) or "
+                                               "torchrun --nproc-per-node N -m tunelab.cli train cfg.yaml")
     single = env is None or env["WORLD_SIZE"] == 1
     strategy = "none" if single else choose_strategy(cfg)
     if cfg.fsdp_cpu_offload and strategy != "fsdp":
