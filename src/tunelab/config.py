@@ -85,7 +85,12 @@ class TunelabConfig:
     bf16: bool | None = None  # auto: on where the device computes in bf16 (CUDA Ampere+), off on CPU
     fp16: bool = False
     gradient_checkpointing: bool | None = None  # auto: off, switched on by the memory back-off if needed
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; under torchrun/accelerate auto = cuda:LOCAL_RANK
+
+    # --- several GPUs (train/distributed.py; docs/distributed.md) --------------------
+    nproc_per_node: int = 1  # > 1: `tunelab train` starts itself through torchrun with this many processes
+    distributed_strategy: str = "auto"  # auto (ddp for lora, fsdp otherwise) | ddp | fsdp
+    fsdp_cpu_offload: bool = False  # fsdp: keep sharded weights, gradients and optimizer state in CPU memory
 
     # --- speed (train/fast; each lever keeps the math, see docs/benchmarks.md) -----------
     # A lever left unset (auto) is chosen by `speed`: on CUDA the fastest correct path, on CPU the
@@ -138,6 +143,7 @@ CHOICES = {
     "val_split_by": ("dialogue", "record"),
     "pref_loss": ("sigmoid", "ipo", "hinge"),
     "speed": ("auto", "off"),
+    "distributed_strategy": ("auto", "ddp", "fsdp"),
 }
 
 
@@ -163,7 +169,8 @@ def validate(cfg: TunelabConfig) -> None:
         raise TunelabError(f"max_tokens_per_batch must be > 0, got {cfg.max_tokens_per_batch}", where="config",
                            fix="leave it unset (auto) or give a token count such as max_tokens_per_batch=16384")
     positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps")
+                "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps",
+                "nproc_per_node")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise TunelabError(f"{key} must be > 0, got {getattr(cfg, key)}", where="config",

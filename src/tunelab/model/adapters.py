@@ -255,11 +255,14 @@ def targets_embeddings(peft_model) -> bool:
     return any(name in targets for name in ("embed_tokens", "lm_head"))
 
 
-def save_trained(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write the adapter (LoRA) or the full weights (full/freeze), plus the tokenizer, atomically."""
+def save_trained(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Write the adapter (LoRA) or the full weights (full/freeze), plus the tokenizer, atomically.
+
+    `state_dict`: the weights to write instead of the model's own (FSDP gathers them from the shards).
+    """
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
-        kwargs = {}
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
         pissa_init = getattr(model, "_tunelab_pissa_init", None)
         if pissa_init is not None:
             kwargs["path_initial_model_for_weight_conversion"] = str(pissa_init)

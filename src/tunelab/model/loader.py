@@ -96,12 +96,16 @@ def _hub_snapshot(repo_id: str) -> Path:
 # --- devices and dtypes ---------------------------------------------------------------
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> cuda, else mps, else cpu; an explicit device must exist."""
+    """`auto` -> cuda, else mps, else cpu; an explicit device must exist. Under a launcher
+    (torchrun, accelerate launch) `auto` is the process's own GPU, cuda:LOCAL_RANK."""
     if isinstance(device, torch.device):
         return device
     name = device.strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
+            local_rank = os.environ.get("LOCAL_RANK") if "WORLD_SIZE" in os.environ else None
+            if local_rank is not None and local_rank.isdigit():
+                return resolve_device(f"cuda:{local_rank}")
             return torch.device("cuda", torch.cuda.current_device())
         if torch.backends.mps.is_available():
             return torch.device("mps")

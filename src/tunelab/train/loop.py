@@ -34,6 +34,8 @@ from tunelab.train.checkpoint import (
     TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
     save_checkpoint,
 )
+from tunelab.train import distributed
+from tunelab.train.distributed import SINGLE, Dist, rank_share
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
@@ -62,13 +64,23 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     `objective_factory(cfg, tokenizer)` builds the stage's objective (see objective.py);
     the default is next-token loss on the target turns (SFT / pt).
     """
+    dist = distributed.init_distributed(cfg)  # one process, or one of WORLD_SIZE under a launcher
+    try:
+        return _train(cfg, objective_factory, dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
     from tunelab.model.adapters import count_parameters, prepare_for_training
     from tunelab.model.loader import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device
     from tunelab.train.fast import apply_speed_levers
 
     run_dir = Path(cfg.output_dir)
     resume_path = resolve_resume(run_dir, cfg.resume_from_checkpoint)
-    prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
+    if dist.is_main:  # rank 0 alone writes into the run folder
+        prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
+    dist.barrier()
     set_seed(cfg.seed)
     user_cfg = cfg  # saved as given: `auto` levers are decided anew on whatever device a resume runs on
 
@@ -78,24 +90,31 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     train_rows, eval_rows = objective.load_data()
 
     # 2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py).
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.device_for(cfg, dist))
     cfg = resolve_precision(cfg, device)
-    model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=device,
+    # FSDP shards from CPU memory: no GPU ever holds the whole model.
+    load_device = torch.device("cpu") if dist.strategy == "fsdp" else device
+    model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
                        quantization_bit=cfg.quantization_bit,
                        gradient_checkpointing=cfg.gradient_checkpointing)
     model = prepare_for_training(model, cfg)
     plan = resolve_speed(cfg, model, device)
     cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
-    print(plan.describe(), file=sys.stderr)
+    if dist.is_main:
+        print(plan.describe(), file=sys.stderr)
+    trainable, total = count_parameters(model)
+    # Several processes: DDP or FSDP2 around model + loss (compiled layers come after wrapping).
+    objective = distributed.wrap(model, objective, cfg, dist, device)
     apply_speed_levers(model, cfg, device)
     objective.setup(model, device)
-    trainable, total = count_parameters(model)
-    print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}",
-          file=sys.stderr)
+    if dist.is_main:
+        print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}"
+              + (f" x {dist.world} processes ({dist.strategy})" if dist.enabled else ""), file=sys.stderr)
 
-    # 3. Optimizer and schedule.
+    # 3. Optimizer and schedule. A global step takes accumulation x processes micro-batches.
+    step_micro = cfg.gradient_accumulation_steps * dist.world
     micro_per_epoch = math.ceil(len(train_rows) / cfg.per_device_train_batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -103,17 +122,21 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
 
     state = TrainerState()
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, scheduler)
-        print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
-    save_config(user_cfg, run_dir / "config.yaml")
+        state = _load_checkpoint(resume_path, model, optimizer, scheduler, dist)
+        if dist.is_main:
+            print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
+    if dist.is_main:
+        save_config(user_cfg, run_dir / "config.yaml")
 
-    tracker = Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
+    tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
+               if dist.is_main else distributed.SilentTracker())
     start_step = state.global_step
     window = new_window()
     last_eval, last_eval_step = None, None
     stopped_early = False
     lengths = [len(r) for r in train_rows]
-    memory = MemoryBackoff(cfg.max_tokens_per_batch, enabled=cfg.oom_backoff,
+    # The back-off retries a step on its own: across processes the ranks would have to agree on it.
+    memory = MemoryBackoff(cfg.max_tokens_per_batch, enabled=cfg.oom_backoff and not dist.enabled,
                            enable_checkpointing=lambda: enable_gradient_checkpointing(model),
                            checkpointing=bool(cfg.gradient_checkpointing), log=tracker.note)
 
@@ -127,26 +150,40 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
         return sum(lengths[i] for i in ids) if cfg.padding_free else len(ids) * max(lengths[i] for i in ids)
 
     def run_step(step_ids: list[list[int]]) -> StepStats:
-        """One optimizer step, retried in smaller pieces if it runs out of memory (train/memory.py)."""
-        def attempt(budget):
-            batches = [objective.collate([train_rows[i] for i in ids]) for ids in micro_batches(step_ids, budget)]
-            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device)
+        """One optimizer step (this process's share of it), retried in smaller pieces if it runs
+        out of memory (train/memory.py)."""
+        share = rank_share(step_ids, dist.rank, dist.world)
+        spare = objective.collate([train_rows[step_ids[0][0]]]) if dist.enabled else None
 
-        return memory.run(state.global_step + 1, max(lengths[i] for ids in step_ids for i in ids),
-                          largest_micro=lambda budget: max(map(micro_tokens, micro_batches(step_ids, budget))),
+        def attempt(budget):
+            batches = [objective.collate([train_rows[i] for i in ids]) for ids in micro_batches(share, budget)]
+            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare)
+
+        return memory.run(state.global_step + 1, max(lengths[i] for ids in share for i in ids),
+                          largest_micro=lambda budget: max(map(micro_tokens, micro_batches(share, budget))),
                           attempt=attempt, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
     def checkpoint() -> Path:
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
-        extra = (lambda folder: _save_weights(model, tokenizer, folder)) if cfg.finetuning_type == "lora" else None
-        path = save_checkpoint(run_dir, model, optimizer, scheduler, state, extra_save=extra)
-        rotate_checkpoints(run_dir, cfg.save_total_limit, keep=state.best_checkpoint)
+        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist))
+                 if cfg.finetuning_type == "lora" else None)
+        if dist.strategy == "fsdp":
+            from tunelab.train.sharded_checkpoint import save_sharded_checkpoint
+
+            path = save_sharded_checkpoint(run_dir, model, optimizer, scheduler, state, dist, extra_save=extra)
+        else:  # DDP: every rank holds the same weights, rank 0 writes the usual checkpoint
+            path = checkpoint_path(run_dir, state.global_step)
+            if dist.is_main:
+                save_checkpoint(run_dir, model, optimizer, scheduler, state, extra_save=extra)
+        if dist.is_main:
+            rotate_checkpoints(run_dir, cfg.save_total_limit, keep=state.best_checkpoint)
+        dist.barrier()
         return path
 
     def evaluate_and_track() -> bool:
         """Validation loss; best-model bookkeeping; returns True when early stopping triggers."""
         nonlocal last_eval, last_eval_step
-        eval_loss, eval_metrics = evaluate(model, objective, eval_rows, cfg, device)
+        eval_loss, eval_metrics = evaluate(model, objective, eval_rows, cfg, device, dist)
         last_eval, last_eval_step = eval_loss, state.global_step
         row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
                "eval_loss": eval_loss}
@@ -175,8 +212,8 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
             order = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed,
                                 state.epoch, group_by_length=cfg.group_by_length and not cfg.packing)
             while state.batch_in_epoch < len(order) and state.global_step < total_steps:
-                # One optimizer step = up to gradient_accumulation_steps micro-batches.
-                step_ids = order[state.batch_in_epoch:state.batch_in_epoch + cfg.gradient_accumulation_steps]
+                # One optimizer step = up to gradient_accumulation_steps micro-batches per process.
+                step_ids = order[state.batch_in_epoch:state.batch_in_epoch + step_micro]
                 first_cuda_step = state.global_step == start_step and device.type == "cuda"
                 if first_cuda_step:
                     torch.cuda.reset_peak_memory_stats(device)
@@ -201,7 +238,7 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
                                  f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
                     if cfg.max_tokens_per_batch is not None and user_cfg.max_tokens_per_batch is None:
                         memory.calibrate(device, base_bytes, max(map(micro_tokens, micro_batches(
-                            step_ids, memory.budget))))
+                            rank_share(step_ids, dist.rank, dist.world), memory.budget))))
 
                 if not math.isfinite(window["loss_sum"]):
                     raise TunelabError(f"the loss became {window['loss_sum']} at step {state.global_step}",
@@ -232,6 +269,8 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
             evaluate_and_track()  # the final model is always evaluated
     except KeyboardInterrupt:
         path = checkpoint()
+        if not dist.is_main:
+            raise
         plot_loss(run_dir)
         print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
               file=sys.stderr)
@@ -241,16 +280,17 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
 
     # 4. Final weights: the best checkpoint's if asked, else the last step's.
     if cfg.load_best_model_at_end and state.best_checkpoint:
-        from safetensors.torch import load_file
-
-        load_trainable_state(model, load_file(Path(state.best_checkpoint) / "trainable.safetensors"))
-        print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
-              f"{state.best_checkpoint}", file=sys.stderr)
-    _save_weights(model, tokenizer, run_dir)
-    if cfg.plot_loss:
+        _load_best(Path(state.best_checkpoint), model)
+        if dist.is_main:
+            print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
+                  f"{state.best_checkpoint}", file=sys.stderr)
+    save_final_weights(model, tokenizer, run_dir, cfg, dist)
+    if cfg.plot_loss and dist.is_main:
         plot_loss(run_dir)
+    dist.barrier()
     train_losses = [r["loss"] for r in state.log_history if "loss" in r]
-    print(f"done: {state.global_step} steps; weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
+    if dist.is_main:
+        print(f"done: {state.global_step} steps; weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
     return RunResult(run_dir, state.global_step, train_losses[-1] if train_losses else None, last_eval,
                      state.best_metric, stopped_early)
 
@@ -289,6 +329,42 @@ def prepare_run_dir(run_dir: Path, cfg: TunelabConfig, resuming: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> TrainerState:
+    """Sharded (FSDP) checkpoints load on any number of processes; the others on one or DDP."""
+    from tunelab.train.sharded_checkpoint import is_sharded, load_sharded_checkpoint
+
+    if is_sharded(path):
+        return load_sharded_checkpoint(path, model, optimizer, scheduler, dist)
+    if dist.strategy == "fsdp":
+        raise TunelabError(f"{path} was written by a DDP or one-process run and cannot be sharded on load",
+                           where="resume_from_checkpoint",
+                           fix="resume with distributed_strategy=ddp, or on one process")
+    return load_checkpoint(path, model, optimizer, scheduler)
+
+
+def _load_best(path: Path, model) -> None:
+    from safetensors.torch import load_file
+
+    from tunelab.train.sharded_checkpoint import is_sharded, load_sharded_weights
+
+    if is_sharded(path):
+        load_sharded_weights(path, model)
+    else:
+        load_trainable_state(model, load_file(path / "trainable.safetensors"))
+
+
+def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE) -> None:
+    """The adapter or full weights as one loadable folder, written by rank 0. Under FSDP every
+    rank first sends its shards to rank 0 (a collective call: every rank makes it)."""
+    state = None
+    if dist.strategy == "fsdp":
+        from tunelab.train.sharded_checkpoint import consolidated_state
+
+        state = consolidated_state(model, dist, trainable_only=cfg.finetuning_type == "lora")
+    if dist.is_main:
+        _save_weights(model, tokenizer, out_dir, state_dict=state)
+
+
 def _load_dtype(cfg: TunelabConfig) -> str:
     # bf16 weights with fp32 trainable params; fp16 keeps fp32 master weights (GradScaler).
     return "bfloat16" if cfg.bf16 else "float32"
@@ -322,30 +398,43 @@ class StepStats:
 
 
 def optimizer_step(model, objective, micro_batches: list[dict], optimizer, scheduler, scaler,
-                   cfg: TunelabConfig, device) -> StepStats:
+                   cfg: TunelabConfig, device, dist: Dist = SINGLE, spare: dict | None = None) -> StepStats:
     """One optimizer step: accumulate the micro-batches' gradients, clip, step, schedule.
 
+    Under several processes `micro_batches` is this rank's share of the global step and
+    `spare` a batch to run at zero weight should the share be short (distributed.padded_passes).
     A function of its own so benchmarks time exactly the code the trainer runs.
     """
-    step_weight = sum(objective.weight(b) for b in micro_batches)
+    # Divide by the weight of the whole global step (every rank's): the loss one big batch would
+    # give. DDP and FSDP average gradients over ranks; multiplying by the world size undoes it.
+    (step_weight,) = dist.all_sum([sum(objective.weight(b) for b in micro_batches)], device)
+    scale = dist.world / max(step_weight, 1)
+    passes = distributed.padded_passes(micro_batches, dist, device, lambda: spare)
     loss_total, real_tokens, metrics = 0.0, 0, {}
-    for batch in micro_batches:
+    for i, (batch, counts) in enumerate(passes):
         batch = _to_device(batch, device)
-        with _autocast(cfg, device):
-            loss_sum, batch_metrics = objective.loss(model, batch)
-        # Divide by the weight of the whole step: the loss one big batch would give.
-        loss = loss_sum / max(step_weight, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+        with _grad_sync(objective, last=i == len(passes) - 1):
+            with _autocast(cfg, device):
+                loss_sum, batch_metrics = objective.loss(model, batch)
+            loss = loss_sum * (scale if counts else 0.0)
+            (scaler.scale(loss) if scaler else loss).backward()
+        if not counts:
+            continue
         loss_total += float(loss_sum.detach())
         real_tokens += int(batch["attention_mask"].sum())
         for key, value in batch_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + value
+    if dist.enabled:  # the logged loss, tokens and metrics are the global step's
+        keys = sorted(metrics)
+        loss_total, real_tokens, *values = dist.all_sum([loss_total, real_tokens, *(metrics[k] for k in keys)],
+                                                        device)
+        real_tokens, metrics = int(real_tokens), dict(zip(keys, values))
     try:
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad],
-            cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -355,7 +444,12 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
         raise OptimizerOutOfMemory(str(exc)) from None
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_total, step_weight, real_tokens, float(grad_norm), metrics)
+    return StepStats(loss_total, int(step_weight), real_tokens, grad_norm, metrics)
+
+
+def _grad_sync(objective, last: bool):
+    """DDP all-reduces on the last micro-batch of a step only (see distributed.DistributedObjective)."""
+    return objective.grad_sync(last) if hasattr(objective, "grad_sync") else contextlib.nullcontext()
 
 
 def build_optimizer(model, cfg: TunelabConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -378,38 +472,50 @@ def build_scheduler(optimizer, cfg: TunelabConfig, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate(model, objective, rows: list, cfg: TunelabConfig, device) -> tuple[float, dict[str, float]]:
-    """Mean validation loss (per token for SFT, per pair for preferences) and mean metrics."""
+def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
+             dist: Dist = SINGLE) -> tuple[float, dict[str, float]]:
+    """Mean validation loss (per token for SFT, per pair for preferences) and mean metrics.
+    Several processes: rank r scores batches r, r + world, ...; the sums are all-reduced."""
     model.eval()
     sums = {"loss": 0.0, "weight": 0, "metrics": {}}
 
-    def score(chunk: list) -> None:
-        """Add one batch's loss; a batch that runs out of memory is scored in two halves."""
+    def score(chunk: list, counts: bool) -> None:
+        """Add one batch's loss (a padding pass of a short rank adds nothing); on one process a
+        batch that runs out of memory is scored in two halves."""
         batch = objective.collate(chunk)
         try:
             with _autocast(cfg, device):
                 loss_sum, batch_metrics = objective.loss(model, _to_device(batch, device))
         except torch.OutOfMemoryError:
-            if len(chunk) == 1:
+            if len(chunk) == 1 or dist.enabled:
                 raise
             oom = True
         else:
             oom = False
-            sums["loss"] += float(loss_sum)
-            sums["weight"] += objective.weight(batch)
-            for key, value in batch_metrics.items():
-                sums["metrics"][key] = sums["metrics"].get(key, 0.0) + value
+            if counts:
+                sums["loss"] += float(loss_sum)
+                sums["weight"] += objective.weight(batch)
+                for key, value in batch_metrics.items():
+                    sums["metrics"][key] = sums["metrics"].get(key, 0.0) + value
         if oom:  # outside the except block, so the failed try's tensors are freed first
             del batch
             torch.cuda.empty_cache()
-            score(chunk[:len(chunk) // 2])
-            score(chunk[len(chunk) // 2:])
+            score(chunk[:len(chunk) // 2], counts)
+            score(chunk[len(chunk) // 2:], counts)
 
     ordered = sorted(rows, key=len)  # similar lengths: little padding
-    for start in range(0, len(ordered), cfg.per_device_eval_batch_size):
-        score(ordered[start:start + cfg.per_device_eval_batch_size])
-    weight = max(sums["weight"], 1)
-    return sums["loss"] / weight, average_metrics(sums["metrics"], weight)
+    size = cfg.per_device_eval_batch_size
+    chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
+    for chunk, counts in distributed.padded_passes(chunks[dist.rank::dist.world], dist, device,
+                                                   lambda: ordered[:1]):
+        score(chunk, counts)
+    total, weight, metrics = sums["loss"], sums["weight"], sums["metrics"]
+    if dist.enabled:
+        keys = sorted(metrics)
+        total, weight, *values = dist.all_sum([total, weight, *(metrics[k] for k in keys)], device)
+        metrics = dict(zip(keys, values))
+    weight = max(weight, 1)
+    return total / weight, average_metrics(metrics, weight)
 
 
 def average_metrics(sums: dict[str, float], weight: float) -> dict[str, float]:
@@ -468,7 +574,7 @@ def _log_window(tracker: Tracker, window: dict, state: TrainerState, scheduler, 
     window.update(new_window())
 
 
-def _save_weights(model, tokenizer, out_dir: Path) -> None:
+def _save_weights(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """Adapter (LoRA) or full weights + tokenizer into `out_dir`, file by file atomically.
 
     Saved into a temporary folder first, then each file is renamed into `out_dir`, so
@@ -479,7 +585,7 @@ def _save_weights(model, tokenizer, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=out_dir))
     try:
-        save_trained(model, tokenizer, tmp / "w")
+        save_trained(model, tokenizer, tmp / "w", state_dict=state_dict)
         for path in (tmp / "w").iterdir():
             target = out_dir / path.name
             if target.is_dir():

@@ -1,0 +1,356 @@
+"""Training on several processes (GPUs, nodes) through torch.distributed: DDP or FSDP2.
+
+    launcher (torchrun / accelerate launch / `tunelab train --nproc N`)
+      -> WORLD_SIZE, RANK, LOCAL_RANK in the environment
+      -> init_distributed(cfg): process group (nccl on CUDA, gloo on CPU), this rank's device
+      -> wrap(model, objective, cfg, dist): the engine
+           ddp   LoRA / QLoRA: each rank a full copy, only the trainable weights all-reduced
+           fsdp  full fine-tuning (or LoRA on models one card cannot hold): FSDP2 `fully_shard`
+                 per decoder layer, then the root; bf16 compute, fp32 reduce, optional CPU offload
+      -> every optimizer step: the global list of sample ids split by `rank_share`,
+         the loss divided by the target tokens of the whole global step (all ranks)
+
+The math is the one-process math: a global step is the same samples in the same order
+whatever the number of processes, each rank's summed loss is divided by the global
+target-token count, and gradients are summed across ranks (DDP and FSDP average them,
+so the loss is multiplied by the world size first). N GPUs with per-device batch b and
+accumulation a train exactly what one GPU trains with accumulation N * a.
+
+The objective's loss runs *inside* the wrapped module's forward (`_LossModule`), so the
+engine's hooks (DDP's reducer, FSDP's all-gathers) see every call, including the fast
+path's direct use of the decoder and the LM-head weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunelab.config import TunelabConfig
+from tunelab.errors import TunelabError
+
+# Environments of launchers that start several processes without torch's variables.
+FOREIGN_LAUNCHERS = {
+    "OMPI_COMM_WORLD_SIZE": "mpirun (Open MPI)",
+    "PMI_SIZE": "an MPI/PMI launcher",
+    "SLURM_NTASKS": "srun (Slurm)",
+}
+
+
+@dataclass
+class Dist:
+    """Where this process stands among the others; world == 1 is the plain single-process run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    strategy: str = "none"  # none | ddp | fsdp
+    owns_group: bool = False  # this run created the process group (and ends it)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        """Element-wise sum over all ranks (float64, so token counts stay exact)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def all_max(self, value: int, device) -> int:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+
+SINGLE = Dist()
+
+
+# --- launch ------------------------------------------------------------------------------------
+
+def launcher_env() -> dict[str, int] | None:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun and `accelerate launch` set them, or None when
+    this process was not started by a launcher. A multi-process launcher whose variables
+    tunelab cannot read fails here, before N copies train into one folder."""
+    if "WORLD_SIZE" not in os.environ:
+        for var, name in FOREIGN_LAUNCHERS.items():
+            if int(os.environ.get(var, "1") or 1) > 1:
+                raise TunelabError(
+                    f"started by {name} with {var}={os.environ[var]}, but WORLD_SIZE/RANK/LOCAL_RANK are not set, "
+                    "so every process would train its own copy", where="launcher",
+                    fix="start through torchrun (torchrun --nproc-per-node N -m tunelab.cli train cfg.yaml, "
+                        "one torchrun per node with --nnodes/--node-rank/--rdzv-endpoint) or accelerate launch")
+        return None
+    env = {}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        value = os.environ.get(var)
+        if value is None or not value.strip().isdigit():
+            raise TunelabError(f"WORLD_SIZE is set but {var}={value!r} is not a number", where="launcher",
+                               fix="start through torchrun or accelerate launch, which set all three")
+        env[var] = int(value)
+    if env["RANK"] >= env["WORLD_SIZE"]:
+        raise TunelabError(f"RANK={env['RANK']} but WORLD_SIZE={env['WORLD_SIZE']}", where="launcher",
+                           fix="start through torchrun or accelerate launch")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise TunelabError("accelerate launch was configured for DeepSpeed, which tunelab's loop does not drive",
+                           where="launcher", fix="answer `no` to DeepSpeed in `accelerate config` (tunelab shards "
+                                                 "with FSDP2: distributed_strategy=fsdp), or use torchrun")
+    return env
+
+
+def choose_strategy(cfg: TunelabConfig) -> str:
+    """auto: DDP when the trainable part is small (LoRA/QLoRA), FSDP2 when every weight trains;
+    `accelerate launch` configured for FSDP asks for FSDP."""
+    if cfg.distributed_strategy != "auto":
+        return cfg.distributed_strategy
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    return "ddp" if cfg.finetuning_type == "lora" else "fsdp"
+
+
+def init_distributed(cfg: TunelabConfig) -> Dist:
+    """Join the process group the launcher set up; returns SINGLE when there is none."""
+    env = launcher_env()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if env is not None and cfg.nproc_per_node > 1 and local_world and local_world != cfg.nproc_per_node:
+        raise TunelabError(f"nproc_per_node={cfg.nproc_per_node} but the launcher started {local_world} "
+                           "processes on this node", where="config",
+                           fix="drop nproc_per_node when starting through torchrun or accelerate launch")
+    if env is None and cfg.nproc_per_node > 1:
+        raise TunelabError(f"nproc_per_node={cfg.nproc_per_node}, but this process was not started by a launcher",
+                           where="config", fix="start with `tunelab train cfg.yaml` (it launches torchrun itself) or "
+                                               "torchrun --nproc-per-node N -m tunelab.cli train cfg.yaml")
+    single = env is None or env["WORLD_SIZE"] == 1
+    strategy = "none" if single else choose_strategy(cfg)
+    if cfg.fsdp_cpu_offload and strategy != "fsdp":
+        raise TunelabError("fsdp_cpu_offload=true but this run does not shard with FSDP "
+                           f"({'one process' if single else 'distributed_strategy resolves to ' + strategy})",
+                           where="config", fix="set distributed_strategy=fsdp and start several processes "
+                                               "(nproc_per_node=N), or drop fsdp_cpu_offload")
+    if single:
+        return SINGLE
+    if strategy == "fsdp" and cfg.stage not in ("sft", "pt"):
+        raise TunelabError(f"stage={cfg.stage} is not supported with FSDP yet (its reference model and "
+                           "precomputed log-probs run outside the sharded forward)", where="config",
+                           fix="use finetuning_type=lora with distributed_strategy=ddp for preference stages")
+    if strategy == "fsdp" and cfg.quantization_bit:
+        raise TunelabError("QLoRA (quantization_bit) with FSDP is not supported yet: 4-bit weights cannot be "
+                           "sharded by fully_shard", where="config",
+                           fix="use distributed_strategy=ddp (each GPU holds the 4-bit model), or plain LoRA "
+                               "with distributed_strategy=fsdp")
+    if strategy == "fsdp" and cfg.fp16:
+        raise TunelabError("fp16 with FSDP is not supported (the loss scaler would skip steps on some ranks only)",
+                           where="config", fix="use bf16=true (Ampere or newer GPUs), or distributed_strategy=ddp")
+    if strategy == "fsdp" and cfg.pissa_init:
+        raise TunelabError("pissa_init with FSDP is not supported (the adapter conversion at save time needs "
+                           "unsharded weights)", where="config", fix="use distributed_strategy=ddp with pissa_init")
+    dist = Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], strategy)
+    if _wants_cuda(cfg):
+        torch.cuda.set_device(_cuda_index(cfg, dist))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if _wants_cuda(cfg) else "gloo")
+        dist.owns_group = True
+    return dist
+
+
+def _wants_cuda(cfg: TunelabConfig) -> bool:
+    return cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def _cuda_index(cfg: TunelabConfig, dist: Dist) -> int:
+    if cfg.device not in ("auto", "cuda"):
+        raise TunelabError(f"device={cfg.device} pins every one of the {dist.world} processes to one GPU",
+                           where="config", fix="use device=auto: each process takes cuda:LOCAL_RANK")
+    if dist.local_rank >= torch.cuda.device_count():
+        raise TunelabError(f"LOCAL_RANK={dist.local_rank} but this node has {torch.cuda.device_count()} GPU(s)",
+                           where="launcher", fix=f"start at most {torch.cuda.device_count()} processes per node")
+    return dist.local_rank
+
+
+def device_for(cfg: TunelabConfig, dist: Dist) -> str:
+    """The device name this rank trains on: `auto` under a launcher means cuda:LOCAL_RANK."""
+    if dist.enabled and _wants_cuda(cfg):
+        return f"cuda:{_cuda_index(cfg, dist)}"
+    return cfg.device
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.owns_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def torchrun_command(nproc: int, rendezvous: list[str], tunelab_args: list[str]) -> list[str]:
+    """`tunelab train ... --nproc N` re-executed through torchrun (torch.distributed.run)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rendezvous,
+            "-m", "tunelab.cli", "train", *tunelab_args]
+
+
+# --- data: each rank's share of a global step ---------------------------------------------------
+
+def rank_share(step_ids: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches of one optimizer step.
+
+    `step_ids` is the step's global list (micro-batches of sample ids, in the one-process
+    order). Its samples are cut into `world` contiguous, balanced shares and each share is
+    re-cut into micro-batches as large as the step's: with `world * a` full micro-batches
+    rank r gets exactly micro-batches r*a .. r*a+a-1. A short last step leaves some ranks
+    with fewer (or no) samples; `optimizer_step` pads their passes with zero-weight ones.
+    """
+    if world == 1:
+        return step_ids
+    ids = [i for batch in step_ids for i in batch]
+    size = max((len(b) for b in step_ids), default=1)
+    per, extra = divmod(len(ids), world)
+    start = rank * per + min(rank, extra)
+    share = ids[start:start + per + (1 if rank < extra else 0)]
+    return [share[i:i + size] for i in range(0, len(share), size)]
+
+
+def padded_passes(micro_batches: list, dist: Dist, device, filler) -> list[tuple[object, bool]]:
+    """(batch, counts) pairs, as many on every rank: sharded weights are gathered by collective
+    calls in each forward, so a rank with fewer micro-batches repeats one at zero weight."""
+    passes = [(b, True) for b in micro_batches]
+    target = dist.all_max(len(passes), device)
+    while len(passes) < target:
+        passes.append((micro_batches[0] if micro_batches else filler(), False))
+    return passes
+
+
+# --- engines ------------------------------------------------------------------------------------
+
+class _LossModule(nn.Module):
+    """model + objective as one module, so the engine's forward hooks wrap the whole loss."""
+
+    def __init__(self, model, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict):
+        return self.objective.loss(self.model, batch)
+
+
+class DistributedObjective:
+    """The stage's objective with `loss` routed through the wrapped module; the rest delegates."""
+
+    def __init__(self, objective, engine: nn.Module, dist: Dist):
+        self.inner = objective
+        self.engine = engine
+        self.dist = dist
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def loss(self, model, batch: dict):
+        return self.engine(batch)
+
+    def grad_sync(self, last: bool):
+        """DDP all-reduces once per optimizer step (the last micro-batch); FSDP reduce-scatters every
+        micro-batch so gradients stay sharded."""
+        if self.dist.strategy == "ddp" and not last:
+            return self.engine.no_sync()
+        return contextlib.nullcontext()
+
+
+def wrap(model, objective, cfg: TunelabConfig, dist: Dist, device: torch.device):
+    """Wrap for the strategy; returns the objective whose `loss` runs through the engine.
+
+    `model` stays the user's module (FSDP2 shards it in place; DDP leaves it alone), so
+    saving, parameter lists and `model.train()` work on it as before.
+    """
+    if not dist.enabled:
+        return objective
+    holder = _LossModule(model, objective)
+    if dist.strategy == "ddp":
+        engine = _ddp(holder, device)
+    else:
+        engine = _fsdp(holder, model, cfg, device)
+    return DistributedObjective(objective, engine, dist)
+
+
+def _ddp(holder: nn.Module, device: torch.device):
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Only trainable weights are bucketed and all-reduced; every rank loaded the same frozen
+    # base, so broadcasting it (gigabytes, or 4-bit tensors) at start-up is skipped.
+    frozen = [n for n, p in holder.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(holder, frozen)
+    # Buffers (rotary tables) are the same everywhere: no broadcast before each forward
+    # (torch 2.13 renamed the switch).
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+    return DistributedDataParallel(
+        holder, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False, gradient_as_bucket_view=True, **no_buffer_sync)
+
+
+def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import (
+            CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard)
+
+    from tunelab.model.adapters import decoder_layers
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    # bf16 all-gathers and compute, fp32 gradient reduction (fp32 master weights in the shards).
+    half = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
+    offload = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # The last layer's weights are needed again at once by backward: keep them gathered.
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=i < len(layers) - 1)
+    # The root holds embeddings, final norm and LM head; its forward is the whole loss.
+    fully_shard(holder, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    return holder
+
+
+def grad_norm_value(norm) -> float:
+    """clip_grad_norm_ over sharded (DTensor) gradients returns a DTensor."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+
+class SilentTracker:
+    """The tracker of ranks other than 0: logs, progress and plots are rank 0's alone."""
+
+    class _Bar:
+        def write(self, *_args, **_kwargs) -> None:
+            pass
+
+    bar = _Bar()
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,158 @@
+"""Sharded checkpoints of FSDP runs through torch.distributed.checkpoint (DCP).
+
+    checkpoint-STEP/
+      dcp/                   trainable weights + optimizer state, one file per rank (DCP)
+      scheduler.pt           rank 0
+      rng_state_rankR.pt     every rank's RNG
+      trainer_state.json     the loop's position (written last: marks the folder complete)
+      adapter_model.safetensors ...  LoRA: the consolidated PEFT adapter, usable as is
+
+Atomic as the single-process checkpoints are: every rank writes into one temporary
+folder, and rank 0 renames it into place after a barrier. DCP stores tensors by name
+with their global shapes, so a checkpoint written by N processes loads on M processes,
+one included (then without any process group: `tunelab train` on one device resumes it).
+Everything loaded here goes through `torch.load(weights_only=True)` or DCP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.train.checkpoint import TrainerState, checkpoint_path
+from tunelab.train.distributed import Dist
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
+
+
+def _options(full: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen weights are the base model's: they are reloaded from the model folder, never saved.
+    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full)
+
+
+def _states(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model, options=_options())}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
+    return state
+
+
+def save_sharded_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, dist: Dist,
+                            extra_save=None) -> Path:
+    """Write `run_dir/checkpoints/checkpoint-STEP` from every rank; returns its path.
+
+    `extra_save(folder)` runs on every rank (it may gather weights) and writes on rank 0.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    final = checkpoint_path(run_dir, state.global_step)
+    tmp = final.with_name(f".{final.name}.sharded-tmp")  # one name every rank agrees on
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp / "dcp"))
+    torch.save(portable_rng_state(), tmp / f"rng_state_rank{dist.rank}.pt")
+    if extra_save is not None:
+        extra_save(tmp)
+    if dist.is_main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+    dist.barrier()  # every rank's shards are on disk before the folder is published
+    if dist.is_main:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG from a sharded checkpoint, on any number
+    of processes; returns the loop state."""
+    path = Path(path)
+    absent = [n for n in ("dcp", "scheduler.pt", "trainer_state.json") if not (path / n).exists()]
+    if absent:
+        raise TunelabError(f"{path} is not a complete sharded checkpoint (missing {', '.join(absent)})",
+                           fix="point resume_from_checkpoint at a checkpoints/checkpoint-N folder, or 'latest'")
+    load_sharded_weights(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_state_rank{dist.rank}.pt"
+    # Another process count: ranks without their own file continue from rank 0's stream.
+    restore_portable_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng_state_rank0.pt",
+                                          weights_only=True))
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
+
+
+def load_sharded_weights(path: Path, model, optimizer=None) -> None:
+    """The trainable weights (and the optimizer state, if given) of a sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    states = _states(model, optimizer)
+    try:
+        dcp.load(states, checkpoint_id=str(Path(path) / "dcp"))
+    except Exception as exc:  # DCP reports a missing key or a shape mismatch as a generic error
+        raise TunelabError(f"the sharded checkpoint {path} does not fit this model "
+                           f"({str(exc).strip().splitlines()[-1][:300]})", where=str(path),
+                           fix="resume with the same model and finetuning settings the run started with") from None
+    set_model_state_dict(model, states["model"], options=_options())
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, states["optim"], options=_options())
+
+
+def consolidated_state(model, dist: Dist, trainable_only: bool) -> dict | None:
+    """The full (unsharded) weights on rank 0, in CPU memory; None on the other ranks.
+    A collective call: every rank must make it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    if not dist.is_main:
+        return None
+    # Gathering unties tied weights (embeddings = LM head): keep each shared weight under its first
+    # name only, as save_pretrained does for the model's own state.
+    first = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            state.pop(name, None)
+    return state
+
+
+# --- RNG state that loads with weights_only=True (no numpy arrays) ------------------------------
+
+def portable_rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                     has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    return state
+
+
+def restore_portable_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
