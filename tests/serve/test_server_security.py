@@ -150,3 +150,48 @@ def test_context_limit_still_applies(base_url):
     client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError, match=f"maximum context length is {CONTEXT}"):
         client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "word " * 400}])
+
+
+def fuzz_bodies(seed: int = 0, count: int = 60) -> list[bytes]:
+    """Malformed and hostile bodies: cut JSON, wrong types, deep nesting, bad bytes, odd text."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    valid = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    odd_values = [None, True, -1, 0, 2**70, 1e308, float("nan"), "", "x" * 1000, "\ud800", "\u202e\u0000", [], {},
+                  [[[]]], {"type": "text"}, [{"type": "image_url", "image_url": {"url": "x"}}]]
+    fixed = [b"", b"null", b"[]", b"{", b"\xff\xfe\x00", b"[" * 50_000, b'{"a":' * 20_000,
+             json.dumps({**valid, "messages": [{"role": "user", "content": "<|im_start|>" * 500}]}).encode()]
+    bodies = list(fixed)
+    while len(bodies) < count:
+        body = json.loads(json.dumps(valid))
+        where = rng.choice(["model", "messages", "max_tokens", "temperature", "n", "stop", "stream", "role",
+                            "content", "seed", "top_p"])
+        value = rng.choice(odd_values)
+        if where in ("role", "content"):
+            body["messages"][0][where] = value
+        else:
+            body[where] = value
+        text = json.dumps(body, allow_nan=True)
+        if rng.random() < 0.3:
+            text = text[:rng.randrange(len(text))]  # cut anywhere
+        bodies.append(text.encode("utf-8", "surrogatepass"))
+    return bodies
+
+
+def test_the_server_survives_a_fuzz_run(base_url):
+    """Issue 21's target: every malformed body gets an OpenAI-shaped 4xx, none a 500 or a
+    reset connection, and a well-formed request is still answered afterwards."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    statuses = {}
+    with httpx.Client(timeout=60) as http:
+        for body in fuzz_bodies():
+            response = http.post(f"{base_url}/chat/completions", content=body, headers=headers)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (body[:200], response.text[:300])
+            payload = response.json()
+            assert ("error" in payload) if response.status_code >= 400 else ("choices" in payload)
+    assert statuses.get(400, 0) > 25
+    client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0)
+    assert client.chat.completions.create(model="alpha", messages=HELLO, max_tokens=2).choices

@@ -104,7 +104,7 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # what torch.Generator.manual_seed takes
     user: str | None = None  # OpenAI: an end-user id for abuse monitoring; only checked here
     metadata: dict[str, str] | None = None  # OpenAI: tags for stored completions; only checked here
     # features we lack, refused unless neutral (see NEUTRAL)
