@@ -172,7 +172,8 @@ def test_models_can_be_retrieved_one_by_one(client, engine):
 
 
 def test_unknown_route_is_an_openai_error(base_url):
-    assert_openai_error(post(base_url, "/embeddings", json={"model": "alpha", "input": "x"}), 404)
+    message = assert_openai_error(post(base_url, "/embeddings", json={"model": "alpha", "input": "x"}), 404)
+    assert "POST /v1/embeddings is not a route" in message and "/v1/completions" in message
 
 
 def test_text_completions_match_the_model_alone(client, engine):

@@ -438,8 +438,12 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: HTTPException):
+        message = str(exc.detail)
+        if message in ("Not Found", "Method Not Allowed"):  # Starlette's routing, not ours
+            message = (f"{request.method} {request.url.path} is not a route of this server; it has GET /v1/models, "
+                       f"GET /v1/models/{{id}}, POST /v1/chat/completions, POST /v1/completions, GET /health")
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def server_error(_request: Request, exc: Exception):
