@@ -154,3 +154,26 @@ def test_a_client_that_hangs_up_stops_its_generation(engine, monkeypatch, stream
         assert jobs[0].cancelled and len(jobs[0].tokens) < 200
         status = httpx.get(url.replace("/v1", "/health")).json()
         assert status["running"] == 0 and status["waiting"] == 0
+
+
+def test_dora_adapters_are_batched_one_adapter_at_a_time(tiny_model_dir, tmp_path):
+    """PEFT cannot mix DoRA adapters in one forward: each batch holds one adapter, answers unchanged."""
+    from conftest import tiny_lora_adapter
+    from tunelab.serve.engine import load_engine
+
+    adapters = {name: tiny_lora_adapter(tiny_model_dir, tmp_path / name, seed=seed, use_dora=True)
+                for name, seed in (("alpha", 1), ("beta", 2))}
+    engine = load_engine(str(tiny_model_dir), adapters, device="cpu", context_length=256)
+    batcher = Batcher(engine)
+    assert not batcher.mixed_adapters
+    models = ["alpha", "beta", None, "alpha"]
+    try:
+        jobs = [job(engine, q, m, 8) for q, m in zip(QUESTIONS, models)]
+        batcher.submit([j for j, _ in jobs])
+        for _, events in jobs:
+            finish(events)
+    finally:
+        batcher.close()
+    for (j, _), model, question in zip(jobs, models, QUESTIONS):
+        assert engine.tokenizer.decode(j.tokens, skip_special_tokens=True) == alone(
+            engine, model, [{"role": "user", "content": question}], 8)
