@@ -288,3 +288,12 @@ def test_missing_adapter_folder_fails_before_loading(tmp_path, capsys):
 
     assert main(["serve", "--adapter", f"x={tmp_path / 'missing'}", "--port", str(free_port())]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-queue", "0"), ("--max-batch-size", "-1"),
+                                         ("--request-timeout", "nan"), ("--max-body-mb", "0")])
+def test_serve_limits_are_checked_before_loading(flag, value, capsys):
+    from tunelab.cli import main
+
+    assert main(["serve", flag, value, "--port", str(free_port())]) == 2
+    assert f"{flag} must be > 0" in capsys.readouterr().err
