@@ -177,3 +177,19 @@ def test_dora_adapters_are_batched_one_adapter_at_a_time(tiny_model_dir, tmp_pat
     for (j, _), model, question in zip(jobs, models, QUESTIONS):
         assert engine.tokenizer.decode(j.tokens, skip_special_tokens=True) == alone(
             engine, model, [{"role": "user", "content": question}], 8)
+
+
+@pytest.mark.slow
+def test_load_benchmark_runs_on_the_embedded_model():
+    """bench/serve_load.py end to end (small): concurrent answers equal the one-at-a-time ones."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+    run = subprocess.run([sys.executable, str(repo / "bench" / "serve_load.py"), "--clients", "4", "--requests", "4",
+                          "--max-tokens", "4", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert '"lost": 0, "mismatched": 0' in run.stdout
