@@ -156,7 +156,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Any role the model's chat template renders (hotel: `search`, `return`); the template decides.
-    role: str = Field(min_length=1, max_length=64)
+    # A plain name: the template writes the role outside the content, where special tokens are parsed.
+    role: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     content: str | list[TextPart] | None = None
     name: str | None = None  # refused when set: templates have no place for it
     tool_calls: Any = None  # refused when set: no tool calling
