@@ -1,69 +1,37 @@
-"""`tunelab serve` driven through the real openai client: two adapters, streaming, errors, concurrency."""
+"""`tunelab serve` driven through the real openai client: adapters, streaming, errors, OpenAI conformance."""
 
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from conftest import tiny_lora_adapter
+from serving import CONTEXT, KEY, alone, free_port, running, tiny_engine
 from tunelab.data.types import Message
 from tunelab.errors import TunelabError
 from tunelab.model.generate import GenerationOptions, generate_batch
-from tunelab.serve.engine import load_engine
 from tunelab.serve.server import StopMatcher, check_port_free, create_app
 
-KEY = "test-key"
-CONTEXT = 256
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("adapters")
-    adapters = {"alpha": tiny_lora_adapter(tiny_model_dir, folder / "alpha", seed=1),
-                "beta": tiny_lora_adapter(tiny_model_dir, folder / "beta", seed=2)}
-    return load_engine(str(tiny_model_dir), adapters, device="cpu", context_length=CONTEXT)
+    return tiny_engine(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="module")
 def base_url(engine):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=KEY), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(create_app(engine, api_key=KEY)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
     return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=120)
-
-
-def alone(engine, model: str, messages: list[dict], max_tokens: int) -> str:
-    """The greedy answer computed directly, with nothing else running."""
-    prompt = engine.encode([Message(m["role"], m["content"]) for m in messages])
-    with engine.using(model):
-        [gen] = generate_batch(engine.model, engine.tokenizer, [prompt], GenerationOptions(max_new_tokens=max_tokens),
-                               stop_ids=engine.stop_ids, progress=False)
-    return gen.text
 
 
 def ask(client, model: str, messages=HELLO, **kw):
@@ -130,14 +98,132 @@ def test_api_key_is_required(base_url):
 
 
 def test_malformed_requests_get_clear_errors(client, engine):
-    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+    with pytest.raises(openai.BadRequestError, match="temperature") as err:
         client.chat.completions.create(model="alpha", messages=HELLO, temperature=7)
-    with pytest.raises(openai.UnprocessableEntityError, match="messages"):
+    assert err.value.status_code == 400 and err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="alpha", messages=[])
-    with pytest.raises(openai.UnprocessableEntityError, match="role"):
-        client.chat.completions.create(model="alpha", messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "", "content": "hi"}])
     with pytest.raises(openai.NotFoundError, match="alpha, beta"):
         ask(client, "gamma", max_tokens=2)
+
+
+def post(base_url: str, path: str, **kw) -> httpx.Response:
+    return httpx.post(f"{base_url}{path}", headers={"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})},
+                      timeout=60, **kw)
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "detail" not in response.json()
+    if param is not None:
+        assert error["param"] == param
+    return error["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"model": "alpha", "messages": [', None),  # malformed JSON
+    ('[1, 2]', None),
+    ('{"model": "alpha"}', "messages"),
+    ('{"model": "alpha", "messages": [{"role": "user", "content": 5}]}', "messages.0.content.str"),
+    ('{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', "max_tokens"),
+    ('{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}', "frobnicate"),
+    ('{"model": "alpha", "messages": [{"role": "user", "content": "hi", "colour": "red"}]}', "messages.0.colour"),
+])
+def test_invalid_requests_are_400_in_openai_shape_never_422(base_url, body, param):
+    response = post(base_url, "/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    message = assert_openai_error(response, 400, param)
+    if param in ("frobnicate", "messages.0.colour"):
+        assert "unknown field" in message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("response_format", {"type": "json_object"}), ("logprobs", True), ("top_logprobs", 2),
+    ("frequency_penalty", 0.5), ("presence_penalty", -1.0), ("logit_bias", {"42": 5}), ("tool_choice", "required"),
+])
+def test_unsupported_features_are_refused_naming_the_field(client, field, value):
+    with pytest.raises(openai.BadRequestError, match=field) as err:
+        ask(client, "alpha", max_tokens=2, **{field: value})
+    assert err.value.body["param"] == field and err.value.body["code"] == "unsupported_parameter"
+
+
+def test_neutral_values_of_unsupported_features_are_accepted(client, engine):
+    want = ask(client, "alpha", max_tokens=4).choices[0].message.content
+    got = ask(client, "alpha", max_tokens=4, frequency_penalty=0, presence_penalty=0.0, logprobs=False,
+              response_format={"type": "text"}, user="someone")
+    assert got.choices[0].message.content == want
+
+
+def test_developer_role_is_the_system_prompt(client):
+    as_system = ask(client, "alpha", [{"role": "system", "content": "Be brief."}, *HELLO], max_tokens=6)
+    as_developer = ask(client, "alpha", [{"role": "developer", "content": "Be brief."}, *HELLO], max_tokens=6)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+
+
+def test_models_can_be_retrieved_one_by_one(client, engine):
+    assert client.models.retrieve("alpha").id == "alpha"
+    assert client.models.retrieve(engine.base_name).id == engine.base_name
+    with pytest.raises(openai.NotFoundError, match="alpha, beta"):
+        client.models.retrieve("gamma")
+
+
+def test_unknown_route_is_an_openai_error(base_url):
+    message = assert_openai_error(post(base_url, "/embeddings", json={"model": "alpha", "input": "x"}), 404)
+    assert "POST /v1/embeddings is not a route" in message and "/v1/completions" in message
+
+
+def test_text_completions_match_the_model_alone(client, engine):
+    prompt = "The hotel is"
+    want = alone(engine, "beta", prompt=engine.encode_text(prompt), max_tokens=7)
+    reply = client.completions.create(model="beta", prompt=prompt, max_tokens=7, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text == want
+    assert reply.usage.prompt_tokens == len(engine.encode_text(prompt))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="beta", prompt=prompt, max_tokens=7, temperature=0, stream=True) if c.choices)
+    assert streamed == want
+    # several prompts, token-id prompts: one choice each, in order
+    ids = engine.encode_text("Hello")
+    many = client.completions.create(model="beta", prompt=[prompt, "Hello"], max_tokens=3, temperature=0)
+    by_ids = client.completions.create(model="beta", prompt=ids, max_tokens=3, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1]
+    assert many.choices[1].text == by_ids.choices[0].text == alone(engine, "beta", prompt=ids, max_tokens=3)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model="beta", prompt=prompt, max_tokens=2, echo=True)
+
+
+def test_roles_of_the_trained_template_can_be_sent(tiny_model_dir, tmp_path):
+    """The hotel template renders its task's roles (`search`, `return`): a client may send them."""
+    from tunelab.serve.engine import load_engine
+
+    engine = load_engine(str(tiny_model_dir), device="cpu", context_length=CONTEXT, template="hotel")
+    messages = [{"role": "user", "content": "A room for two?"}, {"role": "search", "content": "rooms(2)"},
+                {"role": "return", "content": "[room 12]"}]
+    with running(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model=engine.base_name, messages=messages, max_tokens=3,
+                                               temperature=0)
+    prompt = engine.encode([Message(m["role"], m["content"]) for m in messages])
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert "rooms(2)" in engine.tokenizer.decode(prompt)
+
+
+def test_a_role_the_template_drops_is_refused(tiny_model_dir):
+    from tunelab.serve.engine import load_engine
+
+    only_chat = ("{% for m in messages %}{% if m.role in ['system', 'user', 'assistant'] %}<|im_start|>{{ m.role }}\n"
+                 "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    engine = load_engine(str(tiny_model_dir), device="cpu", context_length=CONTEXT, template=only_chat)
+    with running(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="'robot'.*roles") as err:
+            client.chat.completions.create(model=engine.base_name, max_tokens=2,
+                                           messages=[*HELLO, {"role": "robot", "content": "beep"}])
+    assert err.value.body["param"] == "messages"
 
 
 def test_context_overflow_is_a_400_with_the_numbers(client):
@@ -202,3 +288,12 @@ def test_missing_adapter_folder_fails_before_loading(tmp_path, capsys):
 
     assert main(["serve", "--adapter", f"x={tmp_path / 'missing'}", "--port", str(free_port())]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-queue", "0"), ("--max-batch-size", "-1"),
+                                         ("--request-timeout", "nan"), ("--max-body-mb", "0")])
+def test_serve_limits_are_checked_before_loading(flag, value, capsys):
+    from tunelab.cli import main
+
+    assert main(["serve", flag, value, "--port", str(free_port())]) == 2
+    assert f"{flag} must be > 0" in capsys.readouterr().err

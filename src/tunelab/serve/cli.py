@@ -31,8 +31,16 @@ def register(subparsers) -> None:
                        help="an adapter to serve under NAME (repeatable; a bare PATH is named after its folder)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
-                       help="require `Authorization: Bearer KEY` (default: $TUNELAB_API_KEY, else none)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (visible in `ps`: prefer "
+                                         "$TUNELAB_API_KEY or --api-key-file)")
+    serve.add_argument("--api-key-file", help="read the API key from this file (first line)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting for a batch slot before new ones get 429 (default 256)")
+    serve.add_argument("--request-timeout", type=float, default=600,
+                       help="seconds a request may take, queueing included (default 600)")
+    serve.add_argument("--max-body-mb", type=float, default=4, help="largest request body accepted (default 4 MB)")
+    serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
     serve.set_defaults(func=run_serve)
 
     est = subparsers.add_parser(
@@ -85,14 +93,50 @@ def run_serve(args) -> int:
     from tunelab.serve.engine import parse_adapters
     from tunelab.serve.server import check_port_free, serve
 
+    api_key = read_api_key(args.api_key, args.api_key_file)
+    limits = serve_limits(args)
     adapters = parse_adapters(args.adapter)
     check_port_free(args.host, args.port)  # before minutes of model loading, not after
     engine = engine_from_args(args, adapters)
     names = ", ".join(engine.model_names())
-    print(f"serving {names} on http://{args.host}:{args.port}/v1 (context {engine.context_length} tokens"
-          f"{', API key required' if args.api_key else ''})", file=sys.stderr)
-    serve(engine, args.host, args.port, api_key=args.api_key)
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (context {engine.context_length} tokens, "
+          f"batches of up to {limits.max_batch}{', API key required' if api_key else ''})", file=sys.stderr)
+    serve(engine, args.host, args.port, api_key=api_key, limits=limits)
     return 0
+
+
+def read_api_key(given: str | None, key_file: str | None) -> str | None:
+    """--api-key, else --api-key-file, else $TUNELAB_API_KEY, else none (open server)."""
+    from pathlib import Path
+
+    from tunelab.errors import TunelabError
+
+    if given and key_file:
+        raise TunelabError("both --api-key and --api-key-file are given", where="tunelab serve",
+                           fix="keep --api-key-file (a key on the command line shows in `ps`)")
+    if key_file:
+        try:
+            key = Path(key_file).read_text(encoding="utf-8").strip().splitlines()[:1]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TunelabError(f"cannot read the API key file ({exc})", where=key_file,
+                               fix="write the key on the first line of a readable UTF-8 file") from None
+        if not key or not key[0].strip():
+            raise TunelabError("the API key file is empty", where=key_file, fix="write the key on its first line")
+        return key[0].strip()
+    return given or os.environ.get("TUNELAB_API_KEY") or None
+
+
+def serve_limits(args):
+    from tunelab.errors import TunelabError
+    from tunelab.serve.server import Limits
+
+    checks = {"--max-batch-size": args.max_batch_size, "--max-queue": args.max_queue,
+              "--request-timeout": args.request_timeout, "--max-body-mb": args.max_body_mb}
+    for flag, value in checks.items():
+        if not value > 0:  # NaN fails too
+            raise TunelabError(f"{flag} must be > 0, got {value}", where=flag, fix=f"drop {flag} for its default")
+    return Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_batch=args.max_batch_size,
+                  max_waiting=args.max_queue, request_timeout=args.request_timeout, docs=args.docs)
 
 
 def run_estimate(args) -> int:

@@ -32,9 +32,17 @@ class Engine:
         return [self.base_name, *self.adapters]
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
-        from tunelab.data.tokenize import encode_prompt
+        """Prompt ids of a conversation; text inside a message never becomes a special token."""
+        return encode_prompt_untrusted(list(messages), self.tokenizer, self.template_src)
 
-        return encode_prompt(list(messages), self.tokenizer, self.template_src)
+    def encode_text(self, text: str) -> list[int]:
+        """A raw `/v1/completions` prompt: the client writes the whole prompt, special tokens included."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def uses_dora(self) -> bool:
+        from tunelab.model.adapters import read_adapter_config
+
+        return any(read_adapter_config(folder).get("use_dora") for folder in self.adapters.values())
 
     def room_for(self, prompt_tokens: int) -> int:
         """How many tokens may still be generated after a prompt of this length."""
@@ -72,6 +80,36 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompt_untrusted(messages: list[Message], tokenizer, template_src: str) -> list[int]:
+    """`data.tokenize.encode_prompt` for content a client wrote: a `<|im_end|>` typed into a
+    message stays text, so no one can forge a turn (a system prompt) from inside a message.
+
+    Content without any special-token string (nearly all) is encoded by `encode_prompt` itself,
+    so the served prompt is token for token the one `tunelab eval` scores. Otherwise the
+    rendered prompt is tokenized piecewise: the template's own text with special tokens,
+    each message's content without.
+    """
+    from tunelab.data.templates import render
+    from tunelab.data.tokenize import _render_whole, encode_prompt
+    from tunelab.data.types import Conversation
+
+    specials = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
+    if not any(s in m.content for m in messages for s in specials):
+        return encode_prompt(messages, tokenizer, template_src)
+    folded, _ = _render_whole(Conversation(list(messages), source="prompt"), template_src, tokenizer)
+    text = render(folded, template_src, tokenizer, add_generation_prompt=True)
+    ids, cursor = [], 0
+    for message in folded:
+        start = text.find(message.content, cursor) if message.content else -1
+        if start < 0:
+            continue  # the template rewrote or dropped it: its text is the template's own below
+        ids += tokenizer(text[cursor:start], add_special_tokens=False)["input_ids"]
+        end = start + len(message.content)
+        ids += tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        cursor = end
+    return ids + tokenizer(text[cursor:], add_special_tokens=False)["input_ids"]
 
 
 def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
