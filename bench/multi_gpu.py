@@ -70,6 +70,7 @@ def worker(args) -> None:
     from tunelab.config import TunelabConfig
     from tunelab.model.adapters import prepare_for_training
     from tunelab.train import distributed
+    from tunelab.train.fast import apply_speed_levers
     from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step
     from tunelab.train.objective import SFTObjective
     from types import SimpleNamespace
@@ -96,7 +97,8 @@ def worker(args) -> None:
     objective = distributed.wrap(model, objective, cfg, dist, device)
     if meta:
         materialize_shards(objective.engine, model.config, device)
-    objective.setup(model, device)  # compiled layers after wrapping
+    apply_speed_levers(model, cfg, device)  # compiled layers after wrapping
+    objective.setup(model, device)
     model.train()
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, total_steps=10**6)
