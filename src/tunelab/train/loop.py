@@ -77,7 +77,8 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
     device = resolve_device(cfg.device)
     model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=device,
                        quantization_bit=cfg.quantization_bit,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
     model = prepare_for_training(model, cfg)
     objective.setup(model, device)
     trainable, total = count_parameters(model)
