@@ -35,6 +35,7 @@ from tunelab.train.checkpoint import (
     save_checkpoint,
 )
 from tunelab.train.objective import SFTObjective
+from tunelab.train.optim import build_optimizer
 from tunelab.train.tracking import Tracker, plot_loss
 
 
@@ -309,17 +310,6 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss_total, step_weight, real_tokens, float(grad_norm), metrics)
-
-
-def build_optimizer(model, cfg: TunelabConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (as transformers does)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=device.type == "cuda")
 
 
 def build_scheduler(optimizer, cfg: TunelabConfig, total_steps: int):
