@@ -12,6 +12,7 @@ from tunelab.train.fast.offload import (
 )
 from tunelab.train.objective import SFTObjective
 
+
 from memory_case import assert_same, loss_and_grads, samples, tiny_lora_model
 
 @pytest.mark.parametrize("cfg", [TunelabConfig(), TunelabConfig(padding_free=True, fused_loss=True)],
@@ -90,3 +91,18 @@ def test_no_offload_in_evaluation():
     assert install_activation_offload(model) == 3  # installing twice wraps once
     layer = model.base_model.model.model.layers[0]
     assert not hasattr(layer._compiled_call_impl.inner, "inner")
+
+
+def test_memory_keys_through_apply_speed_levers(capsys):
+    from tunelab.train.fast import apply_speed_levers
+    from tunelab.train.fast.tiled_mlp import mlps_tiled
+
+    model = tiny_lora_model()
+    apply_speed_levers(model, TunelabConfig())  # auto on CPU: neither
+    assert not offload_active(model) and not mlps_tiled(model)
+    apply_speed_levers(model, TunelabConfig(activation_offload="true"))
+    assert "nothing to do on cpu" in capsys.readouterr().err and not mlps_tiled(model)  # auto tiles with offload only
+    from tunelab.config import load_config
+
+    apply_speed_levers(model, load_config(overrides=["tiled_mlp=true"]))  # YAML true, as a user writes it
+    assert mlps_tiled(model)

@@ -4,13 +4,15 @@
   through torch's FlashAttention varlen kernel (`padding_free=true`);
 - `chunked_ce`: LM head + cross-entropy in token chunks, never the full logits (`fused_loss=true`);
 - `loss.fast_causal_lm_loss_sum`: the SFT loss through both;
-- `compile_decoder_layers`: regional torch.compile of each decoder layer (`torch_compile=true`).
+- `compile_decoder_layers`: regional torch.compile of each decoder layer (`torch_compile=true`);
+- `memory.apply_memory_levers`: activation offload, token-tiled MLP, compiled NF4 (QLoRA).
 """
 
 from __future__ import annotations
 
 from tunelab.config import TunelabConfig
 from tunelab.train.fast.loss import fast_causal_lm_loss_sum
+from tunelab.train.fast.memory import apply_memory_levers
 from tunelab.train.fast.varlen import base_model, use_varlen_attention
 
 __all__ = ["apply_speed_levers", "compile_decoder_layers", "fast_causal_lm_loss_sum", "uses_fast_loss"]
@@ -38,6 +40,7 @@ def apply_speed_levers(model, cfg: TunelabConfig) -> None:
         use_varlen_attention(model)
     if cfg.torch_compile:
         compile_decoder_layers(model)
+    apply_memory_levers(model, cfg)  # after compile: offload wraps the compiled layers
 
 
 def uses_fast_loss(cfg: TunelabConfig) -> bool:
