@@ -106,3 +106,24 @@ def test_memory_keys_through_apply_speed_levers(capsys):
 
     apply_speed_levers(model, load_config(overrides=["tiled_mlp=true"]))  # YAML true, as a user writes it
     assert mlps_tiled(model)
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_frozen_head_in_bf16_changes_nothing_under_autocast(fused_loss):
+    from tunelab.train.fast.memory import head_to_autocast_dtype
+
+    model = tiny_lora_model().float()  # fp32 weights, as QLoRA's set-up leaves the head
+    cfg = TunelabConfig(fused_loss=fused_loss)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_and_grads(model, cfg, samples())
+
+    ref = run()
+    assert head_to_autocast_dtype(model, torch.bfloat16)
+    assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16
+    assert not head_to_autocast_dtype(model, torch.bfloat16)  # already done
+    got = run()
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    for name in ref[1]:
+        torch.testing.assert_close(got[1][name], ref[1][name], rtol=0, atol=0, msg=name)

@@ -2,20 +2,42 @@
 
 - `activation_offload` (offload.py): checkpointed layer inputs in pinned host memory;
 - `tiled_mlp` (tiled_mlp.py): the MLP over token tiles, recomputed tile by tile;
-- QLoRA with `torch_compile` (nf4.py): NF4 dequantization in torch ops, fused by inductor.
+- QLoRA with `torch_compile` (nf4.py): NF4 dequantization in torch ops, fused by inductor;
+- QLoRA with bf16: the frozen LM head kept in bf16 (peft upcasts it to fp32).
 """
 
 from __future__ import annotations
 
 import sys
 
+import torch
+
 from tunelab.config import TunelabConfig
 from tunelab.train.fast.nf4 import use_compiled_nf4
 from tunelab.train.fast.offload import enable_activation_offload, offload_active, offload_wanted
 from tunelab.train.fast.tiled_mlp import tile_mlps
+from tunelab.train.fast.varlen import base_model
+
+
+def head_to_autocast_dtype(model, dtype: torch.dtype) -> bool:
+    """Store a frozen, untied LM head in the autocast dtype; returns whether it did.
+
+    QLoRA's set-up (peft's prepare_model_for_kbit_training) upcasts every unquantized weight to
+    fp32; for the head that is 4 bytes x vocab x hidden (2.2 GB on Qwen2.5-7B) plus a bf16 copy
+    that autocast makes on every call. Under autocast the head's matmul runs in bf16 anyway, from
+    weights that were bf16 before the upcast, so storing them in bf16 changes no number.
+    """
+    base = base_model(model)
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or head.weight.requires_grad or head.weight is embeddings.weight or head.weight.dtype == dtype:
+        return False
+    head.to(dtype)
+    return True
 
 
 def apply_memory_levers(model, cfg: TunelabConfig) -> None:
+    if cfg.quantization_bit and cfg.bf16:
+        head_to_autocast_dtype(model, torch.bfloat16)
     if cfg.quantization_bit == 4 and cfg.torch_compile:
         use_compiled_nf4(model)
     # The longest micro-batch the run can see: what the automatic choice must fit.

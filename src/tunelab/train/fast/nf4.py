@@ -76,19 +76,21 @@ class CompiledNF4Forward:
     """Replaces a bitsandbytes Linear4bit's forward (same dtypes in and out as bitsandbytes')."""
 
     def __init__(self, module):
-        self.module = module
+        # Plain-tensor views taken once the model is placed: bitsandbytes' Params4bit overrides
+        # torch functions, which would break the compiled graph.
+        self.packed, self.state = module.weight.data, module.weight.quant_state
+        self.bias = None if module.bias is None else module.bias.data
+        self.compute_dtype = getattr(module, "compute_dtype", None) or self.state.dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        module = self.module
-        state = module.weight.quant_state
-        compute = getattr(module, "compute_dtype", None) or state.dtype
+        state, compute = self.state, self.compute_dtype
         if torch.is_autocast_enabled(x.device.type):
             compute = torch.get_autocast_dtype(x.device.type)
         absmax = dequantize_absmax(state)
-        out = _NF4Matmul.apply(x.to(compute), module.weight, absmax, state.code.float(), state.blocksize,
+        out = _NF4Matmul.apply(x.to(compute), self.packed, absmax, state.code.float(), state.blocksize,
                                tuple(state.shape))
-        if module.bias is not None:
-            out = out + module.bias.to(compute)
+        if self.bias is not None:
+            out = out + self.bias.to(compute)
         return out.to(x.dtype)
 
 
@@ -98,7 +100,8 @@ def is_4bit_linear(module) -> bool:
 
 
 def use_compiled_nf4(model) -> int:
-    """Route every 4-bit bitsandbytes linear through the torch dequantization; returns how many."""
+    """Route every 4-bit bitsandbytes linear through the torch dequantization; returns how many.
+    Call it once the model is on its device (it keeps views of the packed weights)."""
     count = 0
     for module in base_model(model).modules():
         if is_4bit_linear(module) and not isinstance(module.__dict__.get("forward"), CompiledNF4Forward):
