@@ -135,7 +135,8 @@ def test_qwen_7b_table_in_sane_ranges():
     full = estimate_memory(arch, Settings(method="full", batch=1, seq_len=1024, gradient_checkpointing=True))
     assert full.total > 4 * lora.total > 4 * weights  # weights + grads + AdamW states + scratch
     qlora = estimate_memory(arch, Settings(method="qlora", batch=1, seq_len=1024, gradient_checkpointing=True))
-    assert 6.5 < qlora.lines[0].bytes / GIB < 8  # 6.5e9 linear weights at ~0.52 B + 1.1e9 others in fp32
+    # 6.5e9 linear weights at ~0.52 B + the 0.55e9 embedding in fp32 + the 0.55e9 head in bf16
+    assert 5.8 < qlora.lines[0].bytes / GIB < 6.5
     infer = estimate_memory(arch, Settings(method="inference", batch=1, seq_len=32768))
     kv = next(line for line in infer.lines if line.name == "KV cache")
     assert kv.bytes == 2 * 28 * 4 * 128 * 2 * 32768  # 1.75 GiB at the full 32k context

@@ -345,11 +345,14 @@ def training_lines(arch: Architecture, settings: Settings, params: ParameterCoun
     lines = []
     if s.method == "qlora":
         qb, qf = quantized_bytes_per_weight(4)
-        rest = n - params.quantizable
         # peft's prepare_model_for_kbit_training (our QLoRA set-up) upcasts everything it
-        # cannot quantize (embeddings, lm_head, norms) to fp32.
-        lines.append(Line("weights (4-bit linear + fp32 rest)", params.quantizable * qb + rest * 4,
-                          f"{params.quantizable:,} x {qf} + {rest:,} x 4 B"))
+        # cannot quantize (embeddings, norms, lm_head) to fp32; training in 16 bits, tunelab
+        # stores an untied frozen head back in 16 bits (train/fast/memory.py).
+        head = params.lm_head if s.dtype != "fp32" else 0
+        rest = n - params.quantizable - head
+        lines.append(Line(f"weights (4-bit linear + fp32 rest{f' + {s.dtype} head' if head else ''})",
+                          params.quantizable * qb + rest * 4 + head * wbytes,
+                          f"{params.quantizable:,} x {qf} + {rest:,} x 4 B" + (f" + {head:,} x {wbytes} B" if head else "")))
     else:
         lines.append(Line(f"weights ({s.dtype})", n * wbytes, f"{n:,} params x {wbytes} B"))
     if s.method == "full":
