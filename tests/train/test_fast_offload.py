@@ -127,3 +127,17 @@ def test_frozen_head_in_bf16_changes_nothing_under_autocast(fused_loss):
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
     for name in ref[1]:
         torch.testing.assert_close(got[1][name], ref[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_out_of_memory_back_off_entry_point(monkeypatch):
+    from tunelab.train.fast import memory
+    from tunelab.train.fast.tiled_mlp import mlps_tiled
+
+    model = tiny_lora_model()
+    assert memory.offload_for_memory(model, TunelabConfig()) is False  # CPU: nothing to gain
+    # Pretend the model is on a GPU: the back-off installs offload and tiles the MLPs, once.
+    monkeypatch.setattr(memory, "enable_activation_offload", lambda m: install_activation_offload(m) > 0)
+    assert memory.offload_for_memory(model, TunelabConfig(activation_offload="false")) is False
+    assert memory.offload_for_memory(model, TunelabConfig()) is True
+    assert offload_active(model) and mlps_tiled(model)
+    assert memory.offload_for_memory(model, TunelabConfig()) is False

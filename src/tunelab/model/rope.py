@@ -52,8 +52,10 @@ def apply_rope_scaling(config, value, cutoff_len: int) -> dict:
         # and rescales on the fly past it.
         config.max_position_embeddings = int(native * params["factor"])
     try:
-        config.standardize_rope_params()
-        config.validate_rope()
+        # Both methods of transformers 5.x configs; checked by name in case a release renames them.
+        for step in ("standardize_rope_params", "validate_rope"):
+            if hasattr(config, step):
+                getattr(config, step)()
     except (ValueError, KeyError, TypeError) as exc:
         raise TunelabError(f"transformers rejects rope_scaling={value!r} ({exc})", where="config",
                            fix="see transformers' RopeParameters for the fields each rope_type takes") from None

@@ -15,7 +15,7 @@ import torch
 from tunelab.config import TunelabConfig
 from tunelab.train.fast.nf4 import use_compiled_nf4
 from tunelab.train.fast.offload import enable_activation_offload, offload_active, offload_wanted
-from tunelab.train.fast.tiled_mlp import tile_mlps
+from tunelab.train.fast.tiled_mlp import mlps_tiled, tile_mlps
 from tunelab.train.fast.varlen import base_model
 
 
@@ -47,3 +47,16 @@ def apply_memory_levers(model, cfg: TunelabConfig) -> None:
               f"wait in pinned host memory", file=sys.stderr)
     if cfg.tiled_mlp == "true" or (cfg.tiled_mlp == "auto" and offload_active(model)):
         tile_mlps(model)
+
+
+def offload_for_memory(model, cfg: TunelabConfig) -> bool:
+    """What an out-of-memory back-off calls: activation offload, and the tiled MLP unless the config
+    says tiled_mlp=false. Returns whether anything new was switched on (False on CPU, when the
+    config says activation_offload=false, or when both are already on)."""
+    if cfg.activation_offload == "false" or (offload_active(model) and (mlps_tiled(model) or cfg.tiled_mlp == "false")):
+        return False
+    if not enable_activation_offload(model):
+        return False
+    if cfg.tiled_mlp != "false":
+        tile_mlps(model)
+    return True
