@@ -41,7 +41,7 @@ def test_offload_replays_the_forward_dropout_masks():
 
 
 def test_offload_wraps_compiled_layers_and_full_finetuning_gets_weight_gradients():
-    model = tiny_lora_model().base_model.model  # a plain model: every weight trains
+    model = tiny_lora_model(layers=1).base_model.model  # a plain model: every weight trains; 1 layer: 1 compile
     model.requires_grad_(True)
     ref = loss_and_grads(model, TunelabConfig(), samples())
     compile_decoder_layers(model, backend="eager")
@@ -141,3 +141,42 @@ def test_out_of_memory_back_off_entry_point(monkeypatch):
     assert memory.offload_for_memory(model, TunelabConfig()) is True
     assert offload_active(model) and mlps_tiled(model)
     assert memory.offload_for_memory(model, TunelabConfig()) is False
+
+
+def test_lora_inputs_kept_bf16_under_autocast_save_memory_and_change_nothing():
+    from tunelab.train.fast.memory import keep_lora_inputs_bf16
+
+    model = tiny_lora_model(layers=1).to(torch.bfloat16)  # bf16 base, fp32 adapters: as training holds them
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    objective = SFTObjective(TunelabConfig(), SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    batch = objective.collate(samples())
+
+    def run():
+        stored = {}
+
+        def pack(t):
+            stored[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            total, _ = objective.loss(model, batch)
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return total.detach(), grads, sum(stored.values())
+
+    ref_loss, ref_grads, ref_bytes = run()
+    assert keep_lora_inputs_bf16(model) == 7  # every adapted linear of the layer
+    loss, grads, saved_bytes = run()
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
+    assert saved_bytes < 0.9 * ref_bytes
+    with torch.no_grad():  # without autocast the adapters still get their input cast (no dtype clash)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    compile_decoder_layers(model, backend="eager")
+    compiled_loss, compiled_grads, _ = run()
+    torch.testing.assert_close(compiled_loss, ref_loss)
+    for name in ref_grads:
+        torch.testing.assert_close(compiled_grads[name], ref_grads[name], msg=name)

@@ -3,7 +3,8 @@
 - `activation_offload` (offload.py): checkpointed layer inputs in pinned host memory;
 - `tiled_mlp` (tiled_mlp.py): the MLP over token tiles, recomputed tile by tile;
 - QLoRA with `torch_compile` (nf4.py): NF4 dequantization in torch ops, fused by inductor;
-- QLoRA with bf16: the frozen LM head kept in bf16 (peft upcasts it to fp32).
+- QLoRA with bf16: the frozen LM head kept in bf16 (peft upcasts it to fp32);
+- LoRA with bf16: adapters take their bf16 input as is (no fp32 round trip, no extra copies saved).
 """
 
 from __future__ import annotations
@@ -35,7 +36,37 @@ def head_to_autocast_dtype(model, dtype: torch.dtype) -> bool:
     return True
 
 
+class _CastUnlessAutocast:
+    """PEFT reads a LoRA layer's `cast_input_dtype_enabled` as a truth value on every call: this one
+    is false while autocast is on (the adapter's matmul then runs in the autocast dtype anyway)
+    and true otherwise (generation or evaluation without autocast still gets the cast)."""
+
+    def __bool__(self) -> bool:
+        return not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+
+
+def keep_lora_inputs_bf16(model) -> int:
+    """Under autocast, let PEFT's LoRA layers take their input as it comes; returns how many layers.
+
+    PEFT casts each adapter's input to the adapter's fp32 before `lora_A`; under bf16 autocast
+    the matmul casts it straight back to bf16, and autograd keeps that bf16 copy, one per adapted
+    module (q, k and v each keep their own copy of the same input). Without the round trip
+    `lora_A` keeps the input itself, shared with the other adapters': the same numbers and up
+    to 2 x (3h + q + 2h + i) bytes less per token per layer (82 KB on Qwen2.5-7B).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    count = 0
+    for module in base_model(model).modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = _CastUnlessAutocast()
+            count += 1
+    return count
+
+
 def apply_memory_levers(model, cfg: TunelabConfig) -> None:
+    if cfg.bf16 and cfg.finetuning_type == "lora":
+        keep_lora_inputs_bf16(model)
     if cfg.quantization_bit and cfg.bf16:
         head_to_autocast_dtype(model, torch.bfloat16)
     if cfg.quantization_bit == 4 and cfg.torch_compile:
