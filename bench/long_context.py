@@ -8,7 +8,8 @@ model shape (bench/train_throughput.py SHAPES), one sequence of random token ids
 token a target; one forward + backward per probe, bf16 autocast. Configurations:
 
 - baseline: transformers + PEFT, SDPA, gradient checkpointing, the model's own loss;
-- tunelab_ckpt: padding-free varlen attention + chunked LM head/loss + gradient checkpointing;
+- tunelab_ckpt: padding-free varlen attention + chunked LM head/loss + gradient checkpointing
+  (set up by `apply_speed_levers`, as the trainer does, so LoRA inputs stay bf16 too);
 - tunelab_offload: the same + activation offload (train/fast/offload.py) + token-tiled MLP
   (train/fast/tiled_mlp.py) in place of checkpointing.
 
@@ -57,20 +58,21 @@ def train_once(model, name: str, length: int) -> dict:
     """One forward + backward of one `length`-token sequence; peak GiB and seconds, or OOM."""
     from peft import LoraConfig, get_peft_model
 
+    from tunelab.config import TunelabConfig
     from tunelab.data.collate import Sample, pad_batch
-    from tunelab.train.fast import fast_causal_lm_loss_sum
-    from tunelab.train.fast.offload import install_activation_offload
-    from tunelab.train.fast.tiled_mlp import tile_mlps
-    from tunelab.train.fast.varlen import use_varlen_attention
+    from tunelab.train.fast import apply_speed_levers, fast_causal_lm_loss_sum
+    from tunelab.train.fast.offload import offload_active
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
                                                   target_modules="all-linear"))
-    if name != "baseline":
-        use_varlen_attention(peft_model)
-    if name == "tunelab_offload":
-        install_activation_offload(peft_model)
-        tile_mlps(peft_model)
+    if name != "baseline":  # the trainer's own set-up: apply_speed_levers with these keys
+        offload = "true" if name == "tunelab_offload" else "false"
+        apply_speed_levers(peft_model, TunelabConfig(bf16=True, padding_free=True, fused_loss=True,
+                                                     gradient_checkpointing=True, activation_offload=offload,
+                                                     tiled_mlp=offload))
+        if DEVICE == "cuda" and offload_active(peft_model) != (offload == "true"):
+            raise SystemExit("activation offload did not switch on: is this a CUDA device?")
     ids = torch.randint(0, model.config.vocab_size, (length,)).tolist()
     cuda = DEVICE == "cuda"
     reset_memory()

@@ -180,3 +180,15 @@ def test_lora_inputs_kept_bf16_under_autocast_save_memory_and_change_nothing():
     torch.testing.assert_close(compiled_loss, ref_loss)
     for name in ref_grads:
         torch.testing.assert_close(compiled_grads[name], ref_grads[name], msg=name)
+
+
+def test_auto_offloads_when_checkpointed_inputs_would_fill_a_quarter_of_the_gpu(monkeypatch):
+    from tunelab.train.fast import offload
+
+    model = tiny_lora_model()  # 3 layers x hidden 32 x 2 bytes = 192 bytes per token
+    assert offload.offload_wanted("true", model, 1) and not offload.offload_wanted("false", model, 10**9)
+    assert not offload.offload_wanted("auto", model, 10**9)  # on CPU, never
+    monkeypatch.setattr(offload, "_model_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=192 * 4000))
+    assert not offload.offload_wanted("auto", model, 1000)  # exactly a quarter
+    assert offload.offload_wanted("auto", model, 1001)
