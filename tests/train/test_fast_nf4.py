@@ -91,7 +91,18 @@ def test_nf4_linear_with_lora_matches_a_linear_on_the_dequantized_weight(backend
 
     ref_out = F.linear(x, layer.dequantized(), layer.bias) + x @ lora_a.t() @ lora_b.t()
     ref_grads = torch.autograd.grad(ref_out.square().sum(), (x, lora_a, lora_b))
-    assert use_compiled_nf4(layer) == 1 and isinstance(layer.forward, CompiledNF4Forward)
+    class LoraWrapper(torch.nn.Module):  # as PEFT wraps a Linear4bit: the base weight shown as a property
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+        @property
+        def weight(self):
+            return self.base_layer.weight
+
+    wrapper = LoraWrapper(layer)
+    assert use_compiled_nf4(wrapper) == 1 and isinstance(layer.forward, CompiledNF4Forward)
+    assert "forward" not in wrapper.__dict__  # the wrapper (and its adapter) untouched
     assert use_compiled_nf4(layer) == 0  # once
     run = torch.compile(block, backend=backend, fullgraph=True) if backend else block
     out = run(x)

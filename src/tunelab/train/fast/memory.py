@@ -30,7 +30,8 @@ def head_to_autocast_dtype(model, dtype: torch.dtype) -> bool:
     """
     base = base_model(model)
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
-    if head is None or head.weight.requires_grad or head.weight is embeddings.weight or head.weight.dtype == dtype:
+    if type(head) is not torch.nn.Linear or head.weight.requires_grad or head.weight is embeddings.weight \
+            or head.weight.dtype == dtype:  # a LoRA-wrapped, trained or tied head stays as it is
         return False
     head.to(dtype)
     return True

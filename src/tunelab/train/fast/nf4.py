@@ -95,7 +95,9 @@ class CompiledNF4Forward:
 
 
 def is_4bit_linear(module) -> bool:
-    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    # The weight must be the module's own parameter: PEFT's LoRA wrapper shows its base layer's
+    # weight as a property, and patching the wrapper would drop the adapter.
+    state = getattr(module._parameters.get("weight"), "quant_state", None)
     return state is not None and getattr(state, "quant_type", None) in ("nf4", "fp4")
 
 
