@@ -66,7 +66,7 @@ def keep_lora_inputs_bf16(model) -> int:
 
 
 def apply_memory_levers(model, cfg: TunelabConfig) -> None:
-    if cfg.bf16 and cfg.finetuning_type == "lora":
+    if cfg.bf16 and cfg.finetuning_type == "lora" and not cfg.use_dora:  # DoRA's extra math is not only matmuls
         keep_lora_inputs_bf16(model)
     if cfg.quantization_bit and cfg.bf16:
         head_to_autocast_dtype(model, torch.bfloat16)
