@@ -1,6 +1,7 @@
 """Longest trainable single sequence and its peak memory, with `tunelab estimate` beside each probe.
 
-    python bench/long_context.py --model qwen2.5-7b --limit 262144 --out long-qwen.json
+    python bench/long_context.py --model qwen2.5-7b --configs baseline,tunelab_offload \
+        --first tunelab_offload=262144 --limit 262144 --out long-qwen.json
     python bench/long_context.py --model llama3-8b --configs tunelab_offload --lengths 344064
 
 One LoRA (r=16, alpha 32, all linear layers, dropout 0) on random bf16 weights of the real
@@ -13,9 +14,9 @@ token a target; one forward + backward per probe, bf16 autocast. Configurations:
 - tunelab_offload: the same + activation offload (train/fast/offload.py) + token-tiled MLP
   (train/fast/tiled_mlp.py) in place of checkpointing.
 
-Lengths double from --start (or are given with --lengths) until one does not fit, --limit
-is passed, or the next doubling would not finish within --budget-s (attention grows with the
-square of the length). Each probe prints the measured peak (torch.cuda.max_memory_allocated),
+Lengths double from --start (or from --first CONFIG=LEN, or are given with --lengths) until
+one does not fit, --limit is passed, or the next doubling would not finish within --budget-s
+(attention grows with the square of the length). Each probe prints the measured peak (torch.cuda.max_memory_allocated),
 its time and tokens/s, and the estimate for the same settings (serve/estimate.py).
 """
 
@@ -111,11 +112,12 @@ def _synced_time(cuda: bool) -> float:
     return time.perf_counter()
 
 
-def probe_lengths(args, best_so_far: int):
+def probe_lengths(args, name: str, best_so_far: int):
     if args.lengths:
         yield from (int(n) for n in args.lengths.split(","))
         return
-    length = max(args.start, best_so_far)
+    first = dict(item.split("=") for item in args.first.split(",")) if args.first else {}
+    length = int(first[name]) if name in first else max(args.start, best_so_far)
     while length <= args.limit:
         yield length
         length *= 2
@@ -128,6 +130,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=4096)
     parser.add_argument("--limit", type=int, default=262144, help="longest length to probe")
     parser.add_argument("--lengths", default=None, help="probe exactly these lengths (comma list) instead")
+    parser.add_argument("--first", default=None, metavar="CONFIG=LEN,...",
+                        help="where a configuration's doubling starts (default: --start, or the longest "
+                             "length an earlier configuration reached)")
     parser.add_argument("--budget-s", type=float, default=420, help="stop doubling when the next probe would end "
                                                                     "past this many seconds of the run")
     parser.add_argument("--out", default=None)
@@ -143,7 +148,7 @@ def main() -> None:
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name}; choose from {', '.join(CONFIGS)}")
         longest[name] = 0
-        for length in probe_lengths(args, max(longest.values())):
+        for length in probe_lengths(args, name, max(longest.values())):
             row = train_once(model, name, length)
             rows.append(row)
             print(json.dumps(row), flush=True)
