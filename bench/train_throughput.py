@@ -141,6 +141,7 @@ class Result:
     seconds: float = 0.0
     flops: float = 0.0
     peak_gib: float = 0.0
+    estimate_gib: float = 0.0  # `tunelab estimate` for the step's largest micro-batch
     losses: list = field(default_factory=list)  # per optimizer step, every step (warm-up too)
     note: str = ""
 
@@ -154,16 +155,20 @@ def reset_base(model) -> None:
     model.gradient_checkpointing_disable()
     if hasattr(model, "_require_grads_hook"):
         model.disable_input_require_grads()
-    for layer in model.get_decoder().layers:  # compiled layers back to eager
+    for layer in model.get_decoder().layers:  # compiled (or offloaded) layers back to eager
         layer._compiled_call_impl = None
+    from tunelab.train.fast.tiled_mlp import untile_mlps
+
+    untile_mlps(model)
     torch._dynamo.reset()
     reset_memory()
 
 
 def reset_memory():
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():  # (bench/long_context.py smoke-runs on CPU)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def step_groups(samples, micro: int):
@@ -316,6 +321,28 @@ def run_tunelab(model, samples, warmup: int, name: str, lora_init: dict, micro: 
     return result
 
 
+def estimate_gib(model_cfg, name: str, samples) -> float:
+    """serve/estimate.py for this configuration at its largest micro-batch (where the peak is)."""
+    from tunelab.serve.estimate import Settings, architecture_from_config, estimate_memory
+
+    if name.startswith("baseline"):
+        levers, micro = dict(gradient_checkpointing=True), 16 if name.endswith("_mb16") else BASELINE_MICRO
+    else:
+        levers = dict(TUNELAB_CONFIGS[name])
+        micro = levers.pop("micro", SAMPLES_PER_STEP)
+    packed = levers.get("padding_free", False) or name.startswith("baseline_packed")
+    groups = [g for step in step_groups(samples, micro) for g in step]
+    if packed:  # one stream of real tokens
+        batch, seq_len = 1, max(sum(len(s) for s in g) for g in groups)
+    else:
+        batch, seq_len = max(((len(g), max(len(s) for s in g)) for g in groups), key=lambda bs: bs[0] * bs[1])
+    settings = Settings(method="qlora" if levers.get("quantization_bit") else "lora", seq_len=seq_len, batch=batch,
+                        lora_rank=LORA["lora_rank"], padded=not packed,
+                        gradient_checkpointing=levers.get("gradient_checkpointing", name.startswith("baseline")),
+                        fused_loss=levers.get("fused_loss", False))
+    return estimate_memory(architecture_from_config(model_cfg.to_dict(), name="bench"), settings).total / 2**30
+
+
 # --- longest trainable sequence ---------------------------------------------------------------
 
 def fits(model, length: int, tunelab: bool, vocab: int) -> bool:
@@ -410,7 +437,7 @@ def run(args) -> None:
     flops = flops_per_step(model.config, n_params, [len(s) for s in measured])
     info["n_params"] = n_params
     longest = {}
-    if args.longest:  # first: tunelab_qlora quantizes the shared model
+    if args.longest:  # first: the tunelab_qlora* configs quantize the shared model
         vocab = model.config.vocab_size
         longest["baseline"] = longest_sequence(model, False, 4096, args.longest, vocab)
         longest["tunelab"] = longest_sequence(model, True, max(4096, longest["baseline"]), args.longest, vocab)
@@ -418,8 +445,8 @@ def run(args) -> None:
     results = []
     lora_init = None
     for name in args.configs.split(","):
-        if name == "tunelab_qlora":  # last: quantizing changes the shared base model for good
-            quantize_nf4(model)
+        if name.startswith("tunelab_qlora") and not getattr(model, "is_loaded_in_4bit", False):
+            quantize_nf4(model)  # last: quantizing changes the shared base model for good
         t0 = time.perf_counter()
         if name.startswith("baseline"):
             res, init = run_baseline(model, samples, args.warmup, packed=name.startswith("baseline_packed"),
@@ -429,6 +456,7 @@ def run(args) -> None:
             lora_init = lora_init or draw_lora_init(model)
             res = run_tunelab(model, samples, args.warmup, name, lora_init, **TUNELAB_CONFIGS[name])
         res.flops = flops
+        res.estimate_gib = estimate_gib(model.config, name, samples)
         res.note = f"{time.perf_counter() - t0:.0f}s wall"
         results.append(res)
         print(json.dumps(vars(res)), flush=True)
@@ -451,6 +479,11 @@ TUNELAB_CONFIGS = {  # name -> config keys (micro = samples per micro-batch)
     "tunelab_dropout": dict(padding_free=True, fused_loss=True, torch_compile=True, lora=dict(lora_dropout=0.1)),
     "tunelab_dropout_peft": dict(padding_free=True, fused_loss=True, torch_compile=True, speed="off",
                                  lora=dict(lora_dropout=0.1)),
+    # NF4 dequantized in torch ops inside the compiled layers (train/fast/nf4.py): vs `tunelab`
+    "tunelab_qlora_compiled": dict(padding_free=True, fused_loss=True, torch_compile=True, quantization_bit=4),
+    # the baseline's micro-batches (equal tokens per micro-batch): peak memory vs `baseline`
+    "tunelab_qlora_mb4": dict(padding_free=True, fused_loss=True, gradient_checkpointing=True, quantization_bit=4,
+                              micro=BASELINE_MICRO),
 }
 
 
@@ -463,15 +496,16 @@ def table(report: dict) -> str:
              f"{info['steps']} steps x {SAMPLES_PER_STEP} samples after {info['warmup']} warm-up; "
              f"varlen kernel rel. err {info['varlen_rel_err']:.1e}",
              f"| config | real tok/s | x baseline | MFU (measured peak) | MFU (989 TF) | peak GiB | x baseline "
-             f"| loss step 1 | final loss | max abs loss diff vs baseline |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"| estimate GiB | loss step 1 | final loss | max abs loss diff vs baseline |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         tps = r["real_tokens"] / r["seconds"] if r["seconds"] else 0
         flops_per_s = r["flops"] / r["seconds"] if r["seconds"] else 0
         diff = max((abs(a - b) for a, b in zip(r["losses"], base["losses"])), default=float("nan"))
         lines.append(f"| {r['name']} | {tps:,.0f} | {tps / base_tps if base_tps else 0:.2f} | "
                      f"{100 * flops_per_s / 1e12 / info['peak_tflops']:.1f}% | {100 * flops_per_s / 989e12:.1f}% | "
-                     f"{r['peak_gib']:.1f} | {r['peak_gib'] / base['peak_gib']:.2f} | {r['losses'][0]:.4f} | "
+                     f"{r['peak_gib']:.1f} | {r['peak_gib'] / base['peak_gib']:.2f} | {r.get('estimate_gib', 0):.1f} | "
+                     f"{r['losses'][0]:.4f} | "
                      f"{r['losses'][-1]:.4f} | {diff:.4f} |")
     if report.get("longest"):
         lines.append(f"longest trainable single sequence (doubling from 4096): {report['longest']}")

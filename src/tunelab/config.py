@@ -102,6 +102,13 @@ class TunelabConfig:
     max_tokens_per_batch: int | None = None  # micro-batch token budget; auto on CUDA: sized to free memory
     oom_backoff: bool = True  # on CUDA out-of-memory: smaller micro-batches, then checkpointing; retry the step
 
+    # --- memory levers (train/fast/offload.py, tiled_mlp.py, nf4.py; docs/benchmarks.md) --------
+    # auto: on a GPU when one micro-batch's checkpointed layer inputs would fill a quarter of it
+    activation_offload: str = "auto"  # true | false | auto: checkpointed layer inputs wait in pinned CPU memory
+    tiled_mlp: str = "auto"  # true | false | auto (= with activation offload): MLP over 8k-token tiles
+    rope_scaling: dict | str | None = None  # linear | dynamic | yarn | llama3, or {rope_type: yarn, factor: 4.0}
+    optim: str = "adamw_torch"  # adamw_torch | adamw_8bit | paged_adamw_8bit | adafactor | sgd
+
     # --- evaluation, checkpoints, logging ------------------------------------------
     eval_strategy: str = "no"  # no | steps | epoch
     eval_steps: int = 100
@@ -144,7 +151,27 @@ CHOICES = {
     "pref_loss": ("sigmoid", "ipo", "hinge"),
     "speed": ("auto", "off"),
     "distributed_strategy": ("auto", "ddp", "fsdp"),
+    "activation_offload": ("true", "false", "auto"),
+    "tiled_mlp": ("true", "false", "auto"),
+    "optim": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
 }
+TRI_STATE = ("activation_offload", "tiled_mlp")  # str keys that also take YAML true / false
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+
+
+def check_rope_scaling(value) -> None:
+    """The rope_scaling key's shape (the factor may still come from cutoff_len, see model/rope.py)."""
+    if value is None:
+        return
+    rope_type = value.get("rope_type", value.get("type")) if isinstance(value, dict) else value
+    if rope_type not in ROPE_TYPES:
+        raise TunelabError(f"rope_scaling type {rope_type!r} is not one of {', '.join(ROPE_TYPES)}",
+                           where="config", fix="write e.g. rope_scaling=yarn or rope_scaling={rope_type: yarn, "
+                                               "factor: 4.0}")
+    factor = value.get("factor", 1) if isinstance(value, dict) else 1
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        raise TunelabError(f"rope_scaling factor must be a number >= 1, got {factor!r}", where="config",
+                           fix="e.g. factor: 4.0 trains 4x the model's native context")
 
 
 def validate(cfg: TunelabConfig) -> None:
@@ -157,6 +184,7 @@ def validate(cfg: TunelabConfig) -> None:
                 where="config",
                 fix=f"use {key}={hint}" if hint else f"pick one of {', '.join(allowed)}",
             )
+    check_rope_scaling(cfg.rope_scaling)
     if cfg.bf16 and cfg.fp16:
         raise TunelabError("bf16 and fp16 are both on", where="config", fix="set only one of them")
     if cfg.quantization_bit not in (None, 4, 8):
@@ -217,7 +245,13 @@ def _coerce(key: str, value, tp, where: str):
         inner = [a for a in args if a is not type(None)]
         if isinstance(value, str) and value.lower() == "auto" and inner[0] in (bool, int):
             return None  # an automatic lever (bool | None, int | None): None is "auto"
-        return _coerce(key, value, inner[0], where)
+        for candidate in inner:  # the first type that takes the value
+            try:
+                return _coerce(key, value, candidate, where)
+            except TunelabError:
+                continue
+        raise TunelabError(f"{key} must be {_type_name(tp)}, got {value!r}", where=where,
+                           fix=f"write e.g. {key}={_example(inner[0])}")
     if origin is list:
         (item_tp,) = args
         if isinstance(value, str):
@@ -225,6 +259,10 @@ def _coerce(key: str, value, tp, where: str):
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(key, v, item_tp, where) for v in value]
+    if tp is dict and isinstance(value, dict):  # a YAML mapping (also `key={a: 1}` on the command line)
+        return value
+    if tp is str and isinstance(value, bool) and key in TRI_STATE:  # `activation_offload: true`
+        return "true" if value else "false"
     if tp is bool:
         if isinstance(value, bool):
             return value

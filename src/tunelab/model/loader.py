@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -206,14 +207,19 @@ def load_model(
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    rope_scaling: dict | str | None = None,
+    cutoff_len: int = 0,
 ):
-    """A causal LM on `device` in `dtype`; 4/8-bit through bitsandbytes (CUDA only) for QLoRA."""
+    """A causal LM on `device` in `dtype`; 4/8-bit through bitsandbytes (CUDA only) for QLoRA;
+    `rope_scaling` (see model/rope.py) rescales positions for `cutoff_len` tokens."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     kwargs: dict = dict(dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code)
+    if rope_scaling:
+        kwargs["config"] = _scaled_config(path, rope_scaling, cutoff_len, trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization_bit:
@@ -233,6 +239,18 @@ def load_model(
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def _scaled_config(path: Path, rope_scaling, cutoff_len: int, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    from tunelab.model.rope import apply_rope_scaling
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    params = apply_rope_scaling(config, rope_scaling, cutoff_len)
+    print(f"rope_scaling: {params['rope_type']} x{params['factor']:g}, max_position_embeddings "
+          f"{config.max_position_embeddings}", file=sys.stderr)
+    return config
 
 
 def bitsandbytes_config(bits: int, device: torch.device):

@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     est.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 weights and activations")
     est.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw or paged_adamw_8bit")
     est.add_argument("--gradient-checkpointing", action="store_true")
+    est.add_argument("--activation-offload", action="store_true", help="tunelab's activation_offload=true")
+    est.add_argument("--tiled-mlp", action="store_true", help="tunelab's tiled_mlp=true")
+    est.add_argument("--fused-loss", action="store_true", help="tunelab's fused_loss=true (chunked LM head)")
     est.add_argument("--lora-rank", type=int, default=8)
     est.add_argument("--lora-target", default="all-linear", help="all-linear or a comma list (q_proj,v_proj)")
     est.add_argument("--packing", action="store_true", help="unpadded (packed) batches: no attention mask")
@@ -145,6 +148,8 @@ def run_estimate(args) -> int:
     settings = Settings(method=args.method, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
                         optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
                         lora_rank=args.lora_rank, lora_target=[t.strip() for t in args.lora_target.split(",")],
-                        padded=not args.packing, quantization_bit=args.quantization_bit)
+                        padded=not args.packing, quantization_bit=args.quantization_bit,
+                        activation_offload=args.activation_offload, tiled_mlp=args.tiled_mlp,
+                        fused_loss=args.fused_loss)
     print(format_estimate(estimate_memory(load_architecture(args.model), settings)))
     return 0

@@ -24,6 +24,8 @@ GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 METHODS = ("full", "lora", "qlora", "inference")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+TILE_TOKENS = 8192  # train/fast/tiled_mlp.DEFAULT_TILE_TOKENS (serve may not import train)
+CHUNK_TOKENS = 4096  # train/fast/chunked_ce.DEFAULT_CHUNK_TOKENS
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Decoder-only families whose layers are Llama-shaped (attention + SwiGLU MLP + 2 RMSNorms).
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
@@ -224,6 +226,10 @@ class Settings:
     lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
     padded: bool = True  # an attention mask (padded batches) makes SDPA repeat k/v and keep the mask
     quantization_bit: int | None = None  # inference only; qlora is always 4-bit
+    # tunelab's memory levers (train/fast): offload implies checkpointing (it recomputes each layer)
+    activation_offload: bool = False  # checkpointed layer inputs in pinned host memory, 2 on the GPU
+    tiled_mlp: bool = False  # MLP intermediates of one TILE_TOKENS tile at a time
+    fused_loss: bool = False  # LM head + loss in CHUNK_TOKENS chunks: never the full logits
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,7 @@ class Line:
     bytes: float
     formula: str
     # When the bytes are alive: "static" (always), "forward" (from the forward pass to the
-    # start of backward) or "step" (end of backward and optimizer.step()).
+    # start of backward), "step" (end of backward and optimizer.step()) or "host" (pinned CPU memory).
     phase: str = "static"
 
 
@@ -279,7 +285,56 @@ def layer_activation_bytes(arch: Architecture, settings: Settings) -> tuple[floa
         adapters = sum(4 * shapes[t][0] + 4 * settings.lora_rank for t in targets)
         per_token = 8 * h + 6 * i + 4 * q + 4 * kv + 4 * nh + 8 + pad + adapters
         formula = f"8h + 6i + 4q + 4kv + 4nh + 8{pad_f} + sum over adapted modules (4 d_in + 4r)"
+    if settings.tiled_mlp:  # the MLP keeps only its input; its intermediates live one tile at a time
+        mlp, mlp_f = mlp_activation_bytes(arch, settings)
+        if settings.method == "full":  # the input is already saved for gate/up's weight gradients
+            return per_token * scale - mlp, f"{formula} - ({mlp_f})"
+        return per_token * scale - mlp + 2 * h * scale, f"{formula} - ({mlp_f}) + 2h (the MLP input)"
     return per_token * scale, formula
+
+
+def mlp_activation_bytes(arch: Architecture, settings: Settings) -> tuple[float, str]:
+    """The part of `layer_activation_bytes` that the MLP's intermediates take (what tiling bounds)."""
+    scale = DTYPE_BYTES[settings.dtype] / 2
+    if settings.method == "full":
+        return 8 * arch.intermediate_size * scale, "8i"
+    shapes = arch.linear_shapes()
+    mlp = [t for t in lora_targets(arch, settings.lora_target) if t in ("gate_proj", "up_proj", "down_proj")]
+    adapters = sum(4 * shapes[t][0] + 4 * settings.lora_rank for t in mlp)
+    return (6 * arch.intermediate_size + adapters) * scale, "6i + MLP adapters"
+
+
+def activation_lines(arch: Architecture, s: Settings, tokens: int) -> list[Line]:
+    layer, layer_f = layer_activation_bytes(arch, s)
+    L, h2 = arch.num_layers, 2 * arch.hidden_size
+    fixed, fixed_f = 0.0, ""
+    if s.tiled_mlp:  # one tile's intermediates while backward recomputes it
+        mlp, _ = mlp_activation_bytes(arch, s)
+        tile = min(tokens, TILE_TOKENS)
+        fixed, fixed_f = mlp * tile, f" + one MLP tile: {tile:,} x {mlp:,.0f} B"
+    if s.activation_offload:
+        return [Line("activations (offload: 2 layer inputs + one layer recomputed)", 2 * h2 * tokens + layer * tokens
+                     + fixed, f"b*s*(2 x 2h + {layer_f}) = {tokens:,} x ({2 * h2:,} + {layer:,.0f}) B{fixed_f}",
+                     "forward"),
+                Line("host memory (pinned): offloaded layer inputs", L * h2 * tokens,
+                     f"b*s*L*2h = {tokens:,} x {L * h2:,} B", "host")]
+    if s.gradient_checkpointing:
+        return [Line("activations (gradient checkpointing)", L * h2 * tokens + layer * tokens + fixed,
+                     f"b*s*(L*2h + one layer recomputed: {layer_f}) = {tokens:,} x ({L * h2:,} + {layer:,.0f}) B"
+                     f"{fixed_f}", "forward")]
+    return [Line("activations", L * (layer * tokens + fixed),
+                 f"L*(b*s*({layer_f}){fixed_f}) = {L} x ({tokens:,} x {layer:,.0f} B{fixed_f})", "forward")]
+
+
+def logits_line(arch: Architecture, s: Settings, tokens: int) -> Line:
+    if s.fused_loss:
+        chunk = min(tokens, CHUNK_TOKENS)
+        # per chunk: bf16 logits, their fp32 copy turned into the gradient in place, its bf16 cast;
+        # for every token: the bf16 gradient of the hidden state, kept for backward
+        return Line("chunked LM head + loss", 8 * chunk * arch.vocab_size + 2 * arch.hidden_size * tokens,
+                    f"chunk*V*(2 + 4 + 2) + b*s*2h, chunk = {chunk:,}", "forward")
+    return Line("logits and loss (peak at backward start)", 14 * tokens * arch.vocab_size,
+                "b*s*V*(2 bf16 logits + 4 fp32 log-softmax + 2 x 4 fp32 gradients)", "forward")
 
 
 def training_lines(arch: Architecture, settings: Settings, params: ParameterCount) -> tuple[list[Line], int]:
@@ -290,11 +345,14 @@ def training_lines(arch: Architecture, settings: Settings, params: ParameterCoun
     lines = []
     if s.method == "qlora":
         qb, qf = quantized_bytes_per_weight(4)
-        rest = n - params.quantizable
         # peft's prepare_model_for_kbit_training (our QLoRA set-up) upcasts everything it
-        # cannot quantize (embeddings, lm_head, norms) to fp32.
-        lines.append(Line("weights (4-bit linear + fp32 rest)", params.quantizable * qb + rest * 4,
-                          f"{params.quantizable:,} x {qf} + {rest:,} x 4 B"))
+        # cannot quantize (embeddings, norms, lm_head) to fp32; training in 16 bits, tunelab
+        # stores an untied frozen head back in 16 bits (train/fast/memory.py).
+        head = params.lm_head if s.dtype != "fp32" else 0
+        rest = n - params.quantizable - head
+        lines.append(Line(f"weights (4-bit linear + fp32 rest{f' + {s.dtype} head' if head else ''})",
+                          params.quantizable * qb + rest * 4 + head * wbytes,
+                          f"{params.quantizable:,} x {qf} + {rest:,} x 4 B" + (f" + {head:,} x {wbytes} B" if head else "")))
     else:
         lines.append(Line(f"weights ({s.dtype})", n * wbytes, f"{n:,} params x {wbytes} B"))
     if s.method == "full":
@@ -313,21 +371,11 @@ def training_lines(arch: Architecture, settings: Settings, params: ParameterCoun
         # torch's foreach AdamW allocates one state-sized temporary (sqrt of exp_avg_sq) in step()
         lines.append(Line("optimizer step scratch", trainable * grad_bytes, f"{trainable:,} x {grad_bytes} B", "step"))
 
-    layer, layer_f = layer_activation_bytes(arch, s)
-    L = arch.num_layers
-    if s.gradient_checkpointing:
-        kept = L * 2 * arch.hidden_size * tokens + layer * tokens
-        lines.append(Line("activations (gradient checkpointing)", kept,
-                          f"b*s*(L*2h + one layer recomputed: {layer_f}) = {tokens:,} x ({L * 2 * arch.hidden_size:,} + {layer:,.0f}) B",
-                          "forward"))
-    else:
-        lines.append(Line("activations", L * layer * tokens,
-                          f"b*s*L*({layer_f}) = {tokens:,} x {L} x {layer:,.0f} B", "forward"))
+    lines += activation_lines(arch, s, tokens)
     extra = 4 * arch.head_dim + (8 * arch.hidden_size if s.method == "full" else 0)
     lines.append(Line("embeddings, final norm, rotary tables", extra * tokens,
                       f"b*s*({'8h + ' if s.method == 'full' else ''}4*head_dim)", "forward"))
-    lines.append(Line("logits and loss (peak at backward start)", 14 * tokens * arch.vocab_size,
-                      "b*s*V*(2 bf16 logits + 4 fp32 log-softmax + 2 x 4 fp32 gradients)", "forward"))
+    lines.append(logits_line(arch, s, tokens))
     if s.method == "qlora":
         biggest = max(a * b for a, b in arch.linear_shapes().values())
         lines.append(Line("dequantized weight buffer", biggest * wbytes, f"largest linear {biggest:,} x {wbytes} B", "forward"))
@@ -368,6 +416,7 @@ def estimate_memory(arch: Architecture, settings: Settings) -> Estimate:
     lines, trainable = training_lines(arch, settings, params)
     # Gradients are freed between steps (zero_grad(set_to_none=True)) and appear during
     # backward as the activations are released, so the forward and step peaks do not add.
+    # "host" lines (offloaded activations) live in pinned CPU memory: not part of the GPU peak.
     static, forward, step = (sum(x.bytes for x in lines if x.phase == phase) for phase in ("static", "forward", "step"))
     total = static + max(forward, step)
     formula = "weights + optimizer states + max(activations + logits, gradients + step scratch)"
@@ -402,6 +451,8 @@ def format_estimate(est: Estimate) -> str:
              + (f", LoRA r={s.lora_rank} on {','.join(s.lora_target)} ({est.trainable:,} trainable)"
                 if s.method in ("lora", "qlora") else "")
              + (", gradient checkpointing" if s.gradient_checkpointing else "")
+             + "".join(f", {name}" for name, on in (("activation offload", s.activation_offload),
+                                                     ("tiled MLP", s.tiled_mlp), ("fused loss", s.fused_loss)) if on)
              + ("" if s.padded or s.method == "inference" else ", unpadded (packed) batches"))
     width = max(len(line.name) for line in est.lines)
     rows = [f"  {line.name:<{width}}  {line.bytes / GIB:9.2f} GiB   {line.formula}" for line in est.lines]

@@ -39,6 +39,7 @@ from tunelab.train.distributed import SINGLE, Dist, rank_share
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
+from tunelab.train.optim import build_optimizer
 from tunelab.train.tracking import Tracker, plot_loss
 
 
@@ -75,6 +76,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
     from tunelab.model.adapters import count_parameters, prepare_for_training
     from tunelab.model.loader import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device
     from tunelab.train.fast import apply_speed_levers
+    from tunelab.train.fast.memory import offload_for_memory
 
     run_dir = Path(cfg.output_dir)
     resume_path = resolve_resume(run_dir, cfg.resume_from_checkpoint)
@@ -96,7 +98,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
     load_device = torch.device("cpu") if dist.strategy == "fsdp" else device
     model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
                        quantization_bit=cfg.quantization_bit,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
     model = prepare_for_training(model, cfg)
     plan = resolve_speed(cfg, model, device)
     cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
@@ -138,7 +141,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
     # The back-off retries a step on its own: across processes the ranks would have to agree on it.
     memory = MemoryBackoff(cfg.max_tokens_per_batch, enabled=cfg.oom_backoff and not dist.enabled,
                            enable_checkpointing=lambda: enable_gradient_checkpointing(model),
-                           checkpointing=bool(cfg.gradient_checkpointing), log=tracker.note)
+                           checkpointing=bool(cfg.gradient_checkpointing), log=tracker.note,
+                           enable_offload=lambda: offload_for_memory(model, cfg))
 
     def micro_batches(step_ids: list[list[int]], budget: int | None) -> list[list[int]]:
         """The step's samples as micro-batches: by token budget, or as batch_order cut them."""
@@ -450,17 +454,6 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
 def _grad_sync(objective, last: bool):
     """DDP all-reduces on the last micro-batch of a step only (see distributed.DistributedObjective)."""
     return objective.grad_sync(last) if hasattr(objective, "grad_sync") else contextlib.nullcontext()
-
-
-def build_optimizer(model, cfg: TunelabConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (as transformers does)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=device.type == "cuda")
 
 
 def build_scheduler(optimizer, cfg: TunelabConfig, total_steps: int):

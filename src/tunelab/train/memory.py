@@ -6,7 +6,8 @@ the same masks) and the same samples are tried again with, in this order:
 
 1. micro-batches of half as many tokens (down to MIN_TOKEN_BUDGET, or the longest sample);
 2. gradient checkpointing (layer inputs kept, the rest recomputed in backward);
-3. micro-batches of half as many tokens again, down to one sample each;
+3. activation offload + token-tiled MLP (train/fast/offload.py: layer inputs in pinned host memory);
+4. micro-batches of half as many tokens again, down to one sample each;
 
 and when nothing is left, one clear message with what was tried and which keys to change.
 The loss is averaged over the step's target tokens however the step is split, so a
@@ -68,11 +69,14 @@ class MemoryBackoff:
     """
 
     def __init__(self, budget: int | None, enabled: bool, enable_checkpointing: Callable[[], None],
-                 checkpointing: bool, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)):
+                 checkpointing: bool, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                 enable_offload: Callable[[], bool] = lambda: False):
         self.budget = budget
         self.enabled = enabled
         self.enable_checkpointing = enable_checkpointing
         self.checkpointing = checkpointing
+        self.enable_offload = enable_offload  # returns whether it switched anything on
+        self.offloading = False
         self.log = log
         self.tried: list[str] = []
 
@@ -119,6 +123,9 @@ class MemoryBackoff:
             self.enable_checkpointing()
             self.checkpointing = True
             change = "gradient checkpointing on"
+        elif not self.offloading and self.enable_offload():
+            self.offloading = True
+            change = "activation offload on (layer inputs in pinned host memory)"
         else:
             raise self._give_up(step, longest, failed_tokens)
         self.tried.append(change)

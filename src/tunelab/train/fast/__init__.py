@@ -7,6 +7,7 @@
 - `compile_decoder_layers`: regional torch.compile of each decoder layer (`torch_compile=true`);
 - `lora_dropout`: LoRA dropout whose masks are recomputed in backward instead of stored;
 - `plan`: which of these a run takes when the keys are left on auto (the default).
+- `memory.apply_memory_levers`: activation offload, token-tiled MLP, compiled NF4 (QLoRA).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from tunelab.config import TunelabConfig
 from tunelab.train.fast.lora_dropout import recompute_lora_dropout
 from tunelab.train.fast.loss import fast_causal_lm_loss_sum, fast_sequence_logps
+from tunelab.train.fast.memory import apply_memory_levers
 from tunelab.train.fast.varlen import base_model, use_varlen_attention
 
 __all__ = ["apply_speed_levers", "compile_decoder_layers", "fast_causal_lm_loss_sum", "fast_sequence_logps",
@@ -46,3 +48,4 @@ def apply_speed_levers(model, cfg: TunelabConfig, device=None) -> None:
         recompute_lora_dropout(model)
     if cfg.torch_compile:
         compile_decoder_layers(model)
+    apply_memory_levers(model, cfg)  # after compile: offload wraps the compiled layers
