@@ -145,6 +145,8 @@ def validate(cfg: TunelabConfig) -> None:
                 where="config",
                 fix=f"use {key}={hint}" if hint else f"pick one of {', '.join(allowed)}",
             )
+    if not cfg.output_dir.strip():  # "" would mean the current folder: a run would write over its files
+        raise TunelabError("output_dir is empty", where="config", fix="set output_dir=runs/NAME")
     if cfg.bf16 and cfg.fp16:
         raise TunelabError("bf16 and fp16 are both on", where="config", fix="set only one of them")
     if cfg.quantization_bit not in (None, 4, 8):

@@ -44,6 +44,7 @@ class TrainerState:
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
     log_history: list[dict] = field(default_factory=list)
+    log_window: dict = field(default_factory=dict)  # sums of the logging window still open (exact resume)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
