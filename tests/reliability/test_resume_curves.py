@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import eval_steps, train_rows
 from safetensors.torch import load_file
+
+from runs_helpers import config_maker, eval_steps, train_rows
 
 from tunelab.train import loop
 
@@ -31,6 +32,11 @@ def _interrupt_at_step(monkeypatch, at: int, sig=signal.SIGINT):
 def _same_weights(a: Path, b: Path) -> bool:
     wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir):
+    return config_maker(tmp_path, tiny_model_dir)
 
 
 def test_sigterm_mid_window_resumes_to_the_same_curve_evals_and_weights(run_config, monkeypatch):

@@ -1,8 +1,8 @@
-"""Shared pieces of the reliability suite: a tiny-model training config and log readers."""
+"""Shared pieces of the reliability suite: a tiny-model training config and log readers.
+
+Not named conftest.py: the other test folders import `conftest` (the top-level one) by name."""
 
 from pathlib import Path
-
-import pytest
 
 from tunelab.config import load_config
 from tunelab.train.tracking import read_log
@@ -11,8 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"
 
 
-@pytest.fixture
-def run_config(tmp_path, tiny_model_dir):
+def config_maker(tmp_path, tiny_model_dir):
     """`run_config(out, **overrides)`: a few-step LoRA run of the tiny random model on CPU."""
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(QUICKSTART.read_text(encoding="utf-8").splitlines()[:16]) + "\n", encoding="utf-8")
