@@ -133,6 +133,10 @@ class NearDuplicateIndex:
         if not 0 < threshold <= 1:
             raise TunelabError(f"--near {threshold} is not in (0, 1]", where="dedup",
                                fix="use e.g. --near 0.9 (Jaccard similarity of character n-grams), or 0 for exact only")
+        if num_perm < 2:  # the LSH needs at least two permutations to form bands
+            raise TunelabError(f"--num-perm {num_perm} is too small", where="dedup", fix="use --num-perm 128 (the default)")
+        if ngram < 1:
+            raise TunelabError(f"--ngram {ngram} must be at least 1", where="dedup", fix="use --ngram 5 (the default)")
         self.threshold, self.ngram = threshold, ngram
         # Banding tuned for recall (false negatives weigh 0.9): every candidate is confirmed
         # on its stored signature below, so a false positive costs one comparison, while a
