@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,12 +27,16 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH
 
 
 def train_args(model_dir: Path, data: Path, out: Path, resume: bool) -> list[str]:
+    """The run: 12 steps, a checkpoint every 3, a log row every 2 (so windows span checkpoints)."""
     args = [sys.executable, "-m", "tunelab.cli", "train", f"model_name_or_path={model_dir}", f"dataset={data}",
             "cutoff_len=128", "max_steps=12", "per_device_train_batch_size=2", "gradient_accumulation_steps=2",
             "learning_rate=5e-3", "lora_rank=4", "lora_alpha=8", "lora_dropout=0.1", "logging_steps=2",
             "save_steps=3", "save_total_limit=2", f"output_dir={out}", "report_to=jsonl", "disable_tqdm=true",
             "device=cpu", "val_size=4", "eval_strategy=steps", "eval_steps=4", "plot_loss=false"]
-    return args + (["resume_from_checkpoint=latest"] if resume else [])
+    if resume:
+        return args + ["resume_from_checkpoint=latest"]
+    # Killed before its first checkpoint: start again, as a user would.
+    return args + (["overwrite_output_dir=true"] if out.exists() else [])
 
 
 def log_rows(run: Path) -> list[dict]:
@@ -97,12 +100,9 @@ def run_trial(model_dir: Path, data: Path, work: Path, kills: int, seed: int) ->
         cmd = train_args(model_dir, data, cut, resume)
         events.append(kill_at_random_point(cmd, cut, rng, mid_save=k % 3 == 2))
     resume = (cut / "checkpoints").is_dir() and any((cut / "checkpoints").glob("checkpoint-*"))
-    if resume or not (cut / "adapter_model.safetensors").exists():
-        if not resume and cut.exists():
-            shutil.rmtree(cut)  # killed before its first checkpoint: start again, as a user would
-        done = subprocess.run(train_args(model_dir, data, cut, resume), env=ENV, capture_output=True, text=True)
-        if done.returncode != 0:
-            return {"events": events, "identical": False, "error": done.stderr[-2000:]}
+    done = subprocess.run(train_args(model_dir, data, cut, resume), env=ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"events": events, "identical": False, "error": done.stderr[-2000:]}
     wa, wb = weights(reference), weights(cut)
     same_weights = wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
     return {"events": events, "identical": same_weights and curve(reference) == curve(cut),

@@ -188,6 +188,7 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
         elif cfg.eval_strategy != "no" and last_eval_step != state.global_step:
             evaluate_and_track()  # the final model is always evaluated
     except KeyboardInterrupt:
+        _restore_sigterm(signal.SIG_IGN)  # a scheduler's second SIGTERM must not cut this checkpoint short
         path = checkpoint()
         plot_loss(run_dir)
         print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
@@ -251,7 +252,7 @@ def _sigterm_as_ctrl_c():
 
 
 def _restore_sigterm(previous) -> None:
-    if previous is not None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
 
 
