@@ -59,11 +59,14 @@ def test_stale_temporary_folders_of_a_killed_run_are_cleaned(tmp_path):
     assert not any(p.exists() for p in stale) and live.exists()
 
 
-def test_a_folder_moved_aside_mid_replacement_is_put_back(tmp_path):
+def test_a_killed_data_write_is_cleaned_and_a_folder_moved_aside_is_put_back(tmp_path):
     (tmp_path / ".merged.tunelab-old").mkdir()
     (tmp_path / ".merged.tunelab-old" / "model.safetensors").write_text("old model")
+    half_split = tmp_path / f".splits.tmp{_dead_pid()}.a1b2c3d4"  # `data split` killed mid-write
+    (half_split / "splits").mkdir(parents=True)
     io.write_text_atomic(tmp_path / "other.txt", "x")  # any later write in the folder repairs it
     assert (tmp_path / "merged" / "model.safetensors").read_text() == "old model"
+    assert not half_split.exists()
 
 
 def test_files_and_folders_are_fsynced_before_the_rename_that_publishes_them(tmp_path, monkeypatch):
