@@ -151,3 +151,11 @@ def test_train_into_a_read_only_folder_stops_before_the_model_loads(tmp_path, ca
     code, out = _run(capsys, ["train", f"model_name_or_path={tiny_model_dir}", f"dataset={src}", "device=cpu",
                               f"output_dir={tmp_path / 'run'}", "disable_tqdm=true"])
     assert code == 2 and "read-only" in out and "Traceback" not in out
+
+
+def test_a_json_file_of_lines_whose_first_record_holds_a_surrogate_names_that_record(tmp_path, capsys):
+    src = _surrogate_file(tmp_path)
+    lines = src.read_text(encoding="utf-8", errors="surrogatepass").splitlines()
+    first = _write(tmp_path / "lines.json", lines[1] + "\n" + lines[0] + "\n")
+    code, out = _run(capsys, ["data", "check", str(first)])
+    assert code == 1 and f"{first}:1" in out and "surrogate" in out and "Traceback" not in out

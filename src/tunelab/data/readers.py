@@ -95,12 +95,16 @@ SURROGATE = re.compile(r"[\ud800-\udfff]")
 NESTING_FIX = "flatten the record: a chat record nests only a few levels (messages -> turn -> content)"
 
 
+class ContentError(RecordError):
+    """A record that parses as JSON but holds what no model input can (lone surrogates, deep nesting)."""
+
+
 def _json_loads(text: str):
     """json.loads, with nesting too deep for Python's recursion turned into a JSON error."""
     try:
         return json.loads(text)
     except RecursionError:
-        raise RecordError(f"JSON nested too deeply (over {MAX_DEPTH} levels)", NESTING_FIX) from None
+        raise ContentError(f"JSON nested too deeply (over {MAX_DEPTH} levels)", NESTING_FIX) from None
 
 
 def _content_problem(record) -> RecordError | None:
@@ -110,7 +114,7 @@ def _content_problem(record) -> RecordError | None:
     while stack:
         value, depth, path = stack.pop()
         if depth > MAX_DEPTH:
-            return RecordError(f"JSON nested too deeply (over {MAX_DEPTH} levels)", NESTING_FIX)
+            return ContentError(f"JSON nested too deeply (over {MAX_DEPTH} levels)", NESTING_FIX)
         if isinstance(value, dict):
             for key, item in value.items():
                 if isinstance(key, str) and SURROGATE.search(key):
@@ -125,7 +129,7 @@ def _content_problem(record) -> RecordError | None:
 
 def _surrogate_error(text: str, path: str) -> RecordError:
     match = SURROGATE.search(text)
-    return RecordError(f"{path or 'the record'} holds a lone surrogate \\u{ord(match.group()):04x} at character "
+    return ContentError(f"{path or 'the record'} holds a lone surrogate \\u{ord(match.group()):04x} at character "
                        f"{match.start() + 1} (half of a UTF-16 pair, usually an emoji cut in two)",
                        "delete it or restore the full character; re-export the data as UTF-8 from its source")
 
@@ -195,7 +199,7 @@ def _json(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
         return
     lines = _jsonl(path)
     first = next(lines, None)
-    if first is not None and isinstance(first[2], RecordError):
+    if first is not None and isinstance(first[2], RecordError) and not isinstance(first[2], ContentError):
         # Not one object per line: maybe one pretty-printed object.
         yield from _json_document(path)
         return
