@@ -20,11 +20,16 @@ _TEMP_RE = re.compile(r"^\..+\.tmp(\d+)\.[^.]+$")
 _ASIDE = ".tunelab-old"  # suffix of a folder moved aside while its replacement is renamed in
 
 
+_cleaned: set[Path] = set()  # folders already swept by this process (a cache folder may hold many files)
+
+
 def temp_dir(parent: str | os.PathLike, name: str) -> Path:
     """A new hidden temporary folder in `parent` for work on `name`, after removing stale ones."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(parent)
+    if parent.resolve() not in _cleaned:
+        clean_stale_temps(parent)
+        _cleaned.add(parent.resolve())
     return Path(tempfile.mkdtemp(prefix=f".{name}.tmp{os.getpid()}.", dir=parent))
 
 
