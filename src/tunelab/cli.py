@@ -8,6 +8,7 @@ only wires them together and turns user errors into clean messages.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -45,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error(exc: OSError) -> TunelabError:
+    """What the operating system refused, where, and the usual fix."""
+    fixes = {errno.EACCES: "check the file's permissions (ls -l), or run as a user who may read/write it",
+             errno.EPERM: "check the file's permissions (ls -l)",
+             errno.EROFS: "the folder is on a read-only file system: write the output somewhere else",
+             errno.ENOSPC: "free disk space or write the output to another disk; files already written "
+                           "are intact (outputs are replaced only when complete)",
+             errno.EDQUOT: "your disk quota is used up: free space or write elsewhere",
+             errno.ENOENT: "check the path",
+             errno.EISDIR: "give a file, not a folder",
+             errno.ENOTDIR: "a part of the path is a file, not a folder"}
+    where = exc.filename if exc.filename is not None else None
+    return TunelabError(exc.strerror or str(exc), where=str(where) if where else None,
+                        fix=fixes.get(exc.errno, "check the path, its permissions and the free disk space"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -69,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `tunelab ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # unreadable input, read-only folder, full disk: one line, not a traceback
+        print(f"error: {os_error(exc).message()}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ flat on purpose: every key can be overridden on the command line by its bare nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -185,6 +186,8 @@ def validate(cfg: TunelabConfig) -> None:
                 fix=f"use {key}={hint}" if hint else f"pick one of {', '.join(allowed)}",
             )
     check_rope_scaling(cfg.rope_scaling)
+    if not cfg.output_dir.strip():  # "" would mean the current folder: a run would write over its files
+        raise TunelabError("output_dir is empty", where="config", fix="set output_dir=runs/NAME")
     if cfg.bf16 and cfg.fp16:
         raise TunelabError("bf16 and fp16 are both on", where="config", fix="set only one of them")
     if cfg.quantization_bit not in (None, 4, 8):
@@ -203,9 +206,18 @@ def validate(cfg: TunelabConfig) -> None:
         if getattr(cfg, key) <= 0:
             raise TunelabError(f"{key} must be > 0, got {getattr(cfg, key)}", where="config",
                                fix=f"set {key} to a positive number")
-    if cfg.learning_rate <= 0:
+    for f in dataclasses.fields(cfg):  # nan / inf pass every comparison below: refuse them first
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TunelabError(f"{f.name}={value} is not a finite number", where="config",
+                               fix=f"set {f.name} to a number, e.g. its default {f.default!r}")
+    if not cfg.learning_rate > 0:
         raise TunelabError(f"learning_rate must be > 0, got {cfg.learning_rate}", where="config",
                            fix="a LoRA run usually wants 1e-4 to 3e-4; full fine-tuning 1e-5")
+    for key, ok, rule, nearest_value in _ranges(cfg):
+        if not ok:
+            raise TunelabError(f"{key}={getattr(cfg, key)} is out of range: {rule}", where="config",
+                               fix=f"use e.g. {key}={nearest_value}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise TunelabError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}", where="config",
                            fix="use e.g. warmup_ratio=0.03, or warmup_steps=N")
@@ -218,6 +230,40 @@ def validate(cfg: TunelabConfig) -> None:
     if cfg.early_stopping_patience is not None and cfg.eval_strategy == "no":
         raise TunelabError("early_stopping_patience needs evaluations", where="config",
                            fix="set eval_strategy=steps or epoch")
+
+
+def _ranges(cfg: TunelabConfig) -> list[tuple[str, bool, str, object]]:
+    """(key, in range?, the rule, the nearest sensible value) of every bounded number."""
+    def clamp(v, lo, hi):
+        return min(max(v, lo), hi)
+
+    return [
+        ("seed", 0 <= cfg.seed < 2**32, "0 <= seed < 2^32", clamp(cfg.seed, 0, 2**32 - 1)),
+        ("max_steps", cfg.max_steps >= -1, "-1 (use num_train_epochs) or a step count", -1),
+        ("num_train_epochs", cfg.num_train_epochs >= 0, "epochs must be >= 0", 3.0),
+        ("lora_alpha", cfg.lora_alpha > 0, "lora_alpha must be > 0 (0 makes the adapter do nothing)",
+         2 * cfg.lora_rank),
+        ("lora_dropout", 0 <= cfg.lora_dropout < 1, "0 <= lora_dropout < 1", clamp(cfg.lora_dropout, 0.0, 0.5)),
+        ("weight_decay", cfg.weight_decay >= 0, "weight_decay must be >= 0", 0.0),
+        ("adam_beta1", 0 <= cfg.adam_beta1 < 1, "0 <= adam_beta1 < 1", 0.9),
+        ("adam_beta2", 0 <= cfg.adam_beta2 < 1, "0 <= adam_beta2 < 1", 0.999),
+        ("adam_epsilon", cfg.adam_epsilon > 0, "adam_epsilon must be > 0", 1e-8),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)", 1.0),
+        ("warmup_steps", cfg.warmup_steps >= 0, "warmup_steps must be >= 0", 0),
+        ("val_size", cfg.val_size >= 0 and (cfg.val_size < 1 or cfg.val_size.is_integer()),
+         "a fraction below 1 or a whole count of records", 0.1 if cfg.val_size < 1 else round(cfg.val_size)),
+        ("freeze_trainable_layers", cfg.freeze_trainable_layers != 0, "freeze_trainable_layers must not be 0",
+         2),
+        ("pref_beta", cfg.pref_beta > 0, "pref_beta must be > 0", 0.1),
+        ("pref_label_smoothing", 0 <= cfg.pref_label_smoothing < 0.5, "0 <= pref_label_smoothing < 0.5", 0.0),
+        ("save_total_limit", cfg.save_total_limit is None or cfg.save_total_limit >= 0,
+         "save_total_limit must be >= 0 (0 or unset: keep all)", 3),
+        ("early_stopping_patience", cfg.early_stopping_patience is None or cfg.early_stopping_patience > 0,
+         "early_stopping_patience must be > 0", 3),
+        ("early_stopping_threshold", cfg.early_stopping_threshold >= 0, "early_stopping_threshold must be >= 0",
+         0.0),
+        ("max_samples", cfg.max_samples is None or cfg.max_samples > 0, "max_samples must be > 0", 1000),
+    ]
 
 
 # --- loading -------------------------------------------------------------------------
@@ -317,6 +363,24 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
+MAX_CONFIG_NODES = 100_000  # a config has about a hundred values; a YAML alias bomb expands to billions
+
+
+def _check_size(value, path: Path) -> None:
+    """Count the values the YAML expands to, stopping at the limit (aliases repeat shared objects)."""
+    stack, seen = [value], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise TunelabError(f"the config expands to over {MAX_CONFIG_NODES:,} values (YAML aliases)",
+                               where=str(path), fix="write the values out without nested &anchor / *alias chains")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`["lora_rank=16", "dataset=a.jsonl,b.jsonl"]` -> dict, values parsed as YAML scalars."""
     out = {}
@@ -366,6 +430,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
                                fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
         try:
             loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
+            _check_size(loaded, path)
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[:exc.start].count(b"\n") + 1
+            raise TunelabError("the config is not UTF-8 text", where=f"{path}:{line}",
+                               fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -17,6 +17,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -89,20 +90,63 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8")
 
 
+MAX_DEPTH = 64  # chat records nest a few levels; far deeper ones are broken or hostile
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+NESTING_FIX = "flatten the record: a chat record nests only a few levels (messages -> turn -> content)"
+
+
+class ContentError(RecordError):
+    """A record that parses as JSON but holds what no model input can (lone surrogates, deep nesting)."""
+
+
+def _json_loads(text: str):
+    """json.loads, with nesting too deep for Python's recursion turned into a JSON error."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ContentError(f"JSON nested too deeply (over {MAX_DEPTH} levels)", NESTING_FIX) from None
+
+
+def _content_problem(record) -> RecordError | None:
+    """Deep nesting or a lone surrogate (`\\ud800`: half of a UTF-16 pair, often an emoji cut in
+    two). JSON allows both, but no tokenizer or UTF-8 file can hold a lone surrogate."""
+    stack = [(record, 0, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            return ContentError(f"JSON nested too deeply (over {MAX_DEPTH} levels)", NESTING_FIX)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and SURROGATE.search(key):
+                    return _surrogate_error(key, f"{path}.{key!a}".lstrip("."))
+                stack.append((item, depth + 1, f"{path}.{key}".lstrip(".")))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, str) and SURROGATE.search(value):
+            return _surrogate_error(value, path)
+    return None
+
+
+def _surrogate_error(text: str, path: str) -> RecordError:
+    match = SURROGATE.search(text)
+    return ContentError(f"{path or 'the record'} holds a lone surrogate \\u{ord(match.group()):04x} at character "
+                       f"{match.start() + 1} (half of a UTF-16 pair, usually an emoji cut in two)",
+                       "delete it or restore the full character; re-export the data as UTF-8 from its source")
+
+
 def _parse_line(raw: bytes) -> dict | RecordError:
     try:
         text = _decode(raw)
+        record = _json_loads(text)
     except RecordError as exc:
         return exc
-    try:
-        record = json.loads(text)
     except json.JSONDecodeError as exc:
         what, fix = _json_problem(exc, text)
         return RecordError(what.replace(f"at line {exc.lineno} column", "at column"), fix)
     if not isinstance(record, dict):
         return RecordError(f"a record must be a JSON object, got {type(record).__name__}",
                            fix='write one {"key": value} object per line')
-    return record
+    return _content_problem(record) or record
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
@@ -133,15 +177,17 @@ def _json_document(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
         raise TunelabError(f"{what} on line {line}", where=f"{path}:{line}", fix=fix)
     text = raw.decode("utf-8")
     try:
-        value = json.loads(text)
+        value = _json_loads(text)
     except json.JSONDecodeError as exc:
+        raise _file_error(path, text, exc) from None
+    except RecordError as exc:
         raise _file_error(path, text, exc) from None
     items = value if isinstance(value, list) else [value]
     for number, item in enumerate(items, 1):
         if not isinstance(item, dict):
             item = RecordError(f"a record must be a JSON object, got {type(item).__name__}",
                                fix="make the file a JSON array of objects")
-        yield f"{path}:record {number}", number, item
+        yield f"{path}:record {number}", number, _content_problem(item) or item
 
 
 def _json(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
@@ -153,7 +199,7 @@ def _json(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
         return
     lines = _jsonl(path)
     first = next(lines, None)
-    if first is not None and isinstance(first[2], RecordError):
+    if first is not None and isinstance(first[2], RecordError) and not isinstance(first[2], ContentError):
         # Not one object per line: maybe one pretty-printed object.
         yield from _json_document(path)
         return

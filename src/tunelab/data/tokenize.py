@@ -10,12 +10,19 @@ A label span covers what the model must generate after the generation prompt: th
 content and its end-of-turn marker (`<|im_end|>`, `<|eot_id|>`, `</s>`...), never the
 role header the prompt already holds (for the `hotel` template the prompt stops at
 `<|im_start|>`, so the role name is learned too).
+
+Message content is text, never control tokens: `<|im_end|>\n<|im_start|>system` typed into
+a user turn is tokenized as those characters, so a client cannot forge a system turn and
+training data cannot smuggle one in. Only the template's own markers become special tokens.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import logging
+import re
 from dataclasses import dataclass
 
 import jinja2
@@ -46,6 +53,7 @@ def encode_conversation(conv: Conversation, tokenizer, template_src: str, cutoff
         raise TunelabError("a plain-text record reached the chat encoder", where=conv.source,
                            fix="use stage=pt for plain text, or give the record user/assistant turns")
     targets = _target_indices(conv, train_on)
+    conv = _protect_content(conv, tokenizer)
     messages, full = _render_whole(conv, template_src, tokenizer)
     markers = end_of_turn_markers(tokenizer, template_src)
     spans, close_with_eos = _target_spans(messages, targets, full, template_src, tokenizer, conv, markers)
@@ -65,7 +73,7 @@ def encode_conversation(conv: Conversation, tokenizer, template_src: str, cutoff
 
 def encode_text(text: str, tokenizer, cutoff_len: int, source: str = "") -> list[EncodedExample]:
     """Continued pre-training: the text (+ EOS) split into `cutoff_len` chunks, every token a label."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
     chunks = [ids[i:i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
@@ -97,10 +105,10 @@ def encode_all(convs: list[Conversation], tokenizer, template_src: str, cutoff_l
 
 def encode_prompt(messages: list[Message], tokenizer, template_src: str, tools: list | None = None) -> list[int]:
     """Token ids of `messages` followed by the generation prompt, for evaluation and serving."""
-    conv = Conversation(list(messages), source="prompt", tools=tools)
+    conv = _protect_content(Conversation(list(messages), source="prompt", tools=tools), tokenizer)
     msgs, _ = _render_whole(conv, template_src, tokenizer)
     text = render(msgs, template_src, tokenizer, add_generation_prompt=True, tools=tools)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(_tokenize(text, tokenizer, offsets=False)["input_ids"])
 
 
 def stop_token_ids(tokenizer, template_src: str) -> list[int]:
@@ -109,6 +117,82 @@ def stop_token_ids(tokenizer, template_src: str) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+# --- content is text: control tokens come from the template only ------------------------
+
+# Well-known control strings of chat templates, for `data check` when no tokenizer is at hand.
+COMMON_CONTROL_STRINGS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|eot_id|>",
+                          "<|start_header_id|>", "<|end_header_id|>", "<|end|>", "<|user|>", "<|assistant|>",
+                          "<|system|>", "<start_of_turn>", "<end_of_turn>", "<｜User｜>", "<｜Assistant｜>",
+                          "<｜end▁of▁sentence｜>", "[INST]", "[/INST]", "<s>", "</s>")
+_PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A: code points real text does not use
+
+
+# Reasoning markup is part of an answer's content: templates split replies on `</think>`.
+CONTENT_MARKUP = ("<think>", "</think>")
+
+
+@functools.lru_cache(maxsize=16)
+def control_strings(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's special tokens as text, longest first (so `<|im_end|>` wins over `<|im`)."""
+    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    found |= set(getattr(tokenizer, "all_special_tokens", []))
+    return tuple(sorted((s for s in found if s and s not in CONTENT_MARKUP), key=lambda s: (-len(s), s)))
+
+
+def forged_control_strings(text: str, strings) -> list[str]:
+    """The control strings `text` holds (they are kept as plain text, never as control tokens)."""
+    return [s for s in strings if s in text]
+
+
+def _protect_content(conv: Conversation, tokenizer) -> Conversation:
+    """Each control string in message content replaced by same-length private-use characters,
+    so the template renders around it and every offset stays put; `_tokenize` puts the text
+    back and tokenizes it as plain text."""
+    strings = control_strings(tokenizer)
+    if not any(forged_control_strings(m.content, strings) for m in conv.messages):
+        return conv
+    messages = [dataclasses.replace(m, content=_mask(m.content, strings)) for m in conv.messages]
+    return dataclasses.replace(conv, messages=messages)
+
+
+def _mask(text: str, strings: tuple[str, ...]) -> str:
+    for k, s in enumerate(strings):
+        text = text.replace(s, chr(_PLACEHOLDER + k) * len(s))
+    return text
+
+
+def _unmask(text: str, strings: tuple[str, ...]) -> str:
+    for k, s in enumerate(strings):
+        text = text.replace(chr(_PLACEHOLDER + k) * len(s), s)
+    return text
+
+
+def _tokenize(text: str, tokenizer, offsets: bool):
+    """Token ids (and character offsets) of a render whose content was masked by `_protect_content`.
+
+    Without masked content this is the tokenizer's own call. With it, the text is cut at the
+    template's control tokens (as the tokenizer itself does) and each piece in between is
+    tokenized with special-token parsing off, after the content's characters are put back.
+    """
+    extra = {"return_offsets_mapping": True} if offsets else {}
+    strings = control_strings(tokenizer)
+    if not strings or not any(_PLACEHOLDER <= ord(c) < _PLACEHOLDER + len(strings) for c in text):
+        return tokenizer(text, add_special_tokens=False, **extra)
+    ids, spans, pos = [], [], 0
+    for match in [*re.finditer("|".join(map(re.escape, strings)), text), None]:
+        end = match.start() if match else len(text)
+        if end > pos:
+            piece = tokenizer(_unmask(text[pos:end], strings), add_special_tokens=False, split_special_tokens=True,
+                              **extra)
+            ids += piece["input_ids"]
+            spans += [(a + pos, b + pos) for a, b in piece.get("offset_mapping", [])]
+        if match:
+            ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+            spans.append(match.span())
+            pos = match.end()
+    return {"input_ids": ids, "offset_mapping": spans} if offsets else {"input_ids": ids}
 
 
 # --- which turns, rendered how ---------------------------------------------------------
@@ -280,7 +364,7 @@ def _tokenize_with_offsets(text: str, tokenizer, source: str):
         raise TunelabError("label masking needs a fast tokenizer (character offsets)", where=source,
                            fix="load the model's tokenizer.json (AutoTokenizer with use_fast=True)")
     # The template writes BOS itself where the model wants one: never add a second.
-    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return _tokenize(text, tokenizer, offsets=True)
 
 
 def _labels(ids: list[int], token_spans: list[tuple[int, int]]) -> list[int]:

@@ -1,17 +1,24 @@
-"""Checkpoints that resume exactly and never corrupt the last good one.
+"""Checkpoints that resume exactly, never corrupt the last good one, and never run code.
 
 A checkpoint folder holds the trainable weights, the optimizer, the scheduler, every
 RNG state and the loop's position (epoch, batch within the epoch). It is written to
-a temporary folder and renamed into place, so a crash mid-save leaves the previous
-checkpoint untouched.
+a temporary folder, fsynced and renamed into place, so a crash mid-save leaves the
+previous checkpoint untouched.
+
+Every `.pt` file is read with `torch.load(weights_only=True)`: tensors and plain
+containers only, so a shared checkpoint cannot execute code when it is resumed. The
+RNG states are stored as tensors and lists for that reason (no numpy objects).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
+import sys
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +44,7 @@ class TrainerState:
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
     log_history: list[dict] = field(default_factory=list)
+    log_window: dict = field(default_factory=dict)  # sums of the logging window still open (exact resume)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,15 +63,23 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors, ints and lists: loadable with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist() if isinstance(mt, torch.Tensor) else mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # ndarray: an older checkpoint
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -91,19 +107,103 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     return final
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json")
+RESUME_FIX = "resume from another checkpoints/checkpoint-N folder, or 'latest' (the newest intact one)"
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the loop state."""
     path = Path(path)
-    needed = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json"]
-    absent = [n for n in needed if not (path / n).exists()]
-    if absent:
-        raise TunelabError(f"{path} is not a complete tunelab checkpoint (missing {', '.join(absent)})",
-                           fix="point resume_from_checkpoint at a checkpoints/checkpoint-N folder, or 'latest'")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise TunelabError(f"{path} is not a usable tunelab checkpoint: {problem}", fix=RESUME_FIX)
+    state = _read_state(path / "trainer_state.json")
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    restore_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
+    optimizer.load_state_dict(_safe_torch_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(_safe_torch_load(path / "scheduler.pt"))
+    restore_rng_state(_safe_torch_load(path / "rng_state.pt", allow=_NUMPY_ARRAYS))
+    return state
+
+
+# Checkpoints of older tunelab versions pickled numpy's RNG state as an ndarray: allow
+# rebuilding plain arrays (data, no code) so they still resume.
+_NUMPY_ARRAYS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+
+
+def _safe_torch_load(path: Path, allow: list | None = None):
+    """torch.load of tensors and plain containers only: a pickled object is refused, never run."""
+    try:
+        with torch.serialization.safe_globals(allow or []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        raise TunelabError(f"{path.name} holds objects other than tensors and plain data, which tunelab "
+                           f"refuses to unpickle (they could run code): {first}", where=str(path.parent),
+                           fix="resume only from checkpoints tunelab wrote; "
+                               "start over without resume_from_checkpoint if you do not trust this one") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise TunelabError(f"{path.name} cannot be read ({exc})", where=str(path.parent), fix=RESUME_FIX) from None
+
+
+def _read_state(path: Path) -> TrainerState:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        return TrainerState(**values)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise TunelabError(f"{path.name} is damaged ({exc})", where=str(path.parent), fix=RESUME_FIX) from None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes `path` unusable as a checkpoint (missing or truncated files), or None.
+
+    Cheap structural checks only (no unpickling): every file is present, the state JSON
+    parses, the safetensors header matches the file size, the `.pt` zip archives pass
+    their CRC checks. A torn write or a truncated copy fails one of them.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "the folder does not exist"
+    if (path / "dcp").is_dir():  # sharded (FSDP, train/sharded_checkpoint.py): its own layout
+        absent = [n for n in ("dcp/.metadata", "scheduler.pt", "trainer_state.json") if not (path / n).exists()]
+        if absent:
+            return f"missing {', '.join(absent)}"
+        try:
+            _read_state(path / "trainer_state.json")
+        except TunelabError as exc:
+            return exc.what
+        return None
+    absent = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+    if absent:
+        return f"missing {', '.join(absent)}"
+    try:
+        _read_state(path / "trainer_state.json")
+    except TunelabError as exc:
+        return exc.what
+    if not _safetensors_intact(path / "trainable.safetensors"):
+        return "trainable.safetensors is truncated or damaged"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        try:
+            with zipfile.ZipFile(path / name) as archive:
+                if archive.testzip() is not None:
+                    return f"{name} is damaged"
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return f"{name} is truncated or damaged"
+    return None
+
+
+def _safetensors_intact(path: Path) -> bool:
+    """The header parses and the data it describes fits the file exactly."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end == size
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -124,7 +224,13 @@ def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
         if not found:
             raise TunelabError(f"resume_from_checkpoint=latest but {run_dir}/checkpoints holds no checkpoint",
                                fix="drop resume_from_checkpoint to start fresh, or check output_dir")
-        return found[-1]
+        for path in reversed(found):  # newest first; a damaged one (e.g. a torn copy) is passed over
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+        raise TunelabError(f"no intact checkpoint in {run_dir}/checkpoints (all {len(found)} are damaged)",
+                           fix="drop resume_from_checkpoint to start fresh")
     path = Path(resume_from)
     if not path.is_dir():
         raise TunelabError(f"checkpoint folder {path} does not exist",

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import torch
 from tunelab.config import TunelabConfig, save_config
 from tunelab.data.collate import batch_order, split_by_tokens
 from tunelab.errors import TunelabError
+from tunelab.io import clean_stale_temps, fsync_tree, publish, temp_dir
 from tunelab.train.checkpoint import (
     TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
     save_checkpoint,
@@ -40,7 +39,7 @@ from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
 from tunelab.train.optim import build_optimizer
-from tunelab.train.tracking import Tracker, plot_loss
+from tunelab.train.tracking import Tracker, plot_loss, read_log
 
 
 @dataclass
@@ -136,6 +135,9 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
     start_step = state.global_step
     window = new_window()
     last_eval, last_eval_step = None, None
+    if resume_path is not None:
+        last_eval_step = _resume_logging(tracker, window, state, scheduler, micro_per_epoch,
+                                         cfg.logging_steps, total_steps)
     stopped_early = False
     lengths = [len(r) for r in train_rows]
     # The back-off retries a step on its own: across processes the ranks would have to agree on it.
@@ -167,10 +169,13 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
                           largest_micro=lambda budget: max(map(micro_tokens, micro_batches(share, budget))),
                           attempt=attempt, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
+    previous_sigterm = _sigterm_as_ctrl_c()
+
     def checkpoint() -> Path:
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
         extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist))
                  if cfg.finetuning_type == "lora" else None)
+        state.log_window = dict(window)  # a resumed curve equals this one
         if dist.strategy == "fsdp":
             from tunelab.train.sharded_checkpoint import save_sharded_checkpoint
 
@@ -209,8 +214,11 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
         return patience is not None and state.evals_without_improvement >= patience
 
     try:
-        if cfg.eval_strategy != "no" and cfg.eval_on_start and state.global_step == 0:
+        if cfg.eval_strategy != "no" and cfg.eval_on_start and state.global_step == 0 and last_eval_step != 0:
             evaluate_and_track()  # the untuned model's validation loss: what training must beat
+        elif (resume_path is not None and cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0
+              and 0 < state.global_step < total_steps and last_eval_step != state.global_step):
+            evaluate_and_track()  # interrupted during this step's evaluation: its row is still owed
         model.train()
         while state.global_step < total_steps and not stopped_early:
             order = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed,
@@ -223,18 +231,13 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
                     torch.cuda.reset_peak_memory_stats(device)
                     base_bytes = torch.cuda.memory_allocated(device)
                 started = time.perf_counter()
-                with _ctrl_c_after_step():  # weights and counters must agree in the checkpoint Ctrl-C writes
+                with _ctrl_c_after_step():  # weights, counters and log window must agree in a checkpoint
                     step = run_step(step_ids)
                     state.global_step += 1
                     state.batch_in_epoch += len(step_ids)
                     state.tokens_seen += step.real_tokens
-                window["loss_sum"] += step.loss_sum
-                window["real_tokens"] += step.real_tokens
-                for key, value in step.metrics.items():
-                    window["metrics"][key] = window["metrics"].get(key, 0.0) + value
-                window["weight"] += step.weight
-                window["grad_norms"].append(step.grad_norm)
-                window["seconds"] += time.perf_counter() - started  # training only: evaluations and saves excluded
+                    _add_to_window(window, step)
+                    window["seconds"] += time.perf_counter() - started  # training only: evaluations, saves excluded
                 tracker.advance()
                 if first_cuda_step:
                     tracker.note(f"step {state.global_step}: peak GPU memory "
@@ -272,6 +275,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
         elif cfg.eval_strategy != "no" and last_eval_step != state.global_step:
             evaluate_and_track()  # the final model is always evaluated
     except KeyboardInterrupt:
+        _restore_sigterm(signal.SIG_IGN)  # a scheduler's second SIGTERM must not cut this checkpoint short
         path = checkpoint()
         if not dist.is_main:
             raise
@@ -281,6 +285,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
         raise
     finally:
         tracker.close()
+        _restore_sigterm(previous_sigterm)
 
     # 4. Final weights: the best checkpoint's if asked, else the last step's.
     if cfg.load_best_model_at_end and state.best_checkpoint:
@@ -312,25 +317,62 @@ def _ctrl_c_after_step():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    previous = {sig: signal.signal(sig, lambda *_: received.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if received:
             raise KeyboardInterrupt
 
 
+def _sigterm_as_ctrl_c():
+    """Treat SIGTERM (what Slurm and Kubernetes send before a kill) like Ctrl-C: finish the step,
+    checkpoint, exit. Later SIGTERMs are ignored so they cannot cut that checkpoint short.
+    Returns the previous handler for `_restore_sigterm`."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+
+
+RUN_MARKER = ".tunelab-run"  # written into every run folder: tunelab only ever overwrites its own folders
+
+
 def prepare_run_dir(run_dir: Path, cfg: TunelabConfig, resuming: bool) -> None:
-    """Refuse to mix a new run into an old one's folder unless told to."""
-    previous = run_dir.is_dir() and any((run_dir / n).exists() for n in ("trainer_log.jsonl", "checkpoints"))
+    """Refuse to mix a new run into an old one's folder unless told to, and never write into
+    (or clear) a folder that holds files tunelab did not put there."""
+    ours = (run_dir / RUN_MARKER).is_file()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TunelabError(f"output_dir {run_dir} is a file", where="config", fix="pick a folder for output_dir")
+    others = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() and not ours else []
+    if others and not resuming:  # resuming: the checkpoint found there says the folder is a run's
+        raise TunelabError(f"output_dir {run_dir.resolve()} already holds files that are not a tunelab run "
+                           f"({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''})", where="config",
+                           fix="pick a new or empty folder for output_dir (overwrite_output_dir only replaces "
+                               f"folders tunelab created, which hold a {RUN_MARKER} file)")
+    previous = ours and any((run_dir / n).exists() for n in ("trainer_log.jsonl", "checkpoints"))
     if previous and not resuming:
         if not cfg.overwrite_output_dir:
             raise TunelabError(f"output_dir {run_dir} already holds a run", where="config",
                                fix="continue it with resume_from_checkpoint=latest, start over with "
                                    "overwrite_output_dir=true, or pick another output_dir")
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARKER).write_text("a tunelab run folder: overwrite_output_dir may replace it\n", encoding="utf-8")
+    for folder in (run_dir, run_dir / "checkpoints"):
+        clean_stale_temps(folder)  # what a killed run left half-written
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> TrainerState:
@@ -550,6 +592,35 @@ def new_window() -> dict:
     return {"loss_sum": 0.0, "weight": 0, "real_tokens": 0, "seconds": 0.0, "grad_norms": [], "metrics": {}}
 
 
+def _add_to_window(window: dict, step: StepStats) -> None:
+    window["loss_sum"] += step.loss_sum
+    window["real_tokens"] += step.real_tokens
+    for key, value in step.metrics.items():
+        window["metrics"][key] = window["metrics"].get(key, 0.0) + value
+    window["weight"] += step.weight
+    window["grad_norms"].append(step.grad_norm)
+
+
+def _resume_logging(tracker: Tracker, window: dict, state: TrainerState, scheduler, micro_per_epoch: int,
+                    logging_steps: int, total_steps: int) -> int | None:
+    """Carry on the logged curve exactly where the checkpoint left it.
+
+    Restores the open logging window (save_steps need not be a multiple of logging_steps)
+    and writes the checkpoint step's row if an interrupt came before it was logged.
+    Returns the step of the last evaluation if the log holds one at this step, so it is
+    not repeated.
+    """
+    window.update(state.log_window)
+    rows = [r for r in read_log(tracker.log_path) if r.get("step") == state.global_step] \
+        if tracker.log_path.exists() else []
+    if state.global_step % logging_steps == 0 or state.global_step == total_steps:
+        if any("loss" in r for r in rows):
+            window.update(new_window())  # logged before the interrupt; the sums are spent
+        elif window["weight"]:
+            _log_window(tracker, window, state, scheduler, micro_per_epoch)
+    return state.global_step if any("eval_loss" in r for r in rows) else None
+
+
 def _log_window(tracker: Tracker, window: dict, state: TrainerState, scheduler, micro_per_epoch: int) -> None:
     elapsed = max(window["seconds"], 1e-9)
     weight = max(window["weight"], 1)
@@ -576,13 +647,14 @@ def _save_weights(model, tokenizer, out_dir: Path, state_dict: dict | None = Non
     from tunelab.model.adapters import save_trained
 
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=out_dir))
+    tmp = temp_dir(out_dir, "weights")
     try:
         save_trained(model, tokenizer, tmp / "w", state_dict=state_dict)
+        fsync_tree(tmp / "w")
         for path in (tmp / "w").iterdir():
             target = out_dir / path.name
             if target.is_dir():
                 shutil.rmtree(target)
-            os.replace(path, target)
+            publish(path, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,10 @@ class Tracker:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            # Resuming: TensorBoard drops the events the interrupted run wrote after the checkpoint
+            # (they are logged again), so no step appears twice.
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
         if start_step == 0:
             self.log_path.unlink(missing_ok=True)
         else:

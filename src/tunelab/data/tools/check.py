@@ -1,7 +1,8 @@
 """`tunelab data check`: every problem of every record, then a summary table.
 
 Errors make a record unusable for training (the loaders would stop on it); warnings are
-worth a look (control characters, records longer than cutoff_len).
+worth a look (control characters, a chat template's control strings such as `<|im_end|>` in
+content, records longer than cutoff_len).
 """
 
 from __future__ import annotations
@@ -103,6 +104,17 @@ def control_characters(item: Item) -> list[str]:
     return found
 
 
+def control_strings_in(item: Item, strings) -> list[str]:
+    from tunelab.data.tokenize import forged_control_strings
+
+    found = []
+    for i, m in enumerate(item_messages(item), 1):
+        held = forged_control_strings(m.content, strings)
+        if held:
+            found.append(f"turn {i} ({m.role}) holds the control string(s) {', '.join(held)}")
+    return found
+
+
 def _check_tokens(report: CheckReport, where: str, item: Item, counter: TokenCounter) -> None:
     try:
         counts = counter.count(item)
@@ -123,7 +135,10 @@ def _check_tokens(report: CheckReport, where: str, item: Item, counter: TokenCou
 
 def check_file(path, fmt: str = "auto", *, counter: TokenCounter | None = None) -> CheckReport:
     """Check every record of one file (streamed); token checks when a `counter` is given."""
+    from tunelab.data.tokenize import COMMON_CONTROL_STRINGS, control_strings
+
     report = CheckReport(str(path), cutoff_len=counter.cutoff_len if counter else None)
+    strings = control_strings(counter.tokenizer) if counter else COMMON_CONTROL_STRINGS
     try:
         for source, number, file_format, item in iter_items(path, fmt):
             report.records += 1
@@ -136,6 +151,10 @@ def check_file(path, fmt: str = "auto", *, counter: TokenCounter | None = None) 
             for what in control_characters(item):
                 report.add(Problem(where, "warning", what, "remove it (often left by a copy from a PDF or terminal)",
                                    "control character in a turn"))
+            for what in control_strings_in(item, strings):
+                report.add(Problem(where, "warning", what,
+                                   "tunelab trains on it as plain text, never as the template's control token; "
+                                   "remove it if it was pasted from a rendered chat", "control string in a turn"))
             if counter is not None:
                 _check_tokens(report, where, item, counter)
     except TunelabError as exc:  # the file as a whole cannot be read

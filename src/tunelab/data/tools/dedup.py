@@ -4,18 +4,21 @@ Exact duplicates share the hash of their normalised text (Unicode NFKC, case-fol
 whitespace collapsed). Near duplicates are found with MinHash LSH (datasketch) over
 character n-grams, so Chinese and other unsegmented scripts work, and each LSH candidate
 is confirmed against its stored signature before a record is dropped. Memory per kept
-record: one 16-byte hash and one `num_perm` x 4-byte signature, never the record.
+record: one 16-byte hash and about 30 bytes per LSH band; the `num_perm` x 4-byte
+signatures go to a temporary file, so the file to deduplicate may be larger than memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import unicodedata
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+from datasketch.lsh import _optimal_param
 
 from tunelab.data.readers import location, parse_record
 from tunelab.data.tools.common import (
@@ -127,37 +130,118 @@ class DedupResult:
 
 class NearDuplicateIndex:
     """MinHash LSH over the kept records: `match_or_add` names the kept record a text
-    nearly repeats, or keeps the text as a new one."""
+    nearly repeats, or keeps the text as a new one.
+
+    Compact, so memory does not bound the file size: signatures go to an unnamed temporary
+    file (read back only to confirm candidates), and each of the bands' buckets is one slot
+    of a flat hash table plus a chain link per record: about 30 bytes per band and kept
+    record, against ~3 KB per record for datasketch's own index.
+    """
 
     def __init__(self, threshold: float, num_perm: int = 128, ngram: int = 5):
         if not 0 < threshold <= 1:
             raise TunelabError(f"--near {threshold} is not in (0, 1]", where="dedup",
                                fix="use e.g. --near 0.9 (Jaccard similarity of character n-grams), or 0 for exact only")
+        if num_perm < 2:  # the LSH needs at least two permutations to form bands
+            raise TunelabError(f"--num-perm {num_perm} is too small", where="dedup", fix="use --num-perm 128 (the default)")
+        if ngram < 1:
+            raise TunelabError(f"--ngram {ngram} must be at least 1", where="dedup", fix="use --ngram 5 (the default)")
         self.threshold, self.ngram = threshold, ngram
         # Banding tuned for recall (false negatives weigh 0.9): every candidate is confirmed
         # on its stored signature below, so a false positive costs one comparison, while a
         # missed pair stays in the data. At threshold 0.9 this finds 95% of pairs at J=0.93.
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-        self.signatures: dict[int, np.ndarray] = {}
+        self.bands, self.rows = _optimal_param(threshold, num_perm, 0.1, 0.9)
         self.hasher = MinHasher(num_perm)
-        # The LSH reads signatures from a MinHash; one container serves every record.
-        self._minhash = MinHash(num_perm=num_perm)
+        self.signatures = SignatureFile(num_perm)
+        self.buckets = FlatTable()  # band key -> newest kept slot in that bucket
+        self.chain = array("i")  # slot * bands + band -> previous kept slot in the same bucket (-1: none)
+        self.numbers = array("q")  # slot -> record number
+        rng = np.random.default_rng(7)
+        self.mix = rng.integers(1, 2**63, size=(self.bands, self.rows), dtype=np.uint64) | np.uint64(1)
 
     def match_or_add(self, number: int, normalised: str) -> tuple[int, float] | None:
         """(kept record number, estimated Jaccard similarity) of the best match >= threshold;
         None after adding the text to the index as record `number`."""
         signature = self.hasher.signature(shingle_hashes(normalised, self.ngram))
-        m = self._minhash
-        m.hashvalues = signature
-        best = None
-        for key in self.lsh.query(m):  # LSH candidates, confirmed on the stored signatures
-            similarity = float(np.mean(self.signatures[key] == signature))
-            if similarity >= self.threshold and (best is None or similarity > best[1]):
-                best = (key, similarity)
+        keys = self._band_keys(signature)
+        best, seen = None, set()
+        for band, key in enumerate(keys):  # LSH candidates, confirmed on the stored signatures
+            slot = self.buckets.get(key)
+            while slot >= 0:
+                if slot not in seen:
+                    seen.add(slot)
+                    similarity = float(np.mean(self.signatures.read(slot) == signature))
+                    if similarity >= self.threshold and (best is None or similarity > best[1]):
+                        best = (self.numbers[slot], similarity)
+                slot = self.chain[slot * self.bands + band]
         if best is None:
-            self.lsh.insert(number, m, check_duplication=False)
-            self.signatures[number] = signature
+            slot = self.signatures.append(signature)
+            self.numbers.append(number)
+            for key in keys:
+                self.chain.append(self.buckets.get(key))
+                self.buckets.put(key, slot)
         return best
+
+    def _band_keys(self, signature: np.ndarray) -> list[int]:
+        """One 64-bit key per band (multilinear hash of its rows, band number mixed in; never 0)."""
+        rows = signature[: self.bands * self.rows].astype(np.uint64).reshape(self.bands, self.rows)
+        keys = (rows * self.mix).sum(axis=1) + np.arange(self.bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return [int(k) | 1 for k in keys]
+
+
+class SignatureFile:
+    """Fixed-size uint32 signatures in an unnamed temporary file (gone when closed or killed)."""
+
+    def __init__(self, num_perm: int):
+        self.size = num_perm * 4
+        self.file = tempfile.TemporaryFile()
+        self.count = 0
+
+    def append(self, signature: np.ndarray) -> int:
+        os.pwrite(self.file.fileno(), signature.astype(np.uint32).tobytes(), self.count * self.size)
+        self.count += 1
+        return self.count - 1
+
+    def read(self, slot: int) -> np.ndarray:
+        return np.frombuffer(os.pread(self.file.fileno(), self.size, slot * self.size), dtype=np.uint32)
+
+
+class FlatTable:
+    """uint64 key (never 0) -> int slot, open addressing in two numpy arrays: 12 bytes a slot
+    instead of a dict's ~100 bytes an entry (key object, value object, table entry)."""
+
+    def __init__(self, capacity: int = 1024):
+        self.keys = np.zeros(capacity, dtype=np.uint64)
+        self.values = np.full(capacity, -1, dtype=np.int32)
+        self.used = 0
+
+    def _find(self, key: int) -> int:
+        mask = len(self.keys) - 1
+        i = (key >> 7) & mask
+        while self.keys[i] and self.keys[i] != key:
+            i = (i + 1) & mask
+        return i
+
+    def get(self, key: int) -> int:
+        i = self._find(key)
+        return int(self.values[i]) if self.keys[i] else -1
+
+    def put(self, key: int, value: int) -> None:
+        if 2 * (self.used + 1) > len(self.keys):
+            self._grow()
+        i = self._find(key)
+        if not self.keys[i]:
+            self.used += 1
+            self.keys[i] = key
+        self.values[i] = value
+
+    def _grow(self) -> None:
+        keys, values = self.keys, self.values
+        self.keys = np.zeros(2 * len(keys), dtype=np.uint64)
+        self.values = np.full(2 * len(keys), -1, dtype=np.int32)
+        self.used = 0
+        for key, value in zip(keys[keys != 0].tolist(), values[keys != 0].tolist()):
+            self.put(key, value)
 
 
 # What near/exact duplicates are judged on (see find_duplicates).

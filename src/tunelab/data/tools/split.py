@@ -31,7 +31,7 @@ def parse_ratios(text: str | tuple[float, ...]) -> tuple[float, ...]:
     except ValueError:
         raise TunelabError(f"--ratios {text!r} is not a list of numbers", where="split",
                            fix="write e.g. --ratios 0.7,0.15,0.15") from None
-    if len(ratios) not in NAMES or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+    if len(ratios) not in NAMES or not all(0 <= r <= 1 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:  # nan fails
         raise TunelabError(f"--ratios {text} must be 2 or 3 non-negative numbers summing to 1", where="split",
                            fix="write e.g. --ratios 0.7,0.15,0.15 (train,validation,test) or 0.9,0.1 (train,test)")
     return ratios

@@ -60,8 +60,8 @@ class TokenCounter:
         return [self._count(conv) for conv in sequences(item)]
 
     def _count(self, conv: Conversation) -> RecordTokens:
-        lengths = [len(ids) for ids in self.tokenizer([m.content for m in conv.messages],
-                                                      add_special_tokens=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer([m.content for m in conv.messages], add_special_tokens=False,
+                                                      split_special_tokens=True)["input_ids"]]
         role_lengths = [(m.role, n) for m, n in zip(conv.messages, lengths)]
         if conv.is_plain_text:
             # Pre-training text is cut into cutoff_len chunks: nothing is lost.
