@@ -40,6 +40,7 @@ class TunelabConfig:
     cutoff_len: int = 1024
     train_on: str = "all"  # all = every assistant turn; last = only the final one
     skip_invalid: bool = False  # drop bad records (with a count) instead of stopping
+    fold_dialogues: bool = True  # rows that are prefixes of a longer row of their dialogue train inside it (sft)
     max_samples: int | None = None  # use only the first N records (quick experiments)
     packing: bool = False  # concatenate samples; attention never crosses sample borders
     group_by_length: bool = True  # batch similar lengths together so short samples pay less padding
