@@ -39,6 +39,7 @@ class TunelabConfig:
     system_prompt: str | None = None  # prepended where a record has no system message
     cutoff_len: int = 1024
     train_on: str = "all"  # all = every assistant turn; last = only the final one
+    truncation: str = "context"  # over cutoff_len: context = shorten oldest tool results/turns first; end = cut the end
     skip_invalid: bool = False  # drop bad records (with a count) instead of stopping
     fold_dialogues: bool = True  # rows that are prefixes of a longer row of their dialogue train inside it (sft)
     max_samples: int | None = None  # use only the first N records (quick experiments)
@@ -131,6 +132,7 @@ CHOICES = {
     "eval_strategy": ("no", "steps", "epoch"),
     "save_strategy": ("no", "steps", "epoch"),
     "train_on": ("all", "last"),
+    "truncation": ("context", "end"),
     "val_split_by": ("dialogue", "record"),
     "pref_loss": ("sigmoid", "ipo", "hinge"),
 }

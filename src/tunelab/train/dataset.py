@@ -106,10 +106,12 @@ def _fold(convs: list[Conversation], cfg: TunelabConfig, what: str) -> list[Conv
 
 
 def encode_samples(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig) -> tuple[list[Sample], int]:
-    """Tokenize conversations into samples; bad ones raise, or are counted with skip_invalid."""
+    """Tokenize conversations into samples; bad ones raise, or are counted with skip_invalid.
+    Samples over cutoff_len lose their oldest context first (`truncation=context`, data/truncate.py)."""
     from tunelab.data import tokenize
+    from tunelab.data.truncate import TruncationStats, encode_fitted
 
-    samples, errors = [], []
+    samples, errors, shortened = [], [], TruncationStats()
     for conv in convs:
         try:
             if conv.is_plain_text:
@@ -117,13 +119,20 @@ def encode_samples(convs: list[Conversation], tokenizer, template, cfg: TunelabC
             else:
                 # A folded row carries its target turns as explicit flags (see data/fold.py).
                 train_on = "all" if conv.meta.get("folded_rows") else cfg.train_on
-                encoded = [tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, train_on)]
+                if cfg.truncation == "context":
+                    example, actions = encode_fitted(conv, tokenizer, template, cfg.cutoff_len, train_on)
+                    shortened.add(actions)
+                else:
+                    example = tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, train_on)
+                encoded = [example]
         except TunelabError as exc:
             if not cfg.skip_invalid:
                 raise
             errors.append(exc)
             continue
         samples.extend(Sample(e.input_ids, e.labels) for e in encoded)
+    if shortened.samples:
+        print(shortened.summary(len(convs), cfg.cutoff_len), file=sys.stderr)
     if errors:
         print(f"skipped {len(errors)} record(s) that could not be tokenized; first: {errors[0].message()}",
               file=sys.stderr)
