@@ -42,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    _lend_task_metrics(parser)
     return parser
+
+
+def _lend_task_metrics(parser: argparse.ArgumentParser) -> None:
+    """`tunelab train` with eval_task scores the task during training. The scorer lives
+    in evaluate, which train must not import; this file sits above every stage, so it
+    hands train the factory (DEVELOPERS.md, "Hooks between stages")."""
+    try:
+        from tunelab.evaluate.in_training import task_metric_callbacks
+    except ModuleNotFoundError:  # evaluate not installed: eval_task then fails with a clear error
+        return
+    parser.set_defaults(eval_callbacks=task_metric_callbacks)
 
 
 def main(argv: list[str] | None = None) -> int:

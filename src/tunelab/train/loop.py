@@ -54,12 +54,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
+def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=()) -> RunResult:
     """Run one fine-tuning job as the config says.
 
     `objective_factory(cfg, tokenizer)` builds the stage's objective (see objective.py);
-    the default is next-token loss on the target turns (SFT / pt).
+    the default is next-token loss on the target turns (SFT / pt). Each of `eval_callbacks`
+    is called at every evaluation as `callback(model, tokenizer, step) -> {name: value}`;
+    its values are logged as `eval_NAME` and can be `metric_for_best_model` (the task
+    metrics of `eval_task` come this way, from the evaluate stage: see DEVELOPERS.md).
     """
+    if cfg.eval_task and not eval_callbacks:
+        raise TunelabError(f"eval_task={cfg.eval_task} but no task-metric callback was given", where="config",
+                           fix="run `tunelab train`, or pass eval_callbacks=[TaskMetrics(cfg)] "
+                               "(tunelab.evaluate.in_training) to train()")
     from tunelab.model.adapters import count_parameters, prepare_for_training
     from tunelab.model.loader import load_model, load_tokenizer, resolve_device
 
@@ -120,6 +127,8 @@ def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
         if cfg.stage in ("sft", "pt"):
             row["eval_perplexity"] = _perplexity(eval_loss)
         row |= {f"eval_{k}": v for k, v in eval_metrics.items()}
+        for callback in eval_callbacks:
+            row |= {f"eval_{k}": v for k, v in callback(model, tokenizer, state.global_step).items()}
         tracker.log(row)
         value = _best_metric_value(row, cfg.metric_for_best_model)
         if _improves(value, state.best_metric, cfg):

@@ -54,6 +54,10 @@ class Task(ABC):
         """Samples of a data file; raise TunelabError (naming path:line) for unusable rows."""
 
     @abstractmethod
+    def samples_from(self, convs: list[Conversation]) -> list[Sample]:
+        """Samples of conversations already read (training's validation split)."""
+
+    @abstractmethod
     def score_row(self, row: dict, metrics: tuple[str, ...]) -> dict:
         """Per-sample scores of one predictions row (JSON-able)."""
 

@@ -40,8 +40,11 @@ class GenericTask(Task):
     metrics = ("bleu", "rouge", "em", "ppl")
 
     def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+        return self.samples_from(load_conversations(path, fmt, max_samples=limit))
+
+    def samples_from(self, convs) -> list[Sample]:
         samples = []
-        for conv in load_conversations(path, fmt, max_samples=limit):
+        for conv in convs:
             last = _reference_turn(conv)
             target = conv.messages[last]
             samples.append(Sample(source=conv.source, prompt=conv.messages[:last], target=target,

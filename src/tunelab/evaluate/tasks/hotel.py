@@ -41,8 +41,11 @@ class HotelTask(Task):
         if fmt != "hotel":
             raise TunelabError(f"the hotel task reads hotel rows, not {fmt}", where=str(path),
                                fix="drop --format, or use --task generic for other formats")
+        return self.samples_from(load_conversations(path, "hotel", max_samples=limit))
+
+    def samples_from(self, convs) -> list[Sample]:
         samples = []
-        for conv in load_conversations(path, "hotel", max_samples=limit):
+        for conv in convs:
             *context, response = conv.messages
             meta = {"role": response.role}
             if response.role == "search":
