@@ -50,6 +50,11 @@ def test_cli_train_logs_task_metrics_and_keeps_the_predictions(tmp_path, tiny_mo
         assert 0 <= row["eval_bleu4"] <= 100 and "eval_exact_match" in row and "eval_samples" not in row
     rows = [json.loads(line) for line in (tmp_path / "run" / "task_eval" / "step-4.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("prediction" in r and "reference" in r for r in rows)
+    # The report tables the task metric and breaks down the predictions of its best step.
+    assert main(["report", str(tmp_path / "run")]) == 0
+    best = max(evals, key=lambda r: r["eval_bleu4"])["step"]  # the first best: ties keep the earlier step
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "| bleu4 |" in report and f"## Task evaluation at step {best}" in report and "Worst all rows" in report
 
 
 def test_task_metric_selects_the_best_checkpoint_higher_is_better(tmp_path, tiny_model_dir):

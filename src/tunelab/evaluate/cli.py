@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate import runner
+from tunelab.evaluate.breakdown import write_breakdown
 from tunelab.evaluate.tasks import TASKS, get_task
 from tunelab.model.generate import GenerationOptions
 
@@ -155,6 +156,7 @@ def run_eval(args) -> int:
         where = out_dir / label if args.compare_base else out_dir
         summary |= _judge_scores(args, generated.rows, where)
         runner.write_results(where, generated.rows, summary, {**info, "speed": generated.speed})
+        print(write_breakdown(task, generated.rows, where), file=sys.stderr)
         print(f"{label}: {len(samples)} samples in {generated.speed['seconds']} s "
               f"({generated.speed['samples_per_s']} samples/s, {generated.speed['tokens_per_s']} tokens/s)",
               file=sys.stderr)
@@ -188,6 +190,7 @@ def _rescore(args) -> int:
     summary = runner.score(task, rows, metrics) | _judge_scores(args, rows, _output_dir(args))
     runner.write_results(_output_dir(args), rows, summary,
                          {"task": task.name, "metrics": list(metrics), "predictions": args.predictions})
+    print(write_breakdown(task, rows, _output_dir(args)), file=sys.stderr)
     print(runner.markdown_table(summary))
     _warn_empty(summary)
     return 0

@@ -576,11 +576,50 @@ def run_report(run_dir: Path, out_dir: Path | None = None) -> ReportResult:
     metrics_plot = plot_eval_metrics(curves, out_dir / "eval_metrics.png")
     plots += [metrics_plot] if metrics_plot else []
     summary, metrics = summarize(curves), metric_table(curves)
-    write_text_atomic(out_dir / "report.md", render_markdown(run_dir, findings, plots, summary, metrics))
+    markdown = render_markdown(run_dir, findings, plots, summary, metrics)
+    task_eval = task_eval_breakdown(run_dir, metrics, out_dir)
+    if task_eval:
+        markdown += f"\n## Task evaluation at step {task_eval[0]}\n\n" + task_eval[1].replace("## Error", "### Error")
+    write_text_atomic(out_dir / "report.md", markdown)
     write_json_atomic(out_dir / "report.json", {
         "run_dir": str(run_dir), "summary": summary, "eval_metrics": metrics,
         "findings": [asdict(f) for f in findings], "plots": [p.name for p in plots]})
     return ReportResult(run_dir, out_dir, findings, plots, summary, metrics)
+
+
+def task_eval_breakdown(run_dir: Path, metrics: dict, out_dir: Path) -> tuple[int, str] | None:
+    """(step, markdown) of the error breakdown of the predictions kept during training
+    (RUN_DIR/task_eval/step-N.jsonl, see evaluate/in_training.py): at the best step of the
+    run's metric_for_best_model when that is a task metric, else at the last step."""
+    from tunelab.evaluate.breakdown import write_breakdown
+    from tunelab.evaluate.runner import parse_metrics, read_predictions, score
+    from tunelab.evaluate.tasks import get_task
+
+    files = {int(p.stem.split("-", 1)[1]): p for p in (run_dir / "task_eval").glob("step-*.jsonl")
+             if p.stem.split("-", 1)[1].isdigit()}
+    if not files:
+        return None
+    step = max(files)
+    chosen = _config_value(run_dir, "metric_for_best_model")
+    best = metrics.get(str(chosen).removeprefix("eval_")) if chosen else None
+    if best and int(best["best_step"]) in files:
+        step = int(best["best_step"])
+    rows = read_predictions(files[step])
+    task = get_task(rows[0].get("task") or "generic")
+    metric_names = parse_metrics(task, ",".join(_config_value(run_dir, "eval_metrics") or []))
+    score(task, rows, tuple(m for m in metric_names if m != "ppl") or task.default_metrics)
+    text = write_breakdown(task, rows, out_dir / "task_eval")
+    return (step, (out_dir / "task_eval" / "breakdown.md").read_text(encoding="utf-8")) if text else None
+
+
+def _config_value(run_dir: Path, key: str):
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(key) if path.is_file() else None
+    except yaml.YAMLError:
+        return None
 
 
 def format_findings(result: ReportResult) -> str:

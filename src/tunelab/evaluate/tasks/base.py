@@ -65,6 +65,10 @@ class Task(ABC):
     def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
         """The summary scores over all rows (each row already has its `scores`)."""
 
+    def breakdown(self, rows: list[dict]) -> dict:
+        """Where the score is lost (see evaluate/breakdown.py); rows already scored."""
+        return {}
+
 
 def is_empty(prediction: str | None) -> bool:
     return prediction is None or not prediction.strip()

@@ -8,8 +8,11 @@ forcing). Empty predictions score 0 and are counted, never dropped.
 
 from __future__ import annotations
 
+import json
+
 from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
+from tunelab.evaluate import breakdown as bd
 from tunelab.evaluate.metrics import (
     corpus_bleu, exact_match, rouge_f1, sentence_bleu4_char, sentence_bleu4_chars,
 )
@@ -76,4 +79,21 @@ class GenericTask(Task):
         if "ppl" in metrics:
             out.update(perplexity_scores(rows))
         out["empty_predictions"] = sum(r["scores"]["empty"] for r in rows)
+        return out
+
+    def breakdown(self, rows: list[dict]) -> dict:
+        """Lengths and worst rows; for answers that are JSON objects, per-key P/R/F1 and the
+        malformed-JSON rate (the generic form of the hotel task's per-slot view)."""
+        score_name = next((k for k in ("bleu4", "rougeL", "exact_match") if rows and k in rows[0]["scores"]), None)
+        out: dict = {"lengths": {"all": bd.lengths(rows)}}
+        if score_name:
+            out["worst"] = {"all": bd.worst(rows, lambda r: float(r["scores"][score_name]))}
+            out["worst_score"] = {"all": score_name}
+        structured = [r for r in rows if bd.is_json_object(r["reference"])]
+        if structured and 2 * len(structured) >= len(rows):
+            malformed = sum(not bd.is_json_object(r["prediction"]) for r in structured)
+            out["field_name"] = "field"
+            out["fields"] = bd.field_scores([(r["prediction"], json.loads(r["reference"])) for r in structured])
+            out["format"] = {"json_answers": len(structured), "malformed_json": malformed,
+                             "malformed_json_rate": bd.rate(malformed, len(structured))}
         return out

@@ -14,7 +14,10 @@ import json
 
 from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
-from tunelab.evaluate.metrics import sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores
+from tunelab.evaluate import breakdown as bd
+from tunelab.evaluate.metrics import (
+    SlotCounts, prf, sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores,
+)
 from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
 
 
@@ -81,3 +84,37 @@ class HotelTask(Task):
         if "ppl" in metrics:
             out.update(perplexity_scores(rows))
         return out
+
+    def breakdown(self, rows: list[dict]) -> dict:
+        """Per-slot P/R/F1, malformed search JSON, role confusion, lengths, worst rows."""
+        search = [r for r in rows if r["meta"]["role"] == "search"]
+        reply = [r for r in rows if r["meta"]["role"] != "search"]
+        predicted_search = [r for r in rows if split_role(r["prediction"])[0] == "search"]
+        malformed = sum(not bd.is_json_object(split_role(r["prediction"])[1]) for r in predicted_search)
+        confusion: dict[str, int] = {}
+        for r in rows:
+            said = split_role(r["prediction"])[0]
+            said = said if said in ("search", "assistant") else "other"
+            if said != r["meta"]["role"]:
+                key = f"{r['meta']['role']}_answered_as_{said}"
+                confusion[key] = confusion.get(key, 0) + 1
+        wrong = sum(confusion.values())
+        body = lambda text: split_role(text)[1]  # noqa: E731
+        return {
+            "field_name": "slot",
+            "fields": bd.field_scores([(predicted_arguments(r["prediction"]), r["meta"]["arguments"])
+                                       for r in search]),
+            "format": {"search_predictions": len(predicted_search), "malformed_json": malformed,
+                       "malformed_json_rate": bd.rate(malformed, len(predicted_search))},
+            "roles": {"wrong_role": wrong, "wrong_role_rate": bd.rate(wrong, len(rows)), **confusion},
+            "lengths": {"search": bd.lengths(search, body), "assistant": bd.lengths(reply, body)},
+            "worst": {"search": bd.worst(search, _row_f1),
+                      "assistant": bd.worst([r for r in reply if "bleu4" in r["scores"]],
+                                            lambda r: r["scores"]["bleu4"])},
+            "worst_score": {"search": "slot F1 of the row", "assistant": "char BLEU-4"},
+        }
+
+
+def _row_f1(row: dict) -> float:
+    s = row["scores"]
+    return prf(SlotCounts(s["slot_correct"], s["slot_predicted"], s["slot_expected"]))["f1"]
