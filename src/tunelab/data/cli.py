@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     tokens(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--limit", type=int, default=50, help="problems listed per file (default 50; counts stay exact)")
+    p.add_argument("--against", metavar="TEST",
+                   help="also list the rows of this test file that the checked files already hold "
+                        "(verbatim, or by dialogue prefix): scores on them measure memory")
     p.set_defaults(func=cmd_check)
 
     p = tools.add_parser("convert", help="rewrite a file in another format")
@@ -99,8 +102,15 @@ def cmd_check(args) -> int:
 
     counter = _counter(args)
     reports = [check_file(path, args.format, counter=counter) for path in args.paths]
+    leakage = None
+    if args.against:
+        from tunelab.data.tools.leakage import check_leakage
+
+        leakage = check_leakage(args.paths, args.against, args.format)
     if args.json:
-        print(json.dumps([r.to_json() for r in reports], ensure_ascii=False, indent=2))
+        out = [r.to_json() for r in reports]
+        print(json.dumps({"files": out, "leakage": leakage.to_json()} if leakage else out,
+                         ensure_ascii=False, indent=2))
     else:
         for report in reports:
             for problem in report.problems[: args.limit]:
@@ -109,6 +119,8 @@ def cmd_check(args) -> int:
             if hidden > 0:
                 print(f"... {hidden} more problems (--limit N shows more, --json up to 1000)")
             print(("\n" if report.problems else "") + report.summary() + "\n")
+        if leakage:
+            print(leakage.summary(args.limit) + "\n")
     return 1 if any(r.errors for r in reports) else 0
 
 

@@ -35,8 +35,9 @@ def _turn_key(m: Message) -> tuple[str, str]:
     return m.role, m.content
 
 
-def _prefix_keys(conv: Conversation) -> list[int]:
-    """Hash of messages[:k] for every k = 1..n (tools included), built incrementally."""
+def prefix_keys(conv: Conversation) -> list[int]:
+    """Hash of messages[:k] for every k = 1..n (role and content; tools included), built
+    incrementally: equal keys = equal prefixes (the leakage check uses them too)."""
     h = hash(repr(conv.tools))
     keys = []
     for m in conv.messages:
@@ -64,7 +65,7 @@ def fold_dialogues(convs: list[Conversation], train_on: str = "all") -> tuple[li
     untouched rows as they were, in their original order) and the counts.
     """
     chat = [i for i, c in enumerate(convs) if not c.is_plain_text and c.messages]
-    keys = {i: _prefix_keys(convs[i]) for i in chat}
+    keys = {i: prefix_keys(convs[i]) for i in chat}
     by_full_key: dict[int, list[int]] = {}
     for i in chat:
         by_full_key.setdefault(keys[i][-1], []).append(i)
