@@ -42,19 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
-    _lend_task_metrics(parser)
+    _lend_later_stages(parser)
     return parser
 
 
-def _lend_task_metrics(parser: argparse.ArgumentParser) -> None:
-    """`tunelab train` with eval_task scores the task during training. The scorer lives
-    in evaluate, which train must not import; this file sits above every stage, so it
-    hands train the factory (DEVELOPERS.md, "Hooks between stages")."""
-    try:
+def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
+    """Two commands of early stages need a later stage: `tunelab train` with eval_task
+    scores the task during training, and `tunelab data mine-pairs` decodes and scores
+    with a model. Their code lives in evaluate, which data and train must not import; this
+    file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
+    between stages"). Imported only when called: the CLI stays quick to start."""
+    def eval_callbacks(cfg):
         from tunelab.evaluate.in_training import task_metric_callbacks
-    except ModuleNotFoundError:  # evaluate not installed: eval_task then fails with a clear error
-        return
-    parser.set_defaults(eval_callbacks=task_metric_callbacks)
+
+        return task_metric_callbacks(cfg)
+
+    def mine_pairs(args):
+        from tunelab.evaluate.mine import run_mine_pairs
+
+        return run_mine_pairs(args)
+
+    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,11 @@ class Task(ABC):
     def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
         """The summary scores over all rows (each row already has its `scores`)."""
 
+    def mistake(self, row: dict) -> str | None:
+        """What is wrong with a scored prediction (e.g. "wrong slots"), or None if it is
+        acceptable: `tunelab data mine-pairs` keeps the wrong ones as rejected answers."""
+        return None
+
     def breakdown(self, rows: list[dict]) -> dict:
         """Where the score is lost (see evaluate/breakdown.py); rows already scored."""
         return {}

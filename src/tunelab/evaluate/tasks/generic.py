@@ -19,6 +19,7 @@ from tunelab.evaluate.metrics import (
 from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+MISTAKE_BLEU = 30.0  # below this char BLEU-4 (x100) a text answer counts as wrong for mine-pairs
 
 
 def _reference_turn(conv) -> int:
@@ -80,6 +81,18 @@ class GenericTask(Task):
             out.update(perplexity_scores(rows))
         out["empty_predictions"] = sum(r["scores"]["empty"] for r in rows)
         return out
+
+    def mistake(self, row: dict) -> str | None:
+        """A JSON answer that is malformed or has other fields; a text answer that is not the
+        reference (after normalisation) and scores char BLEU-4 below MISTAKE_BLEU."""
+        prediction, reference = row["prediction"], row["reference"]
+        if bd.is_json_object(reference):
+            if not bd.is_json_object(prediction):
+                return "malformed JSON"
+            return "wrong fields" if json.loads(prediction) != json.loads(reference) else None
+        if exact_match([prediction], [reference]) == 100.0:
+            return None
+        return "low BLEU" if 100.0 * sentence_bleu4_char(prediction, reference) < MISTAKE_BLEU else None
 
     def breakdown(self, rows: list[dict]) -> dict:
         """Lengths and worst rows; for answers that are JSON objects, per-key P/R/F1 and the

@@ -85,6 +85,20 @@ class HotelTask(Task):
             out.update(perplexity_scores(rows))
         return out
 
+    def mistake(self, row: dict) -> str | None:
+        """Wrong role, malformed search JSON, or any missing / extra slot. Replies in the
+        right role are not judged: many wordings are right, and BLEU cannot tell them apart."""
+        role, body = split_role(row["prediction"])
+        if role != row["meta"]["role"]:
+            return "wrong role"
+        if role == "search":
+            if not bd.is_json_object(body):
+                return "malformed JSON"
+            s = row["scores"]
+            if not s["slot_correct"] == s["slot_predicted"] == s["slot_expected"]:
+                return "wrong slots"
+        return None
+
     def breakdown(self, rows: list[dict]) -> dict:
         """Per-slot P/R/F1, malformed search JSON, role confusion, lengths, worst rows."""
         search = [r for r in rows if r["meta"]["role"] == "search"]
