@@ -94,3 +94,19 @@ def test_the_train_stage_still_never_imports_evaluate():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO / "src"), "PATH": ""}).stdout
     assert out.strip() == "[]"
+
+
+def test_generation_switches_a_padding_free_model_to_sdpa_and_back(qwen2_tokenizer):
+    from conftest import tiny_llama
+
+    from tunelab.evaluate.in_training import plain_attention
+    from tunelab.model.generate import generate_batch
+    from tunelab.train.fast.varlen import ATTN_NAME, use_varlen_attention
+
+    model = tiny_llama(qwen2_tokenizer)
+    use_varlen_attention(model)
+    with plain_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+        (generated,) = generate_batch(model, qwen2_tokenizer, [[1, 2, 3]], progress=False)
+    assert generated.completion_tokens > 0
+    assert model.config._attn_implementation == ATTN_NAME

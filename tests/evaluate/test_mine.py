@@ -68,7 +68,8 @@ def test_cli_mines_a_tiny_models_mistakes_into_a_dpo_file(tmp_path, tiny_model_d
     adapter = tiny_lora_adapter(tiny_model_dir, tmp_path / "adapter")  # random LoRA: text, not blank lines
     out = tmp_path / "pairs.jsonl"
     assert main(["data", "mine-pairs", str(QUICKSTART), str(out), "--model", str(tiny_model_dir),
-                 "--adapter", str(adapter), "--limit", "3",                 "--max-new-tokens", "5", "--device", "cpu", "--dtype", "float32", "--no-progress"]) == 0
+                 "--adapter", str(adapter), "--limit", "3", "--max-new-tokens", "5", "--device", "cpu",
+                 "--dtype", "float32", "--no-progress"]) == 0
     assert "pairs from 3 rows" in capsys.readouterr().err
     pairs = load_preferences([str(out)])
     references = [json.loads(line) for line in QUICKSTART.read_text().splitlines()[:3]]

@@ -1,5 +1,6 @@
 """`tunelab data check | convert | dedup | split | stats | mine-pairs`: look at and fix
-fine-tuning data before training on it (mine-pairs: preference pairs from a model's mistakes). Every subcommand reads any supported format (see docs/data.md)."""
+fine-tuning data before training on it (mine-pairs: preference pairs from a model's
+mistakes). Every subcommand reads any supported format (see docs/data.md)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ errors behind a number can be read (`tunelab eval --predictions FILE` re-scores 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -58,10 +59,29 @@ class TaskMetrics:
         if not self.samples:
             return {}
         options = GenerationOptions(max_new_tokens=self.cfg.eval_max_new_tokens)
-        generated = runner.predict(model, tokenizer, self.samples, self.template_src, options,
-                                   task=self.task.name, batch_size=self.cfg.per_device_eval_batch_size,
-                                   progress=False)
+        with plain_attention(model):
+            generated = runner.predict(model, tokenizer, self.samples, self.template_src, options,
+                                       task=self.task.name, batch_size=self.cfg.per_device_eval_batch_size,
+                                       progress=False)
         summary = runner.score(self.task, generated.rows, self.metrics)
         write_jsonl_atomic(Path(self.cfg.output_dir) / "task_eval" / f"step-{step}.jsonl", generated.rows)
         return {k: float(v) for k, v in summary.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COUNT_KEYS}
+
+
+@contextlib.contextmanager
+def plain_attention(model):
+    """Generate with SDPA while training runs padding-free: the varlen kernel takes only
+    flattened batches, not a padded batch with a KV cache (`padding_free=true`)."""
+    from tunelab.train.fast.varlen import ATTN_NAME, base_model
+
+    inner = base_model(model)
+    current = getattr(inner.config, "_attn_implementation", None)
+    if current != ATTN_NAME:
+        yield
+        return
+    inner.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(current)
