@@ -105,6 +105,7 @@ class TunelabConfig:
     load_best_model_at_end: bool = False
     metric_for_best_model: str = "eval_loss"  # or a task metric of eval_task, e.g. slot_f1, bleu4
     eval_task: str | None = None  # at each evaluation also generate and score a task: hotel | generic
+    eval_task_dataset: list[str] = field(default_factory=list)  # conversations to score (default: the validation split)
     eval_metrics: list[str] = field(default_factory=list)  # the task's metrics to compute (default: its own)
     eval_generate_samples: int = 64  # validation rows generated for the task metrics
     eval_max_new_tokens: int = 256

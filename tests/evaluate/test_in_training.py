@@ -110,3 +110,16 @@ def test_generation_switches_a_padding_free_model_to_sdpa_and_back(qwen2_tokeniz
         (generated,) = generate_batch(model, qwen2_tokenizer, [[1, 2, 3]], progress=False)
     assert generated.completion_tokens > 0
     assert model.config._attn_implementation == ATTN_NAME
+
+
+def test_preference_stages_generate_on_eval_task_dataset(hotel_dir, qwen2_tokenizer):
+    from tunelab.config import load_config
+    from tunelab.evaluate.in_training import TaskMetrics
+
+    common = dict(stage="dpo", dataset="pairs.jsonl", eval_task="hotel", eval_strategy="steps", val_size=0.1,
+                  eval_generate_samples=5, template="hotel")
+    with pytest.raises(TunelabError, match="eval_task_dataset"):
+        TaskMetrics(load_config(None, common))
+    metrics = TaskMetrics(load_config(None, common | {"eval_task_dataset": str(hotel_dir / "test.jsonl")}))
+    metrics._prepare(qwen2_tokenizer)
+    assert len(metrics.samples) == 5 and all(s.source.startswith(str(hotel_dir)) for s in metrics.samples)

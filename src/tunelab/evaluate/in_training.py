@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 from tunelab.config import TunelabConfig
+from tunelab.errors import TunelabError
 from tunelab.evaluate import runner
 from tunelab.evaluate.tasks import get_task
 from tunelab.io import write_jsonl_atomic
@@ -40,12 +41,20 @@ class TaskMetrics:
             self.metrics = tuple(m for m in self.metrics if m != "ppl") or self.task.default_metrics
         self.samples = None
         self.template_src = None
+        if cfg.stage not in ("sft", "pt") and not cfg.eval_task_dataset:
+            raise TunelabError(f"eval_task={cfg.eval_task} with stage={cfg.stage} needs conversations to generate on",
+                               where="config", fix="set eval_task_dataset=path/to/validation.jsonl "
+                                                   "(rows of the task, e.g. hotel context/response rows)")
 
     def _prepare(self, tokenizer) -> None:
+        from tunelab.data.readers import load_conversations
         from tunelab.data.templates import resolve_template
         from tunelab.train.dataset import read_conversations
 
-        _, val, _ = read_conversations(self.cfg)  # the same split the validation loss uses, unfolded
+        if self.cfg.eval_task_dataset:
+            val = load_conversations(self.cfg.eval_task_dataset, system_prompt=self.cfg.system_prompt)
+        else:
+            _, val, _ = read_conversations(self.cfg)  # the same split the validation loss uses, unfolded
         rng = random.Random(self.cfg.seed)
         chosen = sorted(rng.sample(range(len(val)), min(self.cfg.eval_generate_samples, len(val))))
         self.samples = self.task.samples_from([val[i] for i in chosen])
