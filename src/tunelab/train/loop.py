@@ -263,7 +263,8 @@ def _best_metric_value(row: dict, name: str) -> float:
     if key not in row:
         raise TunelabError(f"metric_for_best_model={name} is not among the evaluation metrics "
                            f"({', '.join(k for k in row if k.startswith('eval_'))})", where="config",
-                           fix="use metric_for_best_model=eval_loss")
+                           fix="use metric_for_best_model=eval_loss, or set eval_task (hotel, generic) "
+                               "for task metrics such as slot_f1 or bleu4")
     return row[key]
 
 
