@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--constrain-json", action="store_true",
+                   help="constrained decoding: structured answers must be valid JSON (hotel: search turns, "
+                        "with the slot names; generic: the whole answer)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization-bit", type=int, choices=(4, 8))
@@ -135,6 +138,8 @@ def run_eval(args) -> int:
     task = get_task(args.task or "generic")
     metrics = runner.parse_metrics(task, args.metrics)
     options = _options(args)
+    if args.constrain_json:
+        options = dataclasses.replace(options, json_after=task.json_marker, json_keys=task.json_keys)
     samples = task.load(args.data, args.format, args.limit)  # bad rows fail before a model loads
 
     from tunelab.data.templates import resolve_template

@@ -48,6 +48,10 @@ class Task(ABC):
     default_template: str | None = None  # None = the user's --template (default: the model's own)
     default_metrics: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()  # every name `--metrics` may pick for this task
+    # `--constrain-json`: after this text a completion must be a JSON object ("" = from its
+    # start), with keys from json_keys when given (see model/constrain.py).
+    json_marker: str = ""
+    json_keys: tuple[str, ...] = ()
 
     @abstractmethod
     def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:

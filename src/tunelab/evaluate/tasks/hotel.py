@@ -38,6 +38,9 @@ class HotelTask(Task):
     default_template = "hotel"
     default_metrics = ("slots", "bleu")
     metrics = ("slots", "bleu", "ppl")
+    json_marker = "search\n"  # only search turns are JSON; replies stay free text
+    json_keys = ("type", "price_range_lower", "price_range_upper", "rating_range_lower", "rating_range_upper",
+                 "facilities", "name")  # every slot the hotel set uses (shared/README.md)
 
     def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
         fmt = "hotel" if fmt == "auto" else fmt
