@@ -27,9 +27,13 @@ echo "training: ${SECONDS}s"
 "${TL[@]}" report "$RUN"
 "${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
     --batch-size "${EVAL_BATCH:-128}" --no-progress
+if [ -n "${CONSTRAIN:-}" ]; then  # CONSTRAIN=1: the same test rows with search turns held to valid JSON
+    "${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
+        --batch-size "${EVAL_BATCH:-128}" --no-progress --constrain-json --output-dir "$RUN/eval_constrained"
+fi
 echo "total: ${SECONDS}s"
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/hotel_quality"
     cp -r "$RUN/trainer_log.jsonl" "$RUN/config.yaml" "$RUN/report" "$RUN/eval" "$RUN/task_eval" \
-        "$OUT/hotel_quality/" 2>/dev/null || true
+        "$RUN/eval_constrained" "$OUT/hotel_quality/" 2>/dev/null || true
 fi
