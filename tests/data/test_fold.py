@@ -121,3 +121,19 @@ def test_load_sft_data_folds_by_default_and_fold_dialogues_false_turns_it_off(ho
     # Rows cut at max_samples may leave a prefix row whose dialogue continues beyond: the counts still agree.
     assert label_count(folded.train) == label_count(plain.train)
     assert sum(len(s) for s in folded.train) < 0.7 * sum(len(s) for s in plain.train)
+
+
+def test_rows_a_template_renders_differently_inside_a_longer_row_are_not_folded(qwen2_tokenizer):
+    from tunelab.config import TunelabConfig
+    from tunelab.data.templates import resolve_template
+    from tunelab.train.dataset import _fold
+
+    short = _conv(("user", "2+2?", None), ("assistant", "<think>add</think>4", None), source="s")
+    long = _conv(("user", "2+2?", None), ("assistant", "<think>add</think>4", None), ("user", "3+3?", None),
+                 ("assistant", "<think>add</think>6", None), source="l")
+    cfg = TunelabConfig(template="qwen3")
+    # Qwen3 drops the reasoning of earlier replies: folded, "4" would train without its thinking.
+    qwen3 = resolve_template("qwen3", qwen2_tokenizer)
+    assert [c.source for c in _fold([short, long], cfg, qwen2_tokenizer, qwen3, "training")] == ["s", "l"]
+    chatml = resolve_template("chatml", qwen2_tokenizer)
+    assert [c.source for c in _fold([short, long], cfg, qwen2_tokenizer, chatml, "training")] == ["l"]

@@ -15,6 +15,7 @@ each other or into the same longer row: each keeps its own loss term, as without
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tunelab.data.types import Conversation, Message
@@ -57,8 +58,15 @@ def _targets(conv: Conversation, train_on: str) -> list[int]:
     return targets[-1:] if train_on == "last" else targets
 
 
-def fold_dialogues(convs: list[Conversation], train_on: str = "all") -> tuple[list[Conversation], FoldStats]:
+def fold_dialogues(convs: list[Conversation], train_on: str = "all",
+                   renders_as_prefix: Callable[[Conversation, Conversation], bool] | None = None,
+                   ) -> tuple[list[Conversation], FoldStats]:
     """Fold rows that are strict prefixes of a longer row into it.
+
+    `renders_as_prefix(short, long)`, when given, must also hold: the short row's rendered
+    text begins the long row's. Chat templates that render a turn differently once others
+    follow it (Qwen3 and DeepSeek-R1 drop the reasoning of earlier replies) fail it, and
+    their rows are then trained one by one, as they would be without folding.
 
     Returns the conversations (folded ones with explicit `train` flags on each turn, to be
     encoded with `train_on="all"`, and `meta["folded_rows"]` = how many rows they hold;
@@ -80,7 +88,8 @@ def fold_dialogues(convs: list[Conversation], train_on: str = "all") -> tuple[li
             # At most one row per prefix: a duplicate row stays a sequence of its own, so its
             # loss term is still counted twice, as without folding.
             row = next((r for r in by_full_key.get(key, ())
-                        if r not in owner and r != leaf and _is_prefix(convs[r], convs[leaf])), None)
+                        if r not in owner and r != leaf and _is_prefix(convs[r], convs[leaf])
+                        and (renders_as_prefix is None or renders_as_prefix(convs[r], convs[leaf]))), None)
             if row is not None:
                 owner[row] = leaf
                 absorbed.setdefault(leaf, []).append(row)

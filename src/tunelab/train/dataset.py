@@ -83,11 +83,11 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
         raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
     n_train_records, n_eval_records = len(train_convs), len(eval_convs)
+    template = None if cfg.stage == "pt" else resolve_template(cfg.template, tokenizer)
     if cfg.fold_dialogues and cfg.stage == "sft":
         # After the split, each side on its own: a validation row is never folded into a training one.
-        train_convs = _fold(train_convs, cfg, "training")
-        eval_convs = _fold(eval_convs, cfg, "validation")
-    template = None if cfg.stage == "pt" else resolve_template(cfg.template, tokenizer)
+        train_convs = _fold(train_convs, cfg, tokenizer, template, "training")
+        eval_convs = _fold(eval_convs, cfg, tokenizer, template, "validation")
     train, skipped = encode_samples(train_convs, tokenizer, template, cfg)
     evals, skipped_eval = encode_samples(eval_convs, tokenizer, template, cfg)
     if not train:
@@ -96,10 +96,20 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
     return SFTData(train, evals, n_train_records, n_eval_records, n_skipped + skipped + skipped_eval)
 
 
-def _fold(convs: list[Conversation], cfg: TunelabConfig, what: str) -> list[Conversation]:
-    from tunelab.data.fold import fold_dialogues
+def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: str, what: str) -> list[Conversation]:
+    import jinja2
 
-    folded, stats = fold_dialogues(convs, cfg.train_on)
+    from tunelab.data.fold import fold_dialogues
+    from tunelab.data.templates import render
+
+    def renders_as_prefix(short: Conversation, long: Conversation) -> bool:
+        try:
+            return render(long.messages, template, tokenizer, tools=long.tools).startswith(
+                render(short.messages, template, tokenizer, tools=short.tools))
+        except jinja2.TemplateError:  # the encoder will say what is wrong, row by row
+            return False
+
+    folded, stats = fold_dialogues(convs, cfg.train_on, renders_as_prefix)
     if stats.folded_rows:
         print(f"{what}: {stats.summary()}", file=sys.stderr)
     return folded
