@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    _lend_later_stages(parser)
     return parser
 
 
@@ -60,6 +61,25 @@ def os_error(exc: OSError) -> TunelabError:
     where = exc.filename if exc.filename is not None else None
     return TunelabError(exc.strerror or str(exc), where=str(where) if where else None,
                         fix=fixes.get(exc.errno, "check the path, its permissions and the free disk space"))
+
+
+def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
+    """Two commands of early stages need a later stage: `tunelab train` with eval_task
+    scores the task during training, and `tunelab data mine-pairs` decodes and scores
+    with a model. Their code lives in evaluate, which data and train must not import; this
+    file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
+    between stages"). Imported only when called: the CLI stays quick to start."""
+    def eval_callbacks(cfg):
+        from tunelab.evaluate.in_training import task_metric_callbacks
+
+        return task_metric_callbacks(cfg)
+
+    def mine_pairs(args):
+        from tunelab.evaluate.mine import run_mine_pairs
+
+        return run_mine_pairs(args)
+
+    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

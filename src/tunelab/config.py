@@ -40,7 +40,9 @@ class TunelabConfig:
     system_prompt: str | None = None  # prepended where a record has no system message
     cutoff_len: int = 1024
     train_on: str = "all"  # all = every assistant turn; last = only the final one
+    truncation: str = "context"  # over cutoff_len: context = shorten oldest tool results/turns first; end = cut the end
     skip_invalid: bool = False  # drop bad records (with a count) instead of stopping
+    fold_dialogues: bool = True  # rows that are prefixes of a longer row of their dialogue train inside it (sft)
     max_samples: int | None = None  # use only the first N records (quick experiments)
     packing: bool = False  # concatenate samples; attention never crosses sample borders
     group_by_length: bool | None = None  # similar lengths per batch (less padding); auto: on unless padding-free
@@ -119,7 +121,12 @@ class TunelabConfig:
     save_total_limit: int | None = 3
     logging_steps: int = 10
     load_best_model_at_end: bool = False
-    metric_for_best_model: str = "eval_loss"
+    metric_for_best_model: str = "eval_loss"  # or a task metric of eval_task, e.g. slot_f1, bleu4
+    eval_task: str | None = None  # at each evaluation also generate and score a task: hotel | generic
+    eval_task_dataset: list[str] = field(default_factory=list)  # conversations to score (default: the validation split)
+    eval_metrics: list[str] = field(default_factory=list)  # the task's metrics to compute (default: its own)
+    eval_generate_samples: int = 64  # validation rows generated for the task metrics
+    eval_max_new_tokens: int = 256
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     early_stopping_threshold: float = 0.0
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
@@ -148,6 +155,7 @@ CHOICES = {
     "eval_strategy": ("no", "steps", "epoch"),
     "save_strategy": ("no", "steps", "epoch"),
     "train_on": ("all", "last"),
+    "truncation": ("context", "end"),
     "val_split_by": ("dialogue", "record"),
     "pref_loss": ("sigmoid", "ipo", "hinge"),
     "speed": ("auto", "off"),
@@ -227,6 +235,12 @@ def validate(cfg: TunelabConfig) -> None:
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         raise TunelabError("load_best_model_at_end needs evaluations", where="config",
                            fix="set eval_strategy=steps (and eval_steps) or eval_strategy=epoch")
+    if cfg.eval_task and cfg.eval_strategy == "no":
+        raise TunelabError(f"eval_task={cfg.eval_task} needs evaluations", where="config",
+                           fix="set eval_strategy=steps (and eval_steps) or eval_strategy=epoch")
+    if cfg.eval_generate_samples <= 0 or cfg.eval_max_new_tokens <= 0:
+        raise TunelabError("eval_generate_samples and eval_max_new_tokens must be > 0", where="config",
+                           fix="e.g. eval_generate_samples=64 eval_max_new_tokens=256")
     if cfg.early_stopping_patience is not None and cfg.eval_strategy == "no":
         raise TunelabError("early_stopping_patience needs evaluations", where="config",
                            fix="set eval_strategy=steps or epoch")

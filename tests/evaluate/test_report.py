@@ -170,3 +170,20 @@ def test_a_run_without_a_log_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "trainer_log.jsonl").write_text("\n")
     with pytest.raises(TunelabError, match="no training or evaluation rows"):
         run_report(tmp_path / "empty")
+
+
+def test_task_metrics_in_the_log_get_a_table_a_plot_and_a_terminal_line(tmp_path):
+    run = write_log(tmp_path / "run", healthy_loss(), healthy_eval())
+    log = run / "trainer_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    f1 = iter([10.0, 50.0, 70.0, 65.0, 60.0, 62.0])
+    for row in rows:
+        if "eval_loss" in row:
+            row["eval_slot_f1"] = next(f1)
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = run_report(run)
+    assert result.eval_metrics["slot_f1"] == {"first": 10.0, "best": 70.0, "best_step": 150.0, "last": 62.0}
+    assert (result.out_dir / "eval_metrics.png").stat().st_size > 0
+    assert "| slot_f1 | 10 | 70 | 150 | 62 |" in (result.out_dir / "report.md").read_text()
+    assert json.loads((result.out_dir / "report.json").read_text())["eval_metrics"]["slot_f1"]["best"] == 70.0
+    assert "slot_f1: 10 -> 62 (best 70 at step 150)" in format_findings(result)

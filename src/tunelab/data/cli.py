@@ -1,5 +1,6 @@
-"""`tunelab data check | convert | dedup | split | stats`: look at and fix fine-tuning data
-before training on it. Every subcommand reads any supported format (see docs/data.md)."""
+"""`tunelab data check | convert | dedup | split | stats | mine-pairs`: look at and fix
+fine-tuning data before training on it (mine-pairs: preference pairs from a model's
+mistakes). Every subcommand reads any supported format (see docs/data.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 from tunelab.config import TunelabConfig
 from tunelab.data.formats import FORMATS
+from tunelab.errors import TunelabError
 
 DEFAULT_CUTOFF = TunelabConfig.cutoff_len  # what a default training run truncates at
 
@@ -37,6 +39,9 @@ def register(subparsers) -> None:
     tokens(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--limit", type=int, default=50, help="problems listed per file (default 50; counts stay exact)")
+    p.add_argument("--against", metavar="TEST",
+                   help="also list the rows of this test file that the checked files already hold "
+                        "(verbatim, or by dialogue prefix): scores on them measure memory")
     p.set_defaults(func=cmd_check)
 
     p = tools.add_parser("convert", help="rewrite a file in another format")
@@ -81,6 +86,35 @@ def register(subparsers) -> None:
     p.add_argument("--skip-invalid", action="store_true", help="leave out invalid records")
     p.set_defaults(func=cmd_stats)
 
+    p = tools.add_parser("mine-pairs", help="preference pairs from a fine-tuned model's own mistakes",
+                         description="Decode FILE (your training split) with the model, score every answer with "
+                                     "the task and write each wrong one (wrong slots, wrong role, malformed JSON, ...) "
+                                     "as `rejected` against the reference as `chosen`: a preference file for "
+                                     "stage=dpo / kto.",
+                         epilog="example: tunelab data mine-pairs train.jsonl pairs.jsonl --adapter runs/hotel_sft "
+                                "--task hotel")
+    common(p)
+    p.add_argument("output", metavar="OUT", help="preference .jsonl or .json to write")
+    p.add_argument("--model", default=TunelabConfig.model_name_or_path, help="base model (alias, folder, hub id)")
+    p.add_argument("--adapter", help="the fine-tuned LoRA adapter (a run folder)")
+    p.add_argument("--task", default="generic", help="how answers are judged: hotel or generic (default)")
+    p.add_argument("--template", help="chat template (default: the task's, else the model's own)")
+    p.add_argument("--limit", type=int, help="decode only the first N rows")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_mine_pairs)
+
+
+def cmd_mine_pairs(args) -> int:
+    # The work needs a model and a task scorer (later stages): tunelab/cli.py lends it.
+    if not getattr(args, "mine_pairs", None):
+        raise TunelabError("mine-pairs needs the model and evaluate stages", where="tunelab data mine-pairs",
+                           fix="run it through the `tunelab` command (tunelab.cli.main)")
+    return args.mine_pairs(args)
+
 
 def _counter(args):
     """A TokenCounter when --model is given; the template is resolved now so a missing
@@ -99,8 +133,15 @@ def cmd_check(args) -> int:
 
     counter = _counter(args)
     reports = [check_file(path, args.format, counter=counter) for path in args.paths]
+    leakage = None
+    if args.against:
+        from tunelab.data.tools.leakage import check_leakage
+
+        leakage = check_leakage(args.paths, args.against, args.format)
     if args.json:
-        print(json.dumps([r.to_json() for r in reports], ensure_ascii=False, indent=2))
+        out = [r.to_json() for r in reports]
+        print(json.dumps({"files": out, "leakage": leakage.to_json()} if leakage else out,
+                         ensure_ascii=False, indent=2))
     else:
         for report in reports:
             for problem in report.problems[: args.limit]:
@@ -109,6 +150,8 @@ def cmd_check(args) -> int:
             if hidden > 0:
                 print(f"... {hidden} more problems (--limit N shows more, --json up to 1000)")
             print(("\n" if report.problems else "") + report.summary() + "\n")
+        if leakage:
+            print(leakage.summary(args.limit) + "\n")
     return 1 if any(r.errors for r in reports) else 0
 
 

@@ -53,6 +53,9 @@ SHAREGPT_NAMES = {"user": "human", "assistant": "gpt", "system": "system",
                   "function_call": "function_call", "tool": "observation"}
 OPENAI_ROLES = ("system", "user", "assistant", "tool")
 HOTEL_ROLES = ("user", "assistant", "search", "return")
+# Preference records may also hold the hotel roles, rendered as the hotel reader renders
+# them (`tunelab data mine-pairs` writes pairs from hotel dialogues so).
+PREFERENCE_ROLES = OPENAI_ROLES + ("search", "return")
 
 
 # --- detection -----------------------------------------------------------------------
@@ -203,11 +206,11 @@ def _openai_content(content, name: str) -> str:
                       fix="write content as a string")
 
 
-def _openai_message(message, name: str) -> Message:
+def _openai_message(message, name: str, roles: tuple[str, ...] = OPENAI_ROLES) -> Message:
     if not isinstance(message, dict):
         raise RecordError(f"{name} must be an object with 'role' and 'content'",
                           fix='write messages as {"role": "user", "content": "..."}')
-    role = _known_role(message.get("role"), OPENAI_ROLES, f"{name} has unknown role")
+    role = _known_role(message.get("role"), roles, f"{name} has unknown role")
     weight = message.get("weight")
     if weight not in (None, 0, 1) or isinstance(weight, float):
         raise RecordError(f"{name}.weight must be 0 or 1, got {weight!r}",
@@ -224,8 +227,8 @@ def _openai_message(message, name: str) -> Message:
     return Message(role, _openai_content(message.get("content"), f"{name}.content"), train=train)
 
 
-def _openai_messages(value, name: str) -> list[Message]:
-    return [_openai_message(m, f"{name}[{i}]") for i, m in enumerate(_list(value, name))]
+def _openai_messages(value, name: str, roles: tuple[str, ...] = OPENAI_ROLES) -> list[Message]:
+    return [_openai_message(m, f"{name}[{i}]", roles) for i, m in enumerate(_list(value, name))]
 
 
 def _emollm(record: dict) -> list[Message]:
@@ -325,8 +328,8 @@ def _answer(value, name: str) -> tuple[list[Message], Message]:
     if isinstance(value, str):
         return [], Message("assistant", value)
     if isinstance(value, dict):
-        return [], _openai_message(value, name)
-    messages = _openai_messages(value, name)
+        return [], _openai_message(value, name, PREFERENCE_ROLES)
+    messages = _openai_messages(value, name, PREFERENCE_ROLES)
     if not messages:
         raise RecordError(f"{name} is an empty list", fix=f"give {name} the answer text")
     return messages[:-1], messages[-1]
@@ -335,7 +338,7 @@ def _answer(value, name: str) -> tuple[list[Message], Message]:
 def _prompt(value, name: str) -> list[Message]:
     if isinstance(value, str):
         return [Message("user", value)]
-    return _openai_messages(value, name)
+    return _openai_messages(value, name, PREFERENCE_ROLES)
 
 
 def _pair(record: dict) -> tuple[list[Message], Message, Message]:

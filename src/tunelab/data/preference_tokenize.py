@@ -81,8 +81,9 @@ def fit_lengths(prompt_len: int, answer_len: int, cutoff_len: int) -> tuple[int,
 def _encode_answer(prompt: list[Message], answer: Message, source: str, tokenizer, template: str):
     from tunelab.data.tokenize import encode_conversation
 
-    # Only the final answer is labelled, whatever earlier assistant turns the prompt holds.
-    conv = Conversation(list(prompt) + [answer], source=source)
+    # Only the final answer is labelled, whatever earlier assistant turns the prompt holds;
+    # it is the target whatever its role (a hotel `search` call too).
+    conv = Conversation(list(prompt) + [Message(answer.role, answer.content, train=True)], source=source)
     return encode_conversation(conv, tokenizer, template, NO_CUTOFF, train_on="last")
 
 

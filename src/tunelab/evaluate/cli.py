@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate import runner
+from tunelab.evaluate.breakdown import write_breakdown
 from tunelab.evaluate.tasks import TASKS, get_task
 from tunelab.model.generate import GenerationOptions
 
@@ -44,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--constrain-json", action="store_true",
+                   help="constrained decoding: structured answers must be valid JSON (hotel: search turns, "
+                        "with the slot names; generic: the whole answer)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization-bit", type=int, choices=(4, 8))
@@ -134,6 +138,8 @@ def run_eval(args) -> int:
     task = get_task(args.task or "generic")
     metrics = runner.parse_metrics(task, args.metrics)
     options = _options(args)
+    if args.constrain_json:
+        options = dataclasses.replace(options, json_after=task.json_marker, json_keys=task.json_keys)
     samples = task.load(args.data, args.format, args.limit)  # bad rows fail before a model loads
 
     from tunelab.data.templates import resolve_template
@@ -155,6 +161,7 @@ def run_eval(args) -> int:
         where = out_dir / label if args.compare_base else out_dir
         summary |= _judge_scores(args, generated.rows, where)
         runner.write_results(where, generated.rows, summary, {**info, "speed": generated.speed})
+        print(write_breakdown(task, generated.rows, where), file=sys.stderr)
         print(f"{label}: {len(samples)} samples in {generated.speed['seconds']} s "
               f"({generated.speed['samples_per_s']} samples/s, {generated.speed['tokens_per_s']} tokens/s)",
               file=sys.stderr)
@@ -188,6 +195,7 @@ def _rescore(args) -> int:
     summary = runner.score(task, rows, metrics) | _judge_scores(args, rows, _output_dir(args))
     runner.write_results(_output_dir(args), rows, summary,
                          {"task": task.name, "metrics": list(metrics), "predictions": args.predictions})
+    print(write_breakdown(task, rows, _output_dir(args)), file=sys.stderr)
     print(runner.markdown_table(summary))
     _warn_empty(summary)
     return 0

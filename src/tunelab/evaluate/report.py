@@ -77,6 +77,9 @@ class Curves:
     eval_loss: np.ndarray
     eval_ppl: np.ndarray
     skipped_lines: int = 0
+    # Other evaluation metrics by name (task metrics such as eval_slot_f1, preference
+    # accuracies), on eval_steps.
+    eval_metrics: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class ReportResult:
     findings: list[Finding]
     plots: list[Path]
     summary: dict
+    eval_metrics: dict = field(default_factory=dict)  # name -> first / best / best_step / last
 
     @property
     def problems(self) -> list[Finding]:
@@ -148,6 +152,8 @@ def read_curves(log: Path) -> Curves:
         return np.array([_float(rows[s].get(key)) for s in sorted(rows)], dtype=float)
 
     eval_loss = column(evals, "eval_loss")
+    names = dict.fromkeys(k for r in evals.values() for k in r
+                          if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity"))
     eval_ppl = column(evals, "eval_perplexity")
     derived = np.exp(np.minimum(eval_loss, 700))  # rows that logged only eval_loss
     eval_ppl = np.where(np.isnan(eval_ppl), derived, eval_ppl)
@@ -156,7 +162,8 @@ def read_curves(log: Path) -> Curves:
         lr=column(train, "learning_rate"), grad_norm=column(train, "grad_norm"),
         tokens_per_second=column(train, "tokens_per_second"),
         eval_steps=np.array(sorted(evals), dtype=float), eval_epochs=column(evals, "epoch"),
-        eval_loss=eval_loss, eval_ppl=eval_ppl, skipped_lines=skipped)
+        eval_loss=eval_loss, eval_ppl=eval_ppl, skipped_lines=skipped,
+        eval_metrics={name: column(evals, name) for name in names})
 
 
 # --- numeric helpers -----------------------------------------------------------------
@@ -481,6 +488,37 @@ def plot_learning_rate(c: Curves, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_eval_metrics(c: Curves, path: Path) -> Path | None:
+    """Task metrics (and any other evaluation metric) against the step."""
+    series = {k: v for k, v in c.eval_metrics.items() if np.isfinite(v).any()}
+    if not series:
+        return None
+    fig, ax = _figure()
+    for name, values in series.items():
+        ok = np.isfinite(values)
+        ax.plot(c.eval_steps[ok], values[ok], "o-", label=name.removeprefix("eval_"))
+    ax.set(xlabel="step", ylabel="value", title="Evaluation metrics")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def metric_table(c: Curves) -> dict[str, dict]:
+    """first / best / last value of each evaluation metric, and the step of the best (higher
+    is better, as for every task metric; losses are reported above)."""
+    out = {}
+    for name, values in c.eval_metrics.items():
+        ok = np.isfinite(values)
+        if not ok.any():
+            continue
+        steps, finite = c.eval_steps[ok], values[ok]
+        lower = "loss" in name or "perplexity" in name
+        best = int(np.argmin(finite) if lower else np.argmax(finite))
+        out[name.removeprefix("eval_")] = {"first": float(finite[0]), "best": float(finite[best]),
+                                           "best_step": float(steps[best]), "last": float(finite[-1])}
+    return out
+
+
 # --- the report ----------------------------------------------------------------------
 
 def summarize(c: Curves) -> dict:
@@ -506,13 +544,19 @@ def summarize(c: Curves) -> dict:
     }
 
 
-def render_markdown(run_dir: Path, findings: list[Finding], plots: list[Path], summary: dict) -> str:
+def render_markdown(run_dir: Path, findings: list[Finding], plots: list[Path], summary: dict,
+                    metrics: dict | None = None) -> str:
     lines = [f"# Training report: {run_dir}", "", "## Findings", ""]
     for f in findings:
         lines += [f"- **[{f.severity}] {f.title}**: {f.detail}", f"  - *what to do*: {f.advice}"]
     lines += ["", "## Numbers", "", "| | |", "| --- | --- |"]
     lines += [f"| {key} | {_g(value) if isinstance(value, float) else value} |"
               for key, value in summary.items() if value is not None]
+    if metrics:
+        lines += ["", "## Evaluation metrics", "", "| metric | first | best | at step | last |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {_g(m['first'])} | {_g(m['best'])} | {_step(m['best_step'])} | {_g(m['last'])} |"
+                  for name, m in metrics.items()]
     lines += ["", "## Curves", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -529,12 +573,53 @@ def run_report(run_dir: Path, out_dir: Path | None = None) -> ReportResult:
     plots = [plot_loss(curves, findings, out_dir / "loss.png"), plot_perplexity(curves, out_dir / "perplexity.png")]
     lr_plot = plot_learning_rate(curves, out_dir / "learning_rate.png")
     plots += [lr_plot] if lr_plot else []
-    summary = summarize(curves)
-    write_text_atomic(out_dir / "report.md", render_markdown(run_dir, findings, plots, summary))
+    metrics_plot = plot_eval_metrics(curves, out_dir / "eval_metrics.png")
+    plots += [metrics_plot] if metrics_plot else []
+    summary, metrics = summarize(curves), metric_table(curves)
+    markdown = render_markdown(run_dir, findings, plots, summary, metrics)
+    task_eval = task_eval_breakdown(run_dir, metrics, out_dir)
+    if task_eval:
+        markdown += f"\n## Task evaluation at step {task_eval[0]}\n\n" + task_eval[1].replace("## Error", "### Error")
+    write_text_atomic(out_dir / "report.md", markdown)
     write_json_atomic(out_dir / "report.json", {
-        "run_dir": str(run_dir), "summary": summary, "findings": [asdict(f) for f in findings],
-        "plots": [p.name for p in plots]})
-    return ReportResult(run_dir, out_dir, findings, plots, summary)
+        "run_dir": str(run_dir), "summary": summary, "eval_metrics": metrics,
+        "findings": [asdict(f) for f in findings], "plots": [p.name for p in plots]})
+    return ReportResult(run_dir, out_dir, findings, plots, summary, metrics)
+
+
+def task_eval_breakdown(run_dir: Path, metrics: dict, out_dir: Path) -> tuple[int, str] | None:
+    """(step, markdown) of the error breakdown of the predictions kept during training
+    (RUN_DIR/task_eval/step-N.jsonl, see evaluate/in_training.py): at the best step of the
+    run's metric_for_best_model when that is a task metric, else at the last step."""
+    from tunelab.evaluate.breakdown import write_breakdown
+    from tunelab.evaluate.runner import parse_metrics, read_predictions, score
+    from tunelab.evaluate.tasks import get_task
+
+    files = {int(p.stem.split("-", 1)[1]): p for p in (run_dir / "task_eval").glob("step-*.jsonl")
+             if p.stem.split("-", 1)[1].isdigit()}
+    if not files:
+        return None
+    step = max(files)
+    chosen = _config_value(run_dir, "metric_for_best_model")
+    best = metrics.get(str(chosen).removeprefix("eval_")) if chosen else None
+    if best and int(best["best_step"]) in files:
+        step = int(best["best_step"])
+    rows = read_predictions(files[step])
+    task = get_task(rows[0].get("task") or "generic")
+    metric_names = parse_metrics(task, ",".join(_config_value(run_dir, "eval_metrics") or []))
+    score(task, rows, tuple(m for m in metric_names if m != "ppl") or task.default_metrics)
+    text = write_breakdown(task, rows, out_dir / "task_eval")
+    return (step, (out_dir / "task_eval" / "breakdown.md").read_text(encoding="utf-8")) if text else None
+
+
+def _config_value(run_dir: Path, key: str):
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(key) if path.is_file() else None
+    except yaml.YAMLError:
+        return None
 
 
 def format_findings(result: ReportResult) -> str:
@@ -544,6 +629,9 @@ def format_findings(result: ReportResult) -> str:
     for f in result.findings:
         label = "next" if f.severity == "info" else "fix"
         lines += [f"  [{f.severity}] {f.title}", f"      {f.detail}", f"      {label}: {f.advice}"]
+    for name, m in result.eval_metrics.items():
+        lines.append(f"  {name}: {_g(m['first'])} -> {_g(m['last'])} (best {_g(m['best'])} at step "
+                     f"{_step(m['best_step'])})")
     if result.summary.get("skipped_lines"):
         lines.append(f"  note: {result.summary['skipped_lines']} unreadable line(s) in {LOG_NAME} were skipped")
     return "\n".join(lines)

@@ -36,6 +36,11 @@ class GenerationOptions:
     top_k: int = 0  # 0 = no top-k filter
     repetition_penalty: float = 1.0
     seed: int | None = None  # sampling only; None = torch's global RNG
+    # Constrained decoding (model/constrain.py): once a completion starts with `json_after`
+    # (the hotel "search\n"; "" = from the start), the rest must be one JSON object, with
+    # keys from `json_keys` when given. None = off.
+    json_after: str | None = None
+    json_keys: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -104,7 +109,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 
 @torch.inference_mode()
 def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOptions,
-                  stop_ids: Sequence[int], pad_id: int) -> Iterator[dict[int, int]]:
+                  stop_ids: Sequence[int], pad_id: int, tokenizer=None) -> Iterator[dict[int, int]]:
     """Yield, per decoding step, {row: next token} for the rows still running.
 
     A row leaves after yielding a stop token or its `max_new_tokens`-th token; its KV
@@ -118,6 +123,10 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
     history = ids  # for the repetition penalty (pads are harmless: they rarely repeat)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     processors = _logits_processors(options)
+    if options.json_after is not None:
+        from tunelab.model.constrain import JsonAfterMarker
+
+        processors.append(JsonAfterMarker(tokenizer, options.json_after, stop_ids, ids.shape[1], options.json_keys))
     generator = None
     if not options.greedy and options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
@@ -198,7 +207,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
             chunk = order[start:start + batch_size]
             batch = [prompts[i] for i in chunk]
             tokens: list[list[int]] = [[] for _ in chunk]
-            for step in _decode_steps(model, batch, options, stop_ids, pad_id):
+            for step in _decode_steps(model, batch, options, stop_ids, pad_id, tokenizer):
                 for row, token in step.items():
                     tokens[row].append(token)
             for row, index in enumerate(chunk):
@@ -228,7 +237,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], options: Genera
     was_training = model.training
     model.eval()
     try:
-        for step in _decode_steps(model, [prompt_ids], options, stop_ids, pad_id_for(tokenizer)):
+        for step in _decode_steps(model, [prompt_ids], options, stop_ids, pad_id_for(tokenizer), tokenizer):
             token = step[0]
             if token in stop_set:
                 return

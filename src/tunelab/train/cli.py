@@ -55,14 +55,18 @@ def run(args) -> int:
     if args.nproc is not None and "WORLD_SIZE" in os.environ:
         raise TunelabError("--nproc was given to a process a launcher already started", where="command line",
                            fix="drop --nproc: torchrun / accelerate launch decide the process count")
+    # Task metrics during training come from a later stage (evaluate), which the top-level
+    # CLI lends this command as `args.eval_callbacks(cfg)`: train never imports evaluate.
+    factory = getattr(args, "eval_callbacks", None)
+    callbacks = factory(cfg) if factory and cfg.eval_task else []
     if cfg.stage in ("dpo", "simpo", "kto", "orpo"):
         from tunelab.train.preference import train_preference
 
-        train_preference(cfg)
+        train_preference(cfg, eval_callbacks=callbacks)
     else:
         from tunelab.train.loop import train
 
-        train(cfg)
+        train(cfg, eval_callbacks=callbacks)
     return 0
 
 

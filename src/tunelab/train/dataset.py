@@ -58,9 +58,10 @@ def split_validation(records: list, val_size: float, seed: int, by: str = "dialo
             [r for i, r in enumerate(records) if i in held])
 
 
-def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
+def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Conversation], int]:
+    """(train, validation) conversations as the config says, unfolded, and how many records
+    were skipped as invalid. The task-metric evaluation during training reads the same split."""
     from tunelab.data.readers import load_conversations
-    from tunelab.data.templates import resolve_template
 
     if not cfg.dataset:
         raise TunelabError("no training data given", where="config",
@@ -71,36 +72,77 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
         train_convs, eval_convs = convs, load_conversations(cfg.eval_dataset, **read)
     else:
         train_convs, eval_convs = split_validation(convs, cfg.val_size, cfg.seed, cfg.val_split_by)
+    return train_convs, eval_convs, getattr(convs, "skipped", 0)
+
+
+def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
+    from tunelab.data.templates import resolve_template
+
+    train_convs, eval_convs, n_skipped = read_conversations(cfg)
     if cfg.eval_strategy != "no" and not eval_convs:
         raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
+    n_train_records, n_eval_records = len(train_convs), len(eval_convs)
     template = None if cfg.stage == "pt" else resolve_template(cfg.template, tokenizer)
+    if cfg.fold_dialogues and cfg.stage == "sft":
+        # After the split, each side on its own: a validation row is never folded into a training one.
+        train_convs = _fold(train_convs, cfg, tokenizer, template, "training")
+        eval_convs = _fold(eval_convs, cfg, tokenizer, template, "validation")
     train, skipped = encode_samples(train_convs, tokenizer, template, cfg)
     evals, skipped_eval = encode_samples(eval_convs, tokenizer, template, cfg)
     if not train:
         raise TunelabError("no training sample is left after tokenization", where=", ".join(cfg.dataset),
                            fix="check the data with `tunelab data check`, or raise cutoff_len")
-    n_skipped = skipped + skipped_eval + getattr(convs, "skipped", 0)
-    return SFTData(train, evals, len(train_convs), len(eval_convs), n_skipped)
+    return SFTData(train, evals, n_train_records, n_eval_records, n_skipped + skipped + skipped_eval)
+
+
+def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: str, what: str) -> list[Conversation]:
+    import jinja2
+
+    from tunelab.data.fold import fold_dialogues
+    from tunelab.data.templates import render
+
+    def renders_as_prefix(short: Conversation, long: Conversation) -> bool:
+        try:
+            return render(long.messages, template, tokenizer, tools=long.tools).startswith(
+                render(short.messages, template, tokenizer, tools=short.tools))
+        except jinja2.TemplateError:  # the encoder will say what is wrong, row by row
+            return False
+
+    folded, stats = fold_dialogues(convs, cfg.train_on, renders_as_prefix)
+    if stats.folded_rows:
+        print(f"{what}: {stats.summary()}", file=sys.stderr)
+    return folded
 
 
 def encode_samples(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig) -> tuple[list[Sample], int]:
-    """Tokenize conversations into samples; bad ones raise, or are counted with skip_invalid."""
+    """Tokenize conversations into samples; bad ones raise, or are counted with skip_invalid.
+    Samples over cutoff_len lose their oldest context first (`truncation=context`, data/truncate.py)."""
     from tunelab.data import tokenize
+    from tunelab.data.truncate import TruncationStats, encode_fitted
 
-    samples, errors = [], []
+    samples, errors, shortened = [], [], TruncationStats()
     for conv in convs:
         try:
             if conv.is_plain_text:
                 encoded = tokenize.encode_text(conv.messages[0].content, tokenizer, cfg.cutoff_len, source=conv.source)
             else:
-                encoded = [tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, cfg.train_on)]
+                # A folded row carries its target turns as explicit flags (see data/fold.py).
+                train_on = "all" if conv.meta.get("folded_rows") else cfg.train_on
+                if cfg.truncation == "context":
+                    example, actions = encode_fitted(conv, tokenizer, template, cfg.cutoff_len, train_on)
+                    shortened.add(actions)
+                else:
+                    example = tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, train_on)
+                encoded = [example]
         except TunelabError as exc:
             if not cfg.skip_invalid:
                 raise
             errors.append(exc)
             continue
         samples.extend(Sample(e.input_ids, e.labels) for e in encoded)
+    if shortened.samples:
+        print(shortened.summary(len(convs), cfg.cutoff_len), file=sys.stderr)
     if errors:
         print(f"skipped {len(errors)} record(s) that could not be tokenized; first: {errors[0].message()}",
               file=sys.stderr)

@@ -58,20 +58,27 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TunelabConfig, objective_factory=None) -> RunResult:
+def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=()) -> RunResult:
     """Run one fine-tuning job as the config says.
 
     `objective_factory(cfg, tokenizer)` builds the stage's objective (see objective.py);
-    the default is next-token loss on the target turns (SFT / pt).
+    the default is next-token loss on the target turns (SFT / pt). Each of `eval_callbacks`
+    is called at every evaluation as `callback(model, tokenizer, step) -> {name: value}`;
+    its values are logged as `eval_NAME` and can be `metric_for_best_model` (the task
+    metrics of `eval_task` come this way, from the evaluate stage: see DEVELOPERS.md).
     """
+    if cfg.eval_task and not eval_callbacks:
+        raise TunelabError(f"eval_task={cfg.eval_task} but no task-metric callback was given", where="config",
+                           fix="run `tunelab train`, or pass eval_callbacks=[TaskMetrics(cfg)] "
+                               "(tunelab.evaluate.in_training) to train()")
     dist = distributed.init_distributed(cfg)  # one process, or one of WORLD_SIZE under a launcher
     try:
-        return _train(cfg, objective_factory, dist)
+        return _train(cfg, objective_factory, dist, eval_callbacks)
     finally:
         distributed.shutdown(dist)
 
 
-def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
+def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=()) -> RunResult:
     from tunelab.model.adapters import count_parameters, prepare_for_training
     from tunelab.model.loader import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device
     from tunelab.train.fast import apply_speed_levers
@@ -199,6 +206,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist) -> RunResult:
         if cfg.stage in ("sft", "pt"):
             row["eval_perplexity"] = _perplexity(eval_loss)
         row |= {f"eval_{k}": v for k, v in eval_metrics.items()}
+        for callback in eval_callbacks:
+            row |= {f"eval_{k}": v for k, v in callback(model, tokenizer, state.global_step).items()}
         tracker.log(row)
         value = _best_metric_value(row, cfg.metric_for_best_model)
         if _improves(value, state.best_metric, cfg):
@@ -421,7 +430,8 @@ def _best_metric_value(row: dict, name: str) -> float:
     if key not in row:
         raise TunelabError(f"metric_for_best_model={name} is not among the evaluation metrics "
                            f"({', '.join(k for k in row if k.startswith('eval_'))})", where="config",
-                           fix="use metric_for_best_model=eval_loss")
+                           fix="use metric_for_best_model=eval_loss, or set eval_task (hotel, generic) "
+                               "for task metrics such as slot_f1 or bleu4")
     return row[key]
 
 

@@ -39,11 +39,11 @@ REFERENCE_FREE = ("simpo", "orpo")
 KTO_BALANCE = (1.0, 4 / 3)
 
 
-def train_preference(cfg: TunelabConfig):
+def train_preference(cfg: TunelabConfig, eval_callbacks=()):
     """Run a dpo / simpo / kto / orpo stage through the shared training loop."""
     from tunelab.train.loop import train
 
-    return train(cfg, objective_factory=PreferenceObjective)
+    return train(cfg, objective_factory=PreferenceObjective, eval_callbacks=eval_callbacks)
 
 
 # --- log-probs -------------------------------------------------------------------------

@@ -127,9 +127,10 @@ def _check_tokens(report: CheckReport, where: str, item: Item, counter: TokenCou
         report.cut_targets += tokens.cut_targets
         if tokens.total > counter.cutoff_len:
             report.over_cutoff += 1
-            report.add(Problem(where, "warning",
-                               f"{tokens.total} tokens, over cutoff_len={counter.cutoff_len}: truncation cuts "
-                               f"{tokens.cut_targets} of {tokens.targets} answer tokens",
+            effect = (f"truncation cuts {tokens.cut_targets} of {tokens.targets} answer tokens" if tokens.cut_targets
+                      else "training shortens its oldest tool results / turns, no answer token is cut")
+            what = f"{tokens.total} tokens, over cutoff_len={counter.cutoff_len}: {effect}"
+            report.add(Problem(where, "warning", what,
                                "raise --cutoff-len, or shorten or split the record", "longer than cutoff_len"))
 
 

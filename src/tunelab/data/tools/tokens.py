@@ -72,8 +72,10 @@ class TokenCounter:
         targets = sum(label != IGNORE_INDEX for label in full.labels)
         cut = 0
         if len(full.input_ids) > self.cutoff_len:
-            try:
-                kept = encode_conversation(conv, self.tokenizer, self.template_src(), self.cutoff_len)
+            from tunelab.data.truncate import encode_fitted
+
+            try:  # training's default truncation (oldest tool results and turns go first)
+                kept, _ = encode_fitted(conv, self.tokenizer, self.template_src(), self.cutoff_len)
                 cut = targets - sum(label != IGNORE_INDEX for label in kept.labels)
             except TunelabError:  # not even the prompt fits: training drops the whole record
                 cut = targets

@@ -10,14 +10,16 @@ from collections.abc import Sequence
 
 from tunelab.evaluate.metrics.bleu import corpus_bleu, sentence_bleu4_char, sentence_bleu4_chars
 from tunelab.evaluate.metrics.rouge import rouge_f1, rouge_scores
-from tunelab.evaluate.metrics.slots import SlotCounts, parse_arguments, slot_counts, slot_scores
+from tunelab.evaluate.metrics.slots import (
+    SlotCounts, parse_arguments, prf, slot_counts, slot_counts_by_key, slot_scores,
+)
 from tunelab.evaluate.metrics.text import exact_match, has_cjk, normalize_text
 from tunelab.evaluate.metrics.tokens import perplexity, token_accuracy, token_accuracy_from_logits
 
 __all__ = [
     "SlotCounts", "corpus_bleu", "count_empty", "exact_match", "has_cjk", "normalize_text",
-    "parse_arguments", "perplexity", "rouge_f1", "rouge_scores", "sentence_bleu4_char",
-    "sentence_bleu4_chars", "slot_counts", "slot_scores", "text_scores", "token_accuracy",
+    "parse_arguments", "perplexity", "prf", "rouge_f1", "rouge_scores", "sentence_bleu4_char",
+    "sentence_bleu4_chars", "slot_counts", "slot_counts_by_key", "slot_scores", "text_scores", "token_accuracy",
     "token_accuracy_from_logits",
 ]
 

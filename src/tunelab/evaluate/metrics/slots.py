@@ -73,13 +73,32 @@ def slot_counts(prediction: str | Mapping | None, reference: Mapping) -> SlotCou
     return SlotCounts(correct, sum(predicted.values()), sum(expected.values()))
 
 
+def slot_counts_by_key(prediction: str | Mapping | None, reference: Mapping) -> dict[str, SlotCounts]:
+    """`slot_counts` split by argument name (the per-slot view of the error breakdown)."""
+    predicted = _slots(parse_arguments(prediction), drop_none=False)
+    expected = _slots(reference, drop_none=True)
+    correct = predicted & expected
+    out: dict[str, SlotCounts] = {}
+    for counter, field_index in ((correct, 0), (predicted, 1), (expected, 2)):
+        for (key, _), n in counter.items():
+            counts = [0, 0, 0]
+            counts[field_index] = n
+            out[key] = out.get(key, SlotCounts()) + SlotCounts(*counts)
+    return out
+
+
+def prf(counts: SlotCounts) -> dict[str, float]:
+    """Precision / recall / F1 (x100, 0 where undefined) of pooled counts."""
+    precision = counts.correct / counts.predicted if counts.predicted else 0.0
+    recall = counts.correct / counts.expected if counts.expected else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": 100.0 * precision, "recall": 100.0 * recall, "f1": 100.0 * f1}
+
+
 def slot_scores(predictions: Sequence[str | Mapping | None], references: Sequence[Mapping]) -> dict[str, float]:
     """Pooled slot precision / recall / F1 over all turns, x100 (0 where undefined)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     total = sum((slot_counts(p, r) for p, r in zip(predictions, references)), SlotCounts())
-    precision = total.correct / total.predicted if total.predicted else 0.0
-    recall = total.correct / total.expected if total.expected else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"slot_precision": 100.0 * precision, "slot_recall": 100.0 * recall, "slot_f1": 100.0 * f1,
-            "slot_correct": total.correct, "slot_predicted": total.predicted, "slot_expected": total.expected}
+    return {f"slot_{k}": v for k, v in prf(total).items()} | {
+        "slot_correct": total.correct, "slot_predicted": total.predicted, "slot_expected": total.expected}

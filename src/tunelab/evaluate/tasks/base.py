@@ -48,10 +48,18 @@ class Task(ABC):
     default_template: str | None = None  # None = the user's --template (default: the model's own)
     default_metrics: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()  # every name `--metrics` may pick for this task
+    # `--constrain-json`: after this text a completion must be a JSON object ("" = from its
+    # start), with keys from json_keys when given (see model/constrain.py).
+    json_marker: str = ""
+    json_keys: tuple[str, ...] = ()
 
     @abstractmethod
     def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
         """Samples of a data file; raise TunelabError (naming path:line) for unusable rows."""
+
+    @abstractmethod
+    def samples_from(self, convs: list[Conversation]) -> list[Sample]:
+        """Samples of conversations already read (training's validation split)."""
 
     @abstractmethod
     def score_row(self, row: dict, metrics: tuple[str, ...]) -> dict:
@@ -60,6 +68,15 @@ class Task(ABC):
     @abstractmethod
     def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
         """The summary scores over all rows (each row already has its `scores`)."""
+
+    def mistake(self, row: dict) -> str | None:
+        """What is wrong with a scored prediction (e.g. "wrong slots"), or None if it is
+        acceptable: `tunelab data mine-pairs` keeps the wrong ones as rejected answers."""
+        return None
+
+    def breakdown(self, rows: list[dict]) -> dict:
+        """Where the score is lost (see evaluate/breakdown.py); rows already scored."""
+        return {}
 
 
 def is_empty(prediction: str | None) -> bool:

@@ -8,14 +8,18 @@ forcing). Empty predictions score 0 and are counted, never dropped.
 
 from __future__ import annotations
 
+import json
+
 from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
+from tunelab.evaluate import breakdown as bd
 from tunelab.evaluate.metrics import (
     corpus_bleu, exact_match, rouge_f1, sentence_bleu4_char, sentence_bleu4_chars,
 )
 from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+MISTAKE_BLEU = 30.0  # below this char BLEU-4 (x100) a text answer counts as wrong for mine-pairs
 
 
 def _reference_turn(conv) -> int:
@@ -40,8 +44,11 @@ class GenericTask(Task):
     metrics = ("bleu", "rouge", "em", "ppl")
 
     def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+        return self.samples_from(load_conversations(path, fmt, max_samples=limit))
+
+    def samples_from(self, convs) -> list[Sample]:
         samples = []
-        for conv in load_conversations(path, fmt, max_samples=limit):
+        for conv in convs:
             last = _reference_turn(conv)
             target = conv.messages[last]
             samples.append(Sample(source=conv.source, prompt=conv.messages[:last], target=target,
@@ -73,4 +80,33 @@ class GenericTask(Task):
         if "ppl" in metrics:
             out.update(perplexity_scores(rows))
         out["empty_predictions"] = sum(r["scores"]["empty"] for r in rows)
+        return out
+
+    def mistake(self, row: dict) -> str | None:
+        """A JSON answer that is malformed or has other fields; a text answer that is not the
+        reference (after normalisation) and scores char BLEU-4 below MISTAKE_BLEU."""
+        prediction, reference = row["prediction"], row["reference"]
+        if bd.is_json_object(reference):
+            if not bd.is_json_object(prediction):
+                return "malformed JSON"
+            return "wrong fields" if json.loads(prediction) != json.loads(reference) else None
+        if exact_match([prediction], [reference]) == 100.0:
+            return None
+        return "low BLEU" if 100.0 * sentence_bleu4_char(prediction, reference) < MISTAKE_BLEU else None
+
+    def breakdown(self, rows: list[dict]) -> dict:
+        """Lengths and worst rows; for answers that are JSON objects, per-key P/R/F1 and the
+        malformed-JSON rate (the generic form of the hotel task's per-slot view)."""
+        score_name = next((k for k in ("bleu4", "rougeL", "exact_match") if rows and k in rows[0]["scores"]), None)
+        out: dict = {"lengths": {"all": bd.lengths(rows)}}
+        if score_name:
+            out["worst"] = {"all": bd.worst(rows, lambda r: float(r["scores"][score_name]))}
+            out["worst_score"] = {"all": score_name}
+        structured = [r for r in rows if bd.is_json_object(r["reference"])]
+        if structured and 2 * len(structured) >= len(rows):
+            malformed = sum(not bd.is_json_object(r["prediction"]) for r in structured)
+            out["field_name"] = "field"
+            out["fields"] = bd.field_scores([(r["prediction"], json.loads(r["reference"])) for r in structured])
+            out["format"] = {"json_answers": len(structured), "malformed_json": malformed,
+                             "malformed_json_rate": bd.rate(malformed, len(structured))}
         return out

@@ -14,7 +14,10 @@ import json
 
 from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
-from tunelab.evaluate.metrics import sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores
+from tunelab.evaluate import breakdown as bd
+from tunelab.evaluate.metrics import (
+    SlotCounts, prf, sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores,
+)
 from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
 
 
@@ -35,14 +38,20 @@ class HotelTask(Task):
     default_template = "hotel"
     default_metrics = ("slots", "bleu")
     metrics = ("slots", "bleu", "ppl")
+    json_marker = "search\n"  # only search turns are JSON; replies stay free text
+    json_keys = ("type", "price_range_lower", "price_range_upper", "rating_range_lower", "rating_range_upper",
+                 "facilities", "name")  # every slot the hotel set uses (shared/README.md)
 
     def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
         fmt = "hotel" if fmt == "auto" else fmt
         if fmt != "hotel":
             raise TunelabError(f"the hotel task reads hotel rows, not {fmt}", where=str(path),
                                fix="drop --format, or use --task generic for other formats")
+        return self.samples_from(load_conversations(path, "hotel", max_samples=limit))
+
+    def samples_from(self, convs) -> list[Sample]:
         samples = []
-        for conv in load_conversations(path, "hotel", max_samples=limit):
+        for conv in convs:
             *context, response = conv.messages
             meta = {"role": response.role}
             if response.role == "search":
@@ -78,3 +87,51 @@ class HotelTask(Task):
         if "ppl" in metrics:
             out.update(perplexity_scores(rows))
         return out
+
+    def mistake(self, row: dict) -> str | None:
+        """Wrong role, malformed search JSON, or any missing / extra slot. Replies in the
+        right role are not judged: many wordings are right, and BLEU cannot tell them apart."""
+        role, body = split_role(row["prediction"])
+        if role != row["meta"]["role"]:
+            return "wrong role"
+        if role == "search":
+            if not bd.is_json_object(body):
+                return "malformed JSON"
+            s = row["scores"]
+            if not s["slot_correct"] == s["slot_predicted"] == s["slot_expected"]:
+                return "wrong slots"
+        return None
+
+    def breakdown(self, rows: list[dict]) -> dict:
+        """Per-slot P/R/F1, malformed search JSON, role confusion, lengths, worst rows."""
+        search = [r for r in rows if r["meta"]["role"] == "search"]
+        reply = [r for r in rows if r["meta"]["role"] != "search"]
+        predicted_search = [r for r in rows if split_role(r["prediction"])[0] == "search"]
+        malformed = sum(not bd.is_json_object(split_role(r["prediction"])[1]) for r in predicted_search)
+        confusion: dict[str, int] = {}
+        for r in rows:
+            said = split_role(r["prediction"])[0]
+            said = said if said in ("search", "assistant") else "other"
+            if said != r["meta"]["role"]:
+                key = f"{r['meta']['role']}_answered_as_{said}"
+                confusion[key] = confusion.get(key, 0) + 1
+        wrong = sum(confusion.values())
+        body = lambda text: split_role(text)[1]  # noqa: E731
+        return {
+            "field_name": "slot",
+            "fields": bd.field_scores([(predicted_arguments(r["prediction"]), r["meta"]["arguments"])
+                                       for r in search]),
+            "format": {"search_predictions": len(predicted_search), "malformed_json": malformed,
+                       "malformed_json_rate": bd.rate(malformed, len(predicted_search))},
+            "roles": {"wrong_role": wrong, "wrong_role_rate": bd.rate(wrong, len(rows)), **confusion},
+            "lengths": {"search": bd.lengths(search, body), "assistant": bd.lengths(reply, body)},
+            "worst": {"search": bd.worst(search, _row_f1),
+                      "assistant": bd.worst([r for r in reply if "bleu4" in r["scores"]],
+                                            lambda r: r["scores"]["bleu4"])},
+            "worst_score": {"search": "slot F1 of the row", "assistant": "char BLEU-4"},
+        }
+
+
+def _row_f1(row: dict) -> float:
+    s = row["scores"]
+    return prf(SlotCounts(s["slot_correct"], s["slot_predicted"], s["slot_expected"]))["f1"]

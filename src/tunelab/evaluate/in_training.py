@@ -1,0 +1,96 @@
+"""Task metrics during training: at every evaluation, generate on a validation subset
+and score it with the task (slot F1, BLEU-4, exact match...).
+
+The training loop calls `TaskMetrics(model, tokenizer, step)` as one of its
+`eval_callbacks`; the returned values are logged as `eval_<name>` (TensorBoard, the
+JSONL log, `tunelab report`) and any of them can be `metric_for_best_model`, which then
+picks the best checkpoint and drives early stopping. The loop never imports this module:
+`tunelab/cli.py` hands the factory to `tunelab train` (imports still flow one way).
+
+Each evaluation's predictions are kept in RUN_DIR/task_eval/step-N.jsonl, so the
+errors behind a number can be read (`tunelab eval --predictions FILE` re-scores one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+from tunelab.config import TunelabConfig
+from tunelab.errors import TunelabError
+from tunelab.evaluate import runner
+from tunelab.evaluate.tasks import get_task
+from tunelab.io import write_jsonl_atomic
+
+# Counts, not scores: kept out of the training log.
+COUNT_KEYS = ("samples", "search_rows", "assistant_rows", "slot_correct", "slot_predicted", "slot_expected")
+
+
+def task_metric_callbacks(cfg: TunelabConfig) -> list:
+    """The callbacks `tunelab train` passes to the loop: one per configured task."""
+    return [TaskMetrics(cfg)] if cfg.eval_task else []
+
+
+class TaskMetrics:
+    def __init__(self, cfg: TunelabConfig):
+        self.cfg = cfg
+        self.task = get_task(cfg.eval_task)
+        self.metrics = runner.parse_metrics(self.task, ",".join(cfg.eval_metrics))
+        if "ppl" in self.metrics:  # the loop already reports eval_loss / eval_perplexity
+            self.metrics = tuple(m for m in self.metrics if m != "ppl") or self.task.default_metrics
+        self.samples = None
+        self.template_src = None
+        if cfg.stage not in ("sft", "pt") and not cfg.eval_task_dataset:
+            raise TunelabError(f"eval_task={cfg.eval_task} with stage={cfg.stage} needs conversations to generate on",
+                               where="config", fix="set eval_task_dataset=path/to/validation.jsonl "
+                                                   "(rows of the task, e.g. hotel context/response rows)")
+
+    def _prepare(self, tokenizer) -> None:
+        from tunelab.data.readers import load_conversations
+        from tunelab.data.templates import resolve_template
+        from tunelab.train.dataset import read_conversations
+
+        if self.cfg.eval_task_dataset:
+            val = load_conversations(self.cfg.eval_task_dataset, system_prompt=self.cfg.system_prompt)
+        else:
+            _, val, _ = read_conversations(self.cfg)  # the same split the validation loss uses, unfolded
+        rng = random.Random(self.cfg.seed)
+        chosen = sorted(rng.sample(range(len(val)), min(self.cfg.eval_generate_samples, len(val))))
+        self.samples = self.task.samples_from([val[i] for i in chosen])
+        self.template_src = resolve_template(self.cfg.template, tokenizer)
+
+    def __call__(self, model, tokenizer, step: int) -> dict[str, float]:
+        from tunelab.model.generate import GenerationOptions
+
+        if self.samples is None:
+            self._prepare(tokenizer)
+        if not self.samples:
+            return {}
+        options = GenerationOptions(max_new_tokens=self.cfg.eval_max_new_tokens)
+        with plain_attention(model):
+            generated = runner.predict(model, tokenizer, self.samples, self.template_src, options,
+                                       task=self.task.name, batch_size=self.cfg.per_device_eval_batch_size,
+                                       progress=False)
+        summary = runner.score(self.task, generated.rows, self.metrics)
+        write_jsonl_atomic(Path(self.cfg.output_dir) / "task_eval" / f"step-{step}.jsonl", generated.rows)
+        return {k: float(v) for k, v in summary.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COUNT_KEYS}
+
+
+@contextlib.contextmanager
+def plain_attention(model):
+    """Generate with SDPA while training runs padding-free: the varlen kernel takes only
+    flattened batches, not a padded batch with a KV cache (`padding_free=true`)."""
+    from tunelab.train.fast.varlen import ATTN_NAME, base_model
+
+    inner = base_model(model)
+    current = getattr(inner.config, "_attn_implementation", None)
+    if current != ATTN_NAME:
+        yield
+        return
+    inner.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(current)
