@@ -27,6 +27,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -335,7 +336,12 @@ def grad_norm_value(norm) -> float:
 
 
 class SilentTracker:
-    """The tracker of ranks other than 0: logs, progress and plots are rank 0's alone."""
+    """The tracker of ranks other than 0: logs, progress and plots are rank 0's alone. It reads
+    rank 0's log (`log_path`, on the shared file system checkpoints need anyway) so that every
+    rank takes the same decisions on resume."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = Path(log_path)
 
     class _Bar:
         def write(self, *_args, **_kwargs) -> None:

@@ -39,7 +39,7 @@ from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
 from tunelab.train.optim import build_optimizer
-from tunelab.train.tracking import Tracker, plot_loss, read_log
+from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         save_config(user_cfg, run_dir / "config.yaml")
 
     tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
-               if dist.is_main else distributed.SilentTracker())
+               if dist.is_main else distributed.SilentTracker(run_dir / LOG_NAME))
     start_step = state.global_step
     window = new_window()
     last_eval, last_eval_step = None, None
