@@ -31,8 +31,13 @@ def register(subparsers) -> None:
     p.add_argument("--format", default="auto", help="data format (default: detected)")
     p.add_argument("--task", choices=sorted(TASKS), help="scoring task (default generic; hotel for the hotel set)")
     p.add_argument("--metrics", help="comma list, e.g. bleu,rouge,em,ppl (default: the task's)")
-    p.add_argument("--template", help="chat template: auto, a built-in name or a .jinja path "
-                                      "(default: the task's, else the model's own)")
+    p.add_argument("--template", help="chat template: auto, a built-in name or a .jinja path (default: the one the "
+                                      "adapter/model was trained with, else the task's, else the model's own)")
+    p.add_argument("--force-template", action="store_true",
+                   help="use --template even though it prompts differently from the trained template")
+    p.add_argument("--show-prompt", action="store_true",
+                   help="dry run: print the exact prompt of the first rows (--limit, default 1) with the "
+                        "reference tokens [[marked]] as training saw them; loads no weights")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base model; print both")
     p.add_argument("--predictions", help="re-score this predictions.jsonl without generating")
     p.add_argument("--limit", type=int, help="use only the first N rows")
@@ -136,12 +141,19 @@ def run_eval(args) -> int:
     options = _options(args)
     samples = task.load(args.data, args.format, args.limit)  # bad rows fail before a model loads
 
-    from tunelab.data.templates import resolve_template
-    from tunelab.model.loader import load_model, load_tokenizer
+    from tunelab.data.templates import choose_template, template_lock
+    from tunelab.model.adapters import adapter_tokenizer
+    from tunelab.model.loader import load_model
 
-    tokenizer = load_tokenizer(args.model)
-    template = args.template or task.default_template or "auto"
-    template_src = resolve_template(template, tokenizer)
+    tokenizer = adapter_tokenizer(args.model, args.adapter)  # carries the trained template, if any
+    lock = template_lock(tokenizer)
+    template_src = choose_template(args.template, tokenizer, lock, force=args.force_template,
+                                   fallback=task.default_template or "auto")
+    template = args.template or (lock.template if lock else task.default_template or "auto")
+    if args.show_prompt:
+        for sample in samples[:args.limit or 1]:
+            print(runner.describe_prompt(sample, tokenizer, template_src))
+        return 0
     model = load_model(args.model, dtype=args.dtype, device=args.device, quantization_bit=args.quantization_bit)
     out_dir = _output_dir(args)
     info = {"task": task.name, "metrics": list(metrics), "model": args.model, "data": args.data,

@@ -68,6 +68,22 @@ def encode_prompts(samples: Sequence[Sample], tokenizer, template_src: str) -> l
     return prompts
 
 
+def describe_prompt(sample: Sample, tokenizer, template_src: str) -> str:
+    """What `--show-prompt` prints for one sample: the prompt exactly as the model gets it
+    (text and token ids) and the whole exchange with the tokens a training run on it
+    would learn [[marked]] (the reference turn and its end-of-turn marker)."""
+    from tunelab.data.templates import mark_trained
+    from tunelab.data.tokenize import encode_conversation
+
+    prompt = encode_prompts([sample], tokenizer, template_src)[0]
+    full = encode_conversation(sample.conversation(), tokenizer, template_src, 1 << 30, train_on="last")
+    return (f"=== {sample.source}: prompt of {len(prompt)} tokens ===\n"
+            f"{tokenizer.decode(prompt, skip_special_tokens=False)}\n"
+            f"=== token ids ===\n{prompt}\n"
+            f"=== with the reference, [[trained-on tokens]] marked ===\n"
+            f"{mark_trained(full.input_ids, full.labels, tokenizer)}\n")
+
+
 @torch.inference_mode()
 def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: str,
                      batch_size: int = 8) -> list[tuple[float, int]]:

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--force-base", action="store_true",
                    help="merge even though the adapter records a differently named base (shapes are still checked)")
+    p.add_argument("--template", help="chat template to ship (default: the one the adapter was trained with); "
+                                      "refused where it prompts differently from the trained one")
+    p.add_argument("--force-template", action="store_true", help="ship --template even though it prompts differently")
     p.set_defaults(func=run)
 
 
@@ -26,6 +29,7 @@ def run(args) -> int:
     from tunelab.export.merge import merge_adapter
 
     report = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype,
-                           max_shard_size=args.max_shard_size, force_base=args.force_base)
+                           max_shard_size=args.max_shard_size, force_base=args.force_base,
+                           template=args.template, force_template=args.force_template)
     print(report.summary())
     return 0

@@ -256,8 +256,17 @@ def targets_embeddings(peft_model) -> bool:
 
 
 def save_trained(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write the adapter (LoRA) or the full weights (full/freeze), plus the tokenizer, atomically."""
+    """Write the adapter (LoRA) or the full weights (full/freeze), plus the tokenizer, atomically.
+
+    The tokenizer's `chat_template` is the one training rendered with (`lock_template`), and
+    the lock file beside it names the template and its stop tokens; full weights also get
+    those stop tokens as `generation_config.eos_token_id`, where transformers and vLLM stop."""
+    from tunelab.data.templates import save_lock, template_lock
+
     out_dir = Path(out_dir)
+    lock = template_lock(tokenizer)
+    if lock is not None and not is_peft_model(model):
+        set_stop_tokens(model, tokenizer, lock.stop_tokens)
     with atomic_path(out_dir) as tmp:
         kwargs = {}
         pissa_init = getattr(model, "_tunelab_pissa_init", None)
@@ -270,4 +279,38 @@ def save_trained(model, tokenizer, out_dir: str | os.PathLike) -> Path:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            save_lock(tokenizer, tmp)
     return out_dir
+
+
+def set_stop_tokens(model, tokenizer, stop_tokens: list[str]) -> None:
+    """Stop where the trained template ends a turn: `generate`, vLLM and llama.cpp read the
+    generation config's eos_token_id (the base's may name only the tokenizer's EOS)."""
+    config = getattr(model, "generation_config", None)
+    ids = [i for i in tokenizer.convert_tokens_to_ids(stop_tokens) if i is not None and i >= 0]
+    if config is None or not ids:
+        return
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
+def adapter_tokenizer(model: str, adapter_dir: str | os.PathLike | None):
+    """The tokenizer training saved beside the adapter (it carries the trained template and pad
+    token), else the base model's. The adapter's template lock is attached either way."""
+    from tunelab.data.templates import attach_lock, read_lock
+    from tunelab.model.loader import ensure_pad_token, load_tokenizer
+
+    folder = Path(adapter_dir).expanduser() if adapter_dir else None
+    if folder is None or not (folder / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(model)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        ensure_pad_token(tokenizer, where=str(folder))
+    lock_dirs = [folder] if folder else []
+    model_dir = Path(model).expanduser()
+    if model_dir.is_dir():
+        lock_dirs.append(model_dir)
+    from tunelab.data.templates import find_lock
+
+    return attach_lock(tokenizer, find_lock(lock_dirs))

@@ -60,7 +60,7 @@ def split_validation(records: list, val_size: float, seed: int, by: str = "dialo
 
 def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
     from tunelab.data.readers import load_conversations
-    from tunelab.data.templates import resolve_template
+    from tunelab.data.templates import lock_template
 
     if not cfg.dataset:
         raise TunelabError("no training data given", where="config",
@@ -74,7 +74,8 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
     if cfg.eval_strategy != "no" and not eval_convs:
         raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
-    template = None if cfg.stage == "pt" else resolve_template(cfg.template, tokenizer)
+    # The tokenizer saved with the weights carries this template (and the system prompt).
+    template = None if cfg.stage == "pt" else lock_template(tokenizer, cfg.template, cfg.system_prompt)
     train, skipped = encode_samples(train_convs, tokenizer, template, cfg)
     evals, skipped_eval = encode_samples(eval_convs, tokenizer, template, cfg)
     if not train:
