@@ -124,14 +124,17 @@ def test_embedded_model_bf16_close_and_q8_0_keeps_top1(tmp_path):
     from tunelab.model.loader import resolve_model_path
 
     torch.set_num_threads(2)
-    base_dir = resolve_model_path("smollm2-135m-instruct")
-    adapter = make_adapter(base_dir, tmp_path / "adapter")
-    merged_dir = tmp_path / "merged"
-    main(["merge", "--model", "smollm2-135m-instruct", "--adapter", str(adapter), "--out", str(merged_dir),
-          "--dtype", "fp32"])
+    # The real model (a random adapter would flatten its logits into near ties; the adapter
+    # path is checked exactly on the tiny model above).
+    merged_dir = resolve_model_path("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(merged_dir)
     chat = [{"role": "user", "content": "I need a hotel in Beijing with a rating above 4 and free wifi."},
-            {"role": "assistant", "content": "Sure. What price range would you like, and for how many nights?"}]
+            {"role": "assistant", "content": "Sure. What price range would you like, and for how many nights?"},
+            {"role": "user", "content": "Between 300 and 500 yuan a night, for three nights starting on Friday. "
+                                        "It should be close to a subway station and have breakfast included."},
+            {"role": "assistant", "content": "Thank you. I found two hotels that match: the first is near the "
+                                             "Dongzhimen subway station, rated 4.6, and costs 420 yuan a night "
+                                             "with breakfast; the second is in Sanlitun, rated 4.3, 380 yuan."}]
     ids = tok(render(chat, resolve_template("auto", tok), tok), add_special_tokens=False)["input_ids"]
     assert len(ids) >= 60
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
