@@ -161,3 +161,32 @@ def test_two_adapters_with_different_templates_are_refused(tmp_path):
     (tmp_path / "a" / LOCK_FILE).write_text("{", encoding="utf-8")
     with pytest.raises(TunelabError, match="unreadable"):
         read_lock(tmp_path / "a")
+
+
+def test_vllm_hand_off_checks(tmp_path, tiny_model_dir, caplog):
+    """What `vllm serve --enable-lora` needs: a plain LoRA with listed targets and the trained
+    template beside it; DoRA, biases and high ranks get a warning with the fix."""
+    import logging
+
+    from conftest import tiny_lora_adapter
+    from tunelab.model.adapters import read_adapter_config, vllm_issues
+
+    plain = read_adapter_config(tiny_lora_adapter(tiny_model_dir, tmp_path / "plain"))
+    assert vllm_issues(plain) == []
+    assert {"q_proj", "down_proj"} <= set(plain["target_modules"]) and plain["r"] and plain["lora_alpha"]
+    dora = read_adapter_config(tiny_lora_adapter(tiny_model_dir, tmp_path / "dora", use_dora=True))
+    assert any("DoRA" in issue for issue in vllm_issues(dora))
+    assert any("--max-lora-rank 64" in issue for issue in vllm_issues({**plain, "r": 64}))
+    assert vllm_issues({**plain, "bias": "all"}) and vllm_issues({**plain, "target_modules": ".*proj"})
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model.adapters import save_trained
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with caplog.at_level(logging.WARNING):
+        save_trained(model, None, tmp_path / "a")
+        save_trained(model, None, tmp_path / "b")
+    assert sum("DoRA" in r.message for r in caplog.records) == 1  # once per run, not per checkpoint

@@ -277,10 +277,48 @@ def save_trained(model, tokenizer, out_dir: str | os.PathLike) -> Path:
             # and tunelab never touches the network.
             kwargs["save_embedding_layers"] = False
         model.save_pretrained(tmp, **kwargs)
+        warn_vllm_issues(model, out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             save_lock(tokenizer, tmp)
     return out_dir
+
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def vllm_issues(adapter_config: dict) -> list[str]:
+    """Why `vllm serve --enable-lora` would refuse (or need options for) this adapter; empty
+    when it loads as is. vLLM serves plain LoRA and rsLoRA on linear layers, no biases."""
+    issues = []
+    if adapter_config.get("use_dora"):
+        issues.append("vLLM cannot serve DoRA adapters: merge it (tunelab export --format hf) and serve the merged "
+                      "folder")
+    if adapter_config.get("bias", "none") != "none":
+        issues.append(f"vLLM serves LoRA without biases, this adapter has bias={adapter_config['bias']!r}")
+    if adapter_config.get("modules_to_save"):
+        issues.append(f"vLLM cannot load modules_to_save ({', '.join(adapter_config['modules_to_save'])}): merge it")
+    if not isinstance(adapter_config.get("target_modules"), list):
+        issues.append("vLLM needs target_modules as a list of module names, not a pattern")
+    rank = int(adapter_config.get("r") or 0)
+    if rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        issues.append(f"rank {rank} > vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}: "
+                      f"start vLLM with --max-lora-rank {rank}")
+    return issues
+
+
+def warn_vllm_issues(model, out_dir: Path) -> None:
+    """Log `vllm_issues` of a PEFT model once (not at every checkpoint)."""
+    import logging
+
+    if not is_peft_model(model) or getattr(model, "_tunelab_vllm_checked", False):
+        return
+    model._tunelab_vllm_checked = True
+    config = model.peft_config["default"].to_dict()
+    config["target_modules"] = sorted(config["target_modules"]) if isinstance(
+        config.get("target_modules"), (set, list)) else config.get("target_modules")
+    for issue in vllm_issues(config):
+        logging.getLogger(__name__).warning("vLLM hand-off (%s): %s", out_dir, issue)
 
 
 def set_stop_tokens(model, tokenizer, stop_tokens: list[str]) -> None:
