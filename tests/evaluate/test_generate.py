@@ -110,7 +110,6 @@ def test_bad_inputs_are_user_errors(model, tok):
                                      GenerationOptions(max_new_tokens=12, repetition_penalty=1.3)])
 def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, prompts, options):
     """The CUDA fast path (static cache; graphs only on CUDA) runs here on the CPU."""
-    dynamic = generate_batch(model, tok, prompts, options, batch_size=3, progress=False, fast=False)
     free = one_by_one(model, tok, prompts, GenerationOptions(max_new_tokens=12))
     stops = [free[1].token_ids[2], free[3].token_ids[5]]  # two rows stop early, the batch keeps its shape
     for stop_ids in ((), stops):

@@ -1,6 +1,8 @@
-"""`tunelab merge --model M --adapter runs/x --out merged/ [--dtype bf16]`."""
+"""`tunelab merge` (fold an adapter into its base) and `tunelab export` (GGUF file or merged HF folder)."""
 
 from __future__ import annotations
+
+import argparse
 
 
 def register(subparsers) -> None:
@@ -35,7 +37,7 @@ def register_export(subparsers) -> None:
         epilog="examples:\n  tunelab export --model smollm2-135m-instruct --adapter runs/hotel --format gguf "
                "--outtype q8_0 --out exports/hotel-q8_0.gguf\n"
                "  tunelab export --model merged/hotel --format gguf --outtype bf16 --out exports/hotel-bf16.gguf",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base model (with --adapter) or a merged / full fine-tuned folder")
     p.add_argument("--adapter", help="a LoRA adapter folder, merged into the model first")
     p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
