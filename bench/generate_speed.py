@@ -1,8 +1,20 @@
-"""Generation speed on the hotel test set: our decode loop vs `model.generate`, by batch size.
+"""Generation speed of `tunelab eval`: our decoders vs `model.generate` (and transformers'
+continuous batching), same prompts, same greedy settings, one call.
 
-    python bench/generate_speed.py --rows 32 --batch-sizes 1,4,8,16 [--hf]
+    # the issue's target: hotel test set (517 rows), embedded 135M model, one GPU
+    python bench/generate_speed.py --rows 517 --batch-size 128 --modes static,dynamic,hf,hf-cb
+    # a Qwen2.5-7B-shaped model with random weights (bf16), generated tokens/s
+    python bench/generate_speed.py --shape qwen2.5-7b --rows 64 --batch-size 32 --max-new-tokens 128 \
+        --modes static,hf
+    # CPU (no graphs): the dynamic loop is the default there
+    python bench/generate_speed.py --device cpu --rows 32 --batch-size 8 --modes dynamic,static,hf
 
-Prints samples/s and generated tokens/s. Greedy, the hotel template, stop at <|im_end|>.
+Modes: `static` = static KV cache + CUDA-graph decode step (tunelab's default on CUDA),
+`dynamic` = the shrinking dynamic-cache loop (default on CPU), `hf` = `model.generate` on
+the same length-sorted, left-padded batches, `hf-cb` = `model.generate_batch`
+(transformers' continuous batching, paged attention). Each mode runs once on a few rows
+untimed (CUDA graph capture, kernel autotuning), then on all rows. Prints samples/s,
+generated tokens/s and, against the first mode, the share of rows with identical tokens.
 """
 
 from __future__ import annotations
@@ -19,53 +31,127 @@ from tunelab.evaluate.tasks import get_task
 from tunelab.model.generate import GenerationOptions, generate_batch
 from tunelab.model.loader import load_model, load_tokenizer
 
+SHAPES = {
+    # Qwen2.5-7B-Instruct's config.json (random weights: only the speed means anything).
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
 
-def hf_generate(model, tok, prompts, options, stops, batch_size):
-    """The same job through `model.generate` (left padding, length-sorted batches)."""
+
+def run_ours(model, tok, prompts, options, stops, batch_size, fast):
+    gens = generate_batch(model, tok, prompts, options, stops, batch_size=batch_size, progress=False, fast=fast)
+    return [g.token_ids for g in gens]
+
+
+def run_hf(model, tok, prompts, options, stops, batch_size):
+    """`model.generate` on the same length-sorted, left-padded batches."""
+    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    tokens = 0
+    out: list = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
-        batch = [prompts[i] for i in order[start:start + batch_size]]
+        chunk = order[start:start + batch_size]
+        batch = [prompts[i] for i in chunk]
         width = max(map(len, batch))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stops)
-        for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            tokens += cut
-    return tokens
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=stops or None)
+        for index, row in zip(chunk, gen[:, width:].tolist()):
+            out[index] = cut(row, stops)
+    return out
+
+
+def run_hf_cb(model, tok, prompts, options, stops, batch_size):
+    """transformers' continuous batching (`generate_batch`, paged attention)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=options.max_new_tokens, do_sample=False, eos_token_id=stops or None,
+                              pad_token_id=tok.pad_token_id, max_batch_tokens=batch_size * 256)
+    results = model.generate_batch(inputs=[list(p) for p in prompts], generation_config=config, progress_bar=False)
+    ordered = sorted(results.values(), key=lambda r: int(str(r.request_id).rsplit("_", 1)[-1]))
+    return [cut(list(r.generated_tokens), stops) for r in ordered]
+
+
+def cut(row, stops):
+    """Up to and including the first stop token, as our decoders count."""
+    return row[:next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
+
+
+def strip_stop(rows, stops):
+    return [r[:-1] if r and r[-1] in stops else r for r in rows]
+
+
+def load(args):
+    tok = load_tokenizer(args.model)
+    if args.shape:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        with device:
+            model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[args.shape], pad_token_id=tok.pad_token_id)).eval()
+        torch.set_default_dtype(previous)
+        return tok, model
+    return tok, load_model(args.model, device=args.device, dtype=args.dtype).eval()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model (with --shape: only its tokenizer)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight model of this shape")
     ap.add_argument("--data", default="../shared/data/hotel/test.jsonl")
-    ap.add_argument("--rows", type=int, default=32)
-    ap.add_argument("--batch-sizes", default="1,4,8,16")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--hf", action="store_true", help="also time model.generate")
+    ap.add_argument("--rows", type=int, default=517)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--modes", default="static,dynamic,hf")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
 
-    torch.set_num_threads(torch.get_num_threads())
-    tok, model = load_tokenizer(args.model), load_model(args.model, device="cpu")
+    tok, model = load(args)
     template = resolve_template("hotel", tok)
     samples = get_task("hotel").load(args.data, limit=args.rows)
     prompts, stops = encode_prompts(samples, tok, template), stop_token_ids(tok, template)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)
-    print(f"{len(prompts)} prompts, {sum(map(len, prompts)) / len(prompts):.0f} tokens on average, "
-          f"max {max(map(len, prompts))}; {torch.get_num_threads()} threads")
-    for bs in map(int, args.batch_sizes.split(",")):
-        started = time.perf_counter()
-        gens = generate_batch(model, tok, prompts, options, stops, batch_size=bs, progress=False)
-        took = time.perf_counter() - started
-        tokens = sum(g.completion_tokens for g in gens)
-        print(f"ours  batch {bs:3d}: {len(prompts) / took:6.2f} samples/s  {tokens / took:7.1f} tokens/s")
-        if args.hf:
+    device = next(model.parameters()).device
+    print(f"{type(model).__name__} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f", {next(model.parameters()).dtype}); {len(prompts)} prompts, "
+          f"{sum(map(len, prompts)) / len(prompts):.0f} tokens on average, max {max(map(len, prompts))}; "
+          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, greedy")
+    runners = {
+        "static": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True),
+        "dynamic": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, False),
+        "hf": lambda p: run_hf(model, tok, p, options, stops, args.batch_size),
+        "hf-cb": lambda p: run_hf_cb(model, tok, p, options, stops, args.batch_size),
+    }
+    first = None
+    for mode in args.modes.split(","):
+        try:
+            runners[mode](prompts[:8])  # warm-up: graph capture, autotuning, allocator
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             started = time.perf_counter()
-            tokens = hf_generate(model, tok, prompts, options, stops, bs)
+            rows = runners[mode](prompts)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             took = time.perf_counter() - started
-            print(f"hf    batch {bs:3d}: {len(prompts) / took:6.2f} samples/s  {tokens / took:7.1f} tokens/s")
+        except Exception as exc:  # noqa: BLE001 - a mode that fails is reported, the others still run
+            print(f"{mode:8s}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        tokens = sum(map(len, strip_stop(rows, stops)))
+        same = ""
+        if first is None:
+            first = (mode, rows)
+        else:
+            agree = sum(a == b for a, b in zip(rows, first[1])) / len(rows)
+            same = f"  identical to {first[0]}: {100 * agree:.1f}% of rows"
+        print(f"{mode:8s}: {len(prompts) / took:8.2f} samples/s  {tokens / took:9.1f} generated tokens/s  "
+              f"({took:.2f} s){same}")
 
 
 if __name__ == "__main__":

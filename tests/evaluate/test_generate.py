@@ -104,3 +104,22 @@ def test_bad_inputs_are_user_errors(model, tok):
         GenerationOptions(temperature=-1)
     with pytest.raises(TunelabError, match="max_new_tokens"):
         GenerationOptions(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("options", [GenerationOptions(max_new_tokens=12),
+                                     GenerationOptions(max_new_tokens=12, repetition_penalty=1.3)])
+def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, prompts, options):
+    """The CUDA fast path (static cache; graphs only on CUDA) runs here on the CPU."""
+    free = one_by_one(model, tok, prompts, GenerationOptions(max_new_tokens=12))
+    stops = [free[1].token_ids[2], free[3].token_ids[5]]  # two rows stop early, the batch keeps its shape
+    for stop_ids in ((), stops):
+        dynamic = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=False)
+        static = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=True)
+        assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+        assert [g.finish_reason for g in static] == [g.finish_reason for g in dynamic]
+    if options.repetition_penalty == 1.0:
+        for prompt, ours in zip(prompts, generate_batch(model, tok, prompts, options, batch_size=5, progress=False,
+                                                         fast=True)):
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=None)
+            assert ref[0, len(prompt):].tolist() == ours.token_ids

@@ -26,14 +26,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="generate on a test set and score it (BLEU, ROUGE, slots, ppl...)",
                               description="Generate a prediction for every row of a data set and score it.",
                               epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="alias, local folder or cached hub id")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="alias, local folder or cached hub id; with --backend openai: the served model's name")
     p.add_argument("--adapter", help="a LoRA adapter folder (a run folder or one of its checkpoints)")
     p.add_argument("--data", help="test file (any supported format)")
     p.add_argument("--format", default="auto", help="data format (default: detected)")
     p.add_argument("--task", choices=sorted(TASKS), help="scoring task (default generic; hotel for the hotel set)")
     p.add_argument("--metrics", help="comma list, e.g. bleu,rouge,em,ppl (default: the task's)")
-    p.add_argument("--template", help="chat template: auto, a built-in name or a .jinja path "
-                                      "(default: the task's, else the model's own)")
+    p.add_argument("--template", help="chat template: auto, a built-in name or a .jinja path (default: the one the "
+                                      "adapter/model was trained with, else the task's, else the model's own)")
+    p.add_argument("--force-template", action="store_true",
+                   help="use --template even though it prompts differently from the trained template")
+    p.add_argument("--show-prompt", action="store_true",
+                   help="dry run: print the exact prompt of the first rows (--limit, default 1) with the "
+                        "reference tokens [[marked]] as training saw them; loads no weights")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base model; print both")
     p.add_argument("--predictions", help="re-score this predictions.jsonl without generating")
     p.add_argument("--limit", type=int, help="use only the first N rows")
@@ -52,6 +58,17 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization-bit", type=int, choices=(4, 8))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    remote = p.add_argument_group("a model behind an OpenAI-compatible server (vLLM, SGLang, tunelab serve)")
+    remote.add_argument("--backend", choices=("local", "openai"), default="local",
+                        help="openai: ask the server at --base-url for the predictions instead of loading the model")
+    remote.add_argument("--base-url", help="e.g. http://127.0.0.1:8000/v1")
+    remote.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"), help="default: $TUNELAB_API_KEY")
+    remote.add_argument("--api", choices=("completions", "chat"),
+                        help="completions (default with --tokenizer): prompts rendered here with the trained "
+                             "template, as local eval does; chat: the server applies its own template")
+    remote.add_argument("--tokenizer", help="the run / adapter / model folder whose tokenizer and trained template "
+                                            "render the prompts (needed for --api completions)")
+    remote.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     judge = p.add_argument_group("LLM-as-judge (any OpenAI-compatible endpoint; answers cached on disk)")
     judge.add_argument("--judge-url", help="base URL, e.g. http://127.0.0.1:8001/v1 (enables the judge)")
     judge.add_argument("--judge-model", help="the judge's model name at that endpoint")
@@ -95,6 +112,8 @@ def _check_args(args) -> None:
     if not args.data:
         raise TunelabError("no test data given", where="command line",
                            fix="add --data path/to/test.jsonl (or --predictions FILE to re-score)")
+    if args.backend == "openai":
+        _check_remote_args(args)
     if bool(args.judge_url) != bool(args.judge_model):
         raise TunelabError("the judge needs both --judge-url and --judge-model", where="command line",
                            fix="e.g. --judge-url http://127.0.0.1:8001/v1 --judge-model qwen2.5-72b-instruct")
@@ -106,6 +125,22 @@ def _check_args(args) -> None:
         if value is not None and value <= 0:
             raise TunelabError(f"--{name.replace('_', '-')} must be > 0, got {value}", where="command line",
                                fix=f"e.g. --{name.replace('_', '-')} 8")
+
+
+def _check_remote_args(args) -> None:
+    if not args.base_url:
+        raise TunelabError("--backend openai needs --base-url", where="command line",
+                           fix="e.g. --base-url http://127.0.0.1:8000/v1 --model NAME_THE_SERVER_USES")
+    if args.adapter or args.compare_base or args.quantization_bit:
+        raise TunelabError("--adapter, --compare-base and --quantization-bit load a model here; --backend openai "
+                           "asks a server", where="command line",
+                           fix="serve the adapter (vllm serve --enable-lora / tunelab serve) and name it with --model")
+    if args.api == "completions" and not args.tokenizer:
+        raise TunelabError("--api completions renders prompts here and needs --tokenizer", where="command line",
+                           fix="add --tokenizer runs/your_run (the trained folder), or use --api chat")
+    if args.concurrency <= 0:
+        raise TunelabError(f"--concurrency must be > 0, got {args.concurrency}", where="command line",
+                           fix="e.g. --concurrency 8")
 
 
 def _judge_scores(args, rows: list[dict], out_dir: Path) -> dict:
@@ -141,13 +176,22 @@ def run_eval(args) -> int:
     if args.constrain_json:
         options = dataclasses.replace(options, json_after=task.json_marker, json_keys=task.json_keys)
     samples = task.load(args.data, args.format, args.limit)  # bad rows fail before a model loads
+    if args.backend == "openai":
+        return _eval_remote(args, task, metrics, options, samples)
 
-    from tunelab.data.templates import resolve_template
-    from tunelab.model.loader import load_model, load_tokenizer
+    from tunelab.data.templates import choose_template, template_lock
+    from tunelab.model.adapters import adapter_tokenizer
+    from tunelab.model.loader import load_model
 
-    tokenizer = load_tokenizer(args.model)
-    template = args.template or task.default_template or "auto"
-    template_src = resolve_template(template, tokenizer)
+    tokenizer = adapter_tokenizer(args.model, args.adapter)  # carries the trained template, if any
+    lock = template_lock(tokenizer)
+    template_src = choose_template(args.template, tokenizer, lock, force=args.force_template,
+                                   fallback=task.default_template or "auto")
+    template = args.template or (lock.template if lock else task.default_template or "auto")
+    if args.show_prompt:
+        for sample in samples[:args.limit or 1]:
+            print(runner.describe_prompt(sample, tokenizer, template_src))
+        return 0
     model = load_model(args.model, dtype=args.dtype, device=args.device, quantization_bit=args.quantization_bit)
     out_dir = _output_dir(args)
     info = {"task": task.name, "metrics": list(metrics), "model": args.model, "data": args.data,
@@ -185,6 +229,43 @@ def run_eval(args) -> int:
         print(runner.markdown_table(tuned))
     _warn_empty(tuned)
     print(f"results in {out_dir}", file=sys.stderr)
+    return 0
+
+
+def _eval_remote(args, task, metrics, options, samples) -> int:
+    """Predictions from the server at --base-url, scored and written as a local run's."""
+    from tunelab.evaluate.remote import Endpoint, predict_remote
+
+    if "ppl" in metrics:
+        raise TunelabError("perplexity needs the model's logits, which an OpenAI server does not give",
+                           where="--metrics", fix="drop ppl from --metrics with --backend openai")
+    api = args.api or ("completions" if args.tokenizer else "chat")
+    prompts, stop, info = None, (), {}
+    if api == "completions":
+        from tunelab.data.templates import choose_template, stop_tokens, template_lock
+        from tunelab.model.adapters import adapter_tokenizer
+
+        tokenizer = adapter_tokenizer(args.tokenizer, None)
+        lock = template_lock(tokenizer)
+        template_src = choose_template(args.template, tokenizer, lock, force=args.force_template,
+                                       fallback=task.default_template or "auto")
+        ids = runner.encode_prompts(samples, tokenizer, template_src)
+        prompts = [tokenizer.decode(p, skip_special_tokens=False) for p in ids]
+        stop = stop_tokens(tokenizer, template_src)
+        info["template"] = args.template or (lock.template if lock else task.default_template or "auto")
+    endpoint = Endpoint(args.base_url, args.model, args.api_key, api, args.concurrency)
+    generated = predict_remote(endpoint, samples, options, task=task.name, prompts=prompts, stop=stop,
+                               progress=not args.no_progress)
+    out_dir = _output_dir(args)
+    summary = runner.score(task, generated.rows, metrics) | _judge_scores(args, generated.rows, out_dir)
+    runner.write_results(out_dir, generated.rows, summary,
+                         {"task": task.name, "metrics": list(metrics), "model": args.model, "data": args.data,
+                          "base_url": args.base_url, "generation": dataclasses.asdict(options), **info,
+                          "speed": generated.speed})
+    print(f"{len(samples)} samples in {generated.speed['seconds']} s ({generated.speed['samples_per_s']} samples/s "
+          f"from {args.base_url}, {api} API)", file=sys.stderr)
+    print(runner.markdown_table(summary))
+    _warn_empty(summary)
     return 0
 
 

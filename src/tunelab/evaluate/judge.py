@@ -222,8 +222,9 @@ class RateLimiter:
         time.sleep(max(0.0, start - now))
 
 
-class _Fatal(Exception):
+class EndpointFailure(Exception):
     """The endpoint refused for good (down after retries, bad key, unknown model)."""
+    # (evaluate/remote.py catches it too: one retry policy for every OpenAI-compatible call)
 
     def __init__(self, what: str, fix: str):
         super().__init__(what)
@@ -243,9 +244,21 @@ def _retry_delay(settings: JudgeSettings, attempt: int, response: httpx.Response
 
 def _complete(client: httpx.Client, settings: JudgeSettings, messages: list[dict], limiter: RateLimiter) -> str:
     """The judge's answer text, retrying what is worth retrying."""
-    url = settings.base_url.rstrip("/") + "/chat/completions"
     body = {"model": settings.model, "messages": messages, "temperature": settings.temperature,
             "max_tokens": settings.max_tokens}
+    answer = post_with_retries(client, settings, "/chat/completions", body, limiter)
+    try:
+        return str(answer["choices"][0]["message"]["content"] or "")
+    except (KeyError, IndexError, TypeError):
+        raise EndpointFailure(f"the answer is not an OpenAI chat completion: {json.dumps(answer)[:200]}",
+                     "point base_url at an OpenAI-compatible /v1 endpoint") from None
+
+
+def post_with_retries(client: httpx.Client, settings, path: str, body: dict, limiter: RateLimiter) -> dict:
+    """POST `body` to `settings.base_url + path` and return the JSON answer, retrying
+    429 / 5xx / timeouts with backoff (`settings`: base_url, model, max_retries, backoff_s,
+    max_backoff_s); raises `EndpointFailure` for a refusal or when the retries run out."""
+    url = settings.base_url.rstrip("/") + path
     last, response = "", None
     for attempt in range(settings.max_retries + 1):
         if attempt:
@@ -261,18 +274,18 @@ def _complete(client: httpx.Client, settings: JudgeSettings, messages: list[dict
             last = f"HTTP {response.status_code}: {response.text[:200]}"
             continue
         if response.status_code in (401, 403):
-            raise _Fatal(f"HTTP {response.status_code}: the endpoint refused the API key",
+            raise EndpointFailure(f"HTTP {response.status_code}: the endpoint refused the API key",
                          "pass the right api_key for this endpoint")
         if response.status_code >= 400:
-            raise _Fatal(f"HTTP {response.status_code}: {response.text[:200]}",
-                         f"check base_url (it should end before /chat/completions) and model={settings.model!r}")
+            raise EndpointFailure(f"HTTP {response.status_code}: {response.text[:200]}",
+                         f"check base_url (it should end before {path}) and model={settings.model!r}")
         try:
-            return str(response.json()["choices"][0]["message"]["content"] or "")
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _Fatal(f"the answer is not an OpenAI chat completion: {response.text[:200]}",
+            return response.json()
+        except ValueError:
+            raise EndpointFailure(f"the answer is not JSON: {response.text[:200]}",
                          "point base_url at an OpenAI-compatible /v1 endpoint") from None
-    raise _Fatal(f"no answer after {settings.max_retries + 1} tries (last: {last})",
-                 "check that the endpoint is up and reachable, then rerun: cached answers are not asked again")
+    raise EndpointFailure(f"no answer after {settings.max_retries + 1} tries (last: {last})",
+                 "check that the endpoint is up and reachable, then rerun")
 
 
 def _read_cache(path: Path | None) -> str | None:
@@ -311,14 +324,14 @@ def judge(items: Sequence[JudgeItem], settings: JudgeSettings, *, results_path: 
     limiter = RateLimiter(settings.requests_per_second)
     done: dict[int, Judgement] = {}
     stop = threading.Event()
-    failure: list[_Fatal] = []
+    failure: list[EndpointFailure] = []
 
     def work(index: int, item: JudgeItem) -> None:
         if stop.is_set():
             return
         try:
             done[index] = _judge_one(index, item, settings, client, limiter)
-        except _Fatal as exc:
+        except EndpointFailure as exc:
             failure.append(exc)
             stop.set()
 

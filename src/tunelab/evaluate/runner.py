@@ -68,6 +68,22 @@ def encode_prompts(samples: Sequence[Sample], tokenizer, template_src: str) -> l
     return prompts
 
 
+def describe_prompt(sample: Sample, tokenizer, template_src: str) -> str:
+    """What `--show-prompt` prints for one sample: the prompt exactly as the model gets it
+    (text and token ids) and the whole exchange with the tokens a training run on it
+    would learn [[marked]] (the reference turn and its end-of-turn marker)."""
+    from tunelab.data.templates import mark_trained
+    from tunelab.data.tokenize import encode_conversation
+
+    prompt = encode_prompts([sample], tokenizer, template_src)[0]
+    full = encode_conversation(sample.conversation(), tokenizer, template_src, 1 << 30, train_on="last")
+    return (f"=== {sample.source}: prompt of {len(prompt)} tokens ===\n"
+            f"{tokenizer.decode(prompt, skip_special_tokens=False)}\n"
+            f"=== token ids ===\n{prompt}\n"
+            f"=== with the reference, [[trained-on tokens]] marked ===\n"
+            f"{mark_trained(full.input_ids, full.labels, tokenizer)}\n")
+
+
 @torch.inference_mode()
 def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: str,
                      batch_size: int = 8) -> list[tuple[float, int]]:
@@ -125,19 +141,23 @@ def predict(model, tokenizer, samples: Sequence[Sample], template_src: str, opti
     generations = generate_batch(model, tokenizer, prompts, options, stops, batch_size=batch_size,
                                  progress=progress, desc=desc)
     seconds = time.perf_counter() - started
-    rows = []
-    for i, (sample, prompt, gen) in enumerate(zip(samples, prompts, generations)):
-        rows.append({"id": i, "task": task, "source": sample.source,
-                     "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
-                     "reference": sample.reference, "prediction": gen.text, "meta": sample.meta,
-                     "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
-                     "completion_tokens": gen.completion_tokens})
+    rows = [make_row(i, task, sample, tokenizer.decode(prompt, skip_special_tokens=False), gen.text,
+                     gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
+            for i, (sample, prompt, gen) in enumerate(zip(samples, prompts, generations))]
     if with_ppl:
         for row, (nll, count) in zip(rows, reference_losses(model, tokenizer, samples, template_src, batch_size)):
             row["ref_nll"], row["ref_tokens"] = nll, count
     completion = sum(g.completion_tokens for g in generations)
     return Generated(rows, seconds, completion, {"batch_size": batch_size, "samples": len(rows),
                                                  "prompt_tokens": sum(len(p) for p in prompts)})
+
+
+def make_row(i: int, task: str, sample: Sample, prompt: str, prediction: str, finish_reason: str,
+             prompt_tokens: int | None, completion_tokens: int | None) -> dict:
+    """One predictions.jsonl row (local and remote generation write the same rows)."""
+    return {"id": i, "task": task, "source": sample.source, "prompt": prompt, "reference": sample.reference,
+            "prediction": prediction, "meta": sample.meta, "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
 
 
 # --- scoring (no model) ----------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.data.templates import save_lock
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_path
 
@@ -54,9 +55,14 @@ class MergeReport:
 
 
 def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
-                  max_shard_size: str = "2GB", force_base: bool = False) -> MergeReport:
-    """Fold `adapter` into `model` and write the result to `out_dir` (replaced atomically)."""
-    from tunelab.model.adapters import load_adapter, read_adapter_config
+                  max_shard_size: str = "2GB", force_base: bool = False, template: str | None = None,
+                  force_template: bool = False) -> MergeReport:
+    """Fold `adapter` into `model` and write the result to `out_dir` (replaced atomically).
+
+    The merged folder keeps the adapter's trained template (tokenizer `chat_template`, lock
+    file, stop tokens in generation_config.json); `template` replaces it only where it
+    prompts the same way, or with `force_template`."""
+    from tunelab.model.adapters import adapter_tokenizer, load_adapter, read_adapter_config, set_stop_tokens
     from tunelab.model.loader import load_model, resolve_model_path
 
     adapter_dir = Path(adapter).expanduser()
@@ -69,7 +75,8 @@ def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.Path
                            fix="write the merged model to a new folder, e.g. --out merged/")
     target_dtype = output_dtype(dtype, base_dir)
 
-    tokenizer = merged_tokenizer(model, adapter_dir)
+    tokenizer = adapter_tokenizer(model, adapter_dir)
+    lock = merged_template(tokenizer, template, force_template)
     probe = tokenizer(PROBE_TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     # The fold is done in fp32 on the CPU: exact enough to check tightly, and the
     # rounding to the output dtype happens once, at the end.
@@ -82,6 +89,8 @@ def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.Path
                                        where=str(adapter_dir))
     cast_parameters(merged, target_dtype)
     merged.config.use_cache = True  # training may have switched it off; a served model wants it
+    if lock is not None:
+        set_stop_tokens(merged, tokenizer, lock.stop_tokens)
     expected = probe_logits(merged, probe)
 
     with atomic_path(out_dir) as tmp:
@@ -90,22 +99,24 @@ def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.Path
         gc.collect()
         copied = copy_non_weight_files(base_dir, tmp)
         tokenizer.save_pretrained(tmp)  # the adapter's own tokenizer when training saved one
+        save_lock(tokenizer, tmp)
         save_diff = check_saved(tmp, probe, expected)
     return MergeReport(out_dir, dtype_name(target_dtype), merge_diff, bound, save_diff, probe.shape[1], copied)
 
 
-def merged_tokenizer(model: str, adapter_dir: Path):
-    """The adapter's own tokenizer when training saved one beside it (it may carry a changed
-    template or pad token), else the base's."""
-    from tunelab.model.loader import ensure_pad_token, load_tokenizer
+def merged_template(tokenizer, template: str | None, force: bool):
+    """The lock the merged folder carries: the adapter's, or `--template` where it prompts
+    the same way (or is forced, or the adapter has no lock)."""
+    from tunelab.data.templates import TemplateLock, attach_lock, choose_template, stop_tokens, template_lock
 
-    if not (adapter_dir / "tokenizer_config.json").is_file():
-        return load_tokenizer(model)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, local_files_only=True)
-    ensure_pad_token(tokenizer, where=str(adapter_dir))
-    return tokenizer
+    lock = template_lock(tokenizer)
+    if template is None:
+        return lock
+    source = choose_template(template, tokenizer, lock, force=force)
+    if lock is None or source != lock.chat_template:
+        lock = TemplateLock(source, template, stop_tokens(tokenizer, source), lock.system_prompt if lock else None)
+        attach_lock(tokenizer, lock)
+    return lock
 
 
 def check_same_base(model: str, base_dir: Path, adapter_config: dict, adapter_dir: Path, force: bool) -> None:

@@ -258,9 +258,17 @@ def targets_embeddings(peft_model) -> bool:
 def save_trained(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write the adapter (LoRA) or the full weights (full/freeze), plus the tokenizer, atomically.
 
+    The tokenizer's `chat_template` is the one training rendered with (`lock_template`), and
+    the lock file beside it names the template and its stop tokens; full weights also get
+    those stop tokens as `generation_config.eos_token_id`, where transformers and vLLM stop.
     `state_dict`: the weights to write instead of the model's own (FSDP gathers them from the shards).
     """
+    from tunelab.data.templates import save_lock, template_lock
+
     out_dir = Path(out_dir)
+    lock = template_lock(tokenizer)
+    if lock is not None and not is_peft_model(model):
+        set_stop_tokens(model, tokenizer, lock.stop_tokens)
     with atomic_path(out_dir) as tmp:
         kwargs = {} if state_dict is None else {"state_dict": state_dict}
         pissa_init = getattr(model, "_tunelab_pissa_init", None)
@@ -271,6 +279,78 @@ def save_trained(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict 
             # and tunelab never touches the network.
             kwargs["save_embedding_layers"] = False
         model.save_pretrained(tmp, **kwargs)
+        warn_vllm_issues(model, out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            save_lock(tokenizer, tmp)
     return out_dir
+
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def vllm_issues(adapter_config: dict) -> list[str]:
+    """Why `vllm serve --enable-lora` would refuse (or need options for) this adapter; empty
+    when it loads as is. vLLM serves plain LoRA and rsLoRA on linear layers, no biases."""
+    issues = []
+    if adapter_config.get("use_dora"):
+        issues.append("vLLM cannot serve DoRA adapters: merge it (tunelab export --format hf) and serve the merged "
+                      "folder")
+    if adapter_config.get("bias", "none") != "none":
+        issues.append(f"vLLM serves LoRA without biases, this adapter has bias={adapter_config['bias']!r}")
+    if adapter_config.get("modules_to_save"):
+        issues.append(f"vLLM cannot load modules_to_save ({', '.join(adapter_config['modules_to_save'])}): merge it")
+    if not isinstance(adapter_config.get("target_modules"), list):
+        issues.append("vLLM needs target_modules as a list of module names, not a pattern")
+    rank = int(adapter_config.get("r") or 0)
+    if rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        issues.append(f"rank {rank} > vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}: "
+                      f"start vLLM with --max-lora-rank {rank}")
+    return issues
+
+
+def warn_vllm_issues(model, out_dir: Path) -> None:
+    """Log `vllm_issues` of a PEFT model once (not at every checkpoint)."""
+    import logging
+
+    if not is_peft_model(model) or getattr(model, "_tunelab_vllm_checked", False):
+        return
+    model._tunelab_vllm_checked = True
+    config = model.peft_config["default"].to_dict()
+    config["target_modules"] = sorted(config["target_modules"]) if isinstance(
+        config.get("target_modules"), (set, list)) else config.get("target_modules")
+    for issue in vllm_issues(config):
+        logging.getLogger(__name__).warning("vLLM hand-off (%s): %s", out_dir, issue)
+
+
+def set_stop_tokens(model, tokenizer, stop_tokens: list[str]) -> None:
+    """Stop where the trained template ends a turn: `generate`, vLLM and llama.cpp read the
+    generation config's eos_token_id (the base's may name only the tokenizer's EOS)."""
+    config = getattr(model, "generation_config", None)
+    ids = [i for i in tokenizer.convert_tokens_to_ids(stop_tokens) if i is not None and i >= 0]
+    if config is None or not ids:
+        return
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
+def adapter_tokenizer(model: str, adapter_dir: str | os.PathLike | None):
+    """The tokenizer training saved beside the adapter (it carries the trained template and pad
+    token), else the base model's. The adapter's template lock is attached either way."""
+    from tunelab.data.templates import attach_lock, read_lock
+    from tunelab.model.loader import ensure_pad_token, load_tokenizer
+
+    folder = Path(adapter_dir).expanduser() if adapter_dir else None
+    if folder is None or not (folder / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(model)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        ensure_pad_token(tokenizer, where=str(folder))
+    lock_dirs = [folder] if folder else []
+    model_dir = Path(model).expanduser()
+    if model_dir.is_dir():
+        lock_dirs.append(model_dir)
+    from tunelab.data.templates import find_lock
+
+    return attach_lock(tokenizer, find_lock(lock_dirs))

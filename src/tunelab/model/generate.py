@@ -6,16 +6,24 @@ because it lets a batch *shrink*: a row that hit its stop token leaves the batch
 the KV cache) at once, so short answers stop paying for the longest one, and the stream
 stops the moment the consumer does (a plain generator: nothing runs in the background).
 Sampling uses transformers' own logits processors so its semantics match `generate`.
+
+On CUDA, `generate_batch` decodes each (length-sorted) batch with a static KV cache and
+replays the decode step as a CUDA graph (`_static_decode`): a small model's decode is
+bound by kernel launches, which a graph replay removes. The batch no longer shrinks (rows
+that stopped feed padding until the last one stops), so the dynamic loop stays the path
+for CPU, streaming and any model the graph cannot capture (it falls back, with a warning).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -26,6 +34,8 @@ from transformers.generation.logits_process import (
 
 from tunelab.data.collate import pad_id_for
 from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,10 +101,12 @@ def _logits_processors(options: GenerationOptions) -> LogitsProcessorList:
 def cache_keyword(model) -> str:
     """The forward keyword that takes the KV cache: `cache` from transformers 5.2x on,
     `past_key_values` before (the old name warns and goes in 5.40)."""
-    import inspect
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
+
+def _forward_parameters(model) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return set(inspect.signature(base.forward).parameters)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +175,147 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
         history = torch.cat([history, step_input], dim=1)
 
 
+# --- static KV cache + CUDA graph decode (CUDA) -----------------------------------------
+
+class _StaticDecoder:
+    """One batch decoded with a preallocated KV cache of `prompt width + max_new_tokens`
+    slots and fixed-shape step inputs, so the decode step can be captured once as a CUDA
+    graph and replayed per token. Masks are built here as 4-D additive masks (transformers
+    uses a prepared 4-D mask as is): no data-dependent checks inside the captured step.
+
+    transformers < 5.2x writes the cache at `cache_position`; later versions keep the
+    write position inside the cache. Both are handled by passing `cache_position` only
+    where `forward` takes it (it then lives in a static buffer updated in place)."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int):
+        self.model, self.device = model, next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        ids, mask = _left_pad(prompts, pad_id, self.device)
+        self.batch, self.width = ids.shape
+        self.length = self.width + max_new_tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=self.length)
+        self.cache_key = cache_keyword(model)
+        self.takes_position = "cache_position" in _forward_parameters(model)
+        self.keys_valid = torch.zeros((self.batch, self.length), dtype=torch.bool, device=self.device)
+        self.keys_valid[:, :self.width] = mask.bool()
+        self.prompt_ids, self.prompt_mask = ids, mask
+        self.pad_id = pad_id
+        self.graph = None
+        # Static inputs of the decode step (updated in place between replays).
+        self.step_ids = torch.full((self.batch, 1), pad_id, dtype=torch.long, device=self.device)
+        self.step_positions = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
+        self.step_cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.step_mask = torch.zeros((self.batch, 1, 1, self.length), dtype=self.dtype, device=self.device)
+        self.step_logits = None
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min)
+
+    def _forward(self, ids, positions, mask, cache_position):
+        extra = {"cache_position": cache_position} if self.takes_position else {}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **{self.cache_key: self.cache}, **extra).logits[:, -1, :]
+
+    def prefill(self) -> torch.Tensor:
+        causal = torch.ones((self.width, self.length), dtype=torch.bool, device=self.device).tril()
+        allowed = causal[None, None] & self.keys_valid[:, None, None, :]
+        positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        self.step_positions.copy_(positions[:, -1:])
+        cache_position = torch.arange(self.width, device=self.device)
+        return self._forward(self.prompt_ids, positions, self._additive(allowed), cache_position).float()
+
+    def _fill_step(self, tokens: torch.Tensor, index: int) -> None:
+        """Inputs of the step that writes cache slot `index` (the token fed sits there)."""
+        self.step_ids.copy_(tokens.unsqueeze(1))
+        self.step_positions.add_(1)
+        self.step_cache_position.fill_(index)
+        self.keys_valid[:, index] = True
+        self.step_mask.copy_(self._additive(self.keys_valid[:, None, None, :]))
+
+    def _run_step(self):
+        return self._forward(self.step_ids, self.step_positions, self.step_mask, self.step_cache_position)
+
+    def step(self, tokens: torch.Tensor, index: int, use_graph: bool) -> torch.Tensor:
+        self._fill_step(tokens, index)
+        if not use_graph:
+            return self._run_step().float()
+        if self.graph is None:
+            self._capture()  # records the step without running it
+        self.graph.replay()
+        return self.step_logits.float()
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (allocator, lazy cache init), then capture. The warm-up
+        # writes the same slot the captured step writes, so nothing is written twice wrongly.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        position = self.cache_write_position()
+        with torch.cuda.stream(stream):
+            self._run_step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.rewind(position)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step_logits = self._run_step()
+
+    def cache_write_position(self):
+        layer = self.cache.layers[0] if hasattr(self.cache, "layers") else None
+        length = getattr(layer, "cumulative_length", None)
+        return None if length is None or not torch.is_tensor(length) else length.clone()
+
+    def rewind(self, position) -> None:
+        """Undo the warm-up step's advance of the cache's own write position (newer versions)."""
+        if position is None:
+            return
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(position)
+
+
+@torch.inference_mode()
+def _static_decode(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, stop_ids: Sequence[int],
+                   pad_id: int, use_graph: bool) -> list[list[int]]:
+    """Tokens of each row (up to and including its first stop token) with a static cache."""
+    decoder = _StaticDecoder(model, prompts, options.max_new_tokens, pad_id)
+    processors = _logits_processors(options)
+    generator = None
+    if not options.greedy and options.seed is not None:
+        generator = torch.Generator(device=decoder.device).manual_seed(options.seed)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=decoder.device)
+    out = torch.full((decoder.batch, options.max_new_tokens), pad_id, dtype=torch.long, device=decoder.device)
+    done = torch.zeros(decoder.batch, dtype=torch.bool, device=decoder.device)
+    history = decoder.prompt_ids
+    logits = decoder.prefill()
+    steps = options.max_new_tokens
+    for step in range(options.max_new_tokens):
+        logits = processors(history, logits)
+        if options.greedy:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        tokens = tokens.masked_fill(done, pad_id)
+        out[:, step] = tokens
+        if len(stops):
+            done |= torch.isin(tokens, stops)
+        if processors:
+            history = torch.cat([history, tokens.unsqueeze(1)], dim=1)
+        # One host sync every 8 steps to see whether every row has stopped.
+        if step + 1 == steps or ((step + 1) % 8 == 0 and bool(done.all())):
+            steps = step + 1
+            break
+        logits = decoder.step(tokens, decoder.width + step, use_graph)
+    rows = out[:, :steps].tolist()
+    stop_set = set(stop_ids)
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]
+
+
+def fast_path(model, fast: bool | None) -> bool:
+    """Whether `generate_batch` uses the static-cache decoder: `fast` if given, else on CUDA."""
+    if fast is not None:
+        return fast
+    return next(model.parameters()).device.type == "cuda"
+
+
 def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -182,11 +335,13 @@ def _finish(tokenizer, prompt: Sequence[int], tokens: list[int], stop_ids: set[i
 
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: GenerationOptions | None = None,
                    stop_ids: Sequence[int] = (), batch_size: int = 8, progress: bool = True,
-                   desc: str = "generating") -> list[Generation]:
+                   desc: str = "generating", fast: bool | None = None) -> list[Generation]:
     """Generate a completion for every prompt (token ids, template already applied).
 
     Prompts are batched by length (less padding), results come back in input order.
     Each completion ends at its first stop token (e.g. the template's end-of-turn).
+    `fast`: static KV cache + CUDA graph decode (default: on CUDA; `False` forces the
+    shrinking dynamic-cache loop, `True` the static path, graphs only on CUDA).
     """
     from tqdm.auto import tqdm
 
@@ -206,10 +361,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = [prompts[i] for i in chunk]
-            tokens: list[list[int]] = [[] for _ in chunk]
-            for step in _decode_steps(model, batch, options, stop_ids, pad_id, tokenizer):
-                for row, token in step.items():
-                    tokens[row].append(token)
+            tokens = _batch_tokens(model, batch, options, stop_ids, pad_id,
+                                   fast_path(model, fast) and not options.json_after, tokenizer)
             for row, index in enumerate(chunk):
                 results[index] = _finish(tokenizer, batch[row], tokens[row], stop_set)
                 new_tokens += results[index].completion_tokens
@@ -219,6 +372,27 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+_GRAPH_FAILED: set[int] = set()  # ids of models whose decode step could not be captured
+
+
+def _batch_tokens(model, batch, options, stop_ids, pad_id, fast: bool, tokenizer=None) -> list[list[int]]:
+    if fast:
+        use_graph = next(model.parameters()).device.type == "cuda" and id(model) not in _GRAPH_FAILED
+        try:
+            return _static_decode(model, batch, options, stop_ids, pad_id, use_graph)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: the dynamic loop still works
+            if not use_graph:
+                raise
+            _GRAPH_FAILED.add(id(model))
+            log.warning("CUDA graph decoding failed (%s: %s); using the dynamic-cache loop",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    tokens: list[list[int]] = [[] for _ in batch]
+    for step in _decode_steps(model, batch, options, stop_ids, pad_id, tokenizer):
+        for row, token in step.items():
+            tokens[row].append(token)
+    return tokens
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], options: GenerationOptions | None = None,

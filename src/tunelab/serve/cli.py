@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--show-prompt", metavar="MESSAGE", nargs="?", const="Hello!",
+                      help="dry run: print the exact prompt MESSAGE (default Hello!) gets, with the tokens "
+                           "training learns [[marked]]; loads no weights")
     chat.set_defaults(func=run_chat)
 
     serve = subparsers.add_parser(
@@ -67,17 +70,38 @@ def register(subparsers) -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, folder or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--template", default="auto", help="auto (the tokenizer's own), a built-in name or a .jinja file")
+    p.add_argument("--template", help="default: the template the adapter/model was trained with, else the "
+                                      "tokenizer's own (auto); or a built-in name or a .jinja file")
+    p.add_argument("--force-template", action="store_true",
+                   help="use --template even though it prompts differently from the trained template")
     p.add_argument("--quantization-bit", type=int, choices=(4, 8), help="load 4-bit (NF4) or 8-bit weights (CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--context-length", type=int, help="override the model's context length (tokens)")
 
 
+def template_from_args(args, adapters) -> tuple[object, str]:
+    """The tokenizer (the adapter's own where training saved one) and the Jinja source to
+    prompt with: the trained template of the adapters/model unless --template prompts the
+    same way (or --force-template); TunelabError where two adapters disagree."""
+    from pathlib import Path
+
+    from tunelab.data.templates import attach_lock, choose_template, find_lock
+    from tunelab.model.adapters import adapter_tokenizer
+
+    folders = list(adapters.values())
+    tokenizer = adapter_tokenizer(args.model, folders[0] if folders else None)
+    model_dir = Path(args.model).expanduser()
+    lock = find_lock(folders + ([model_dir] if model_dir.is_dir() else []))
+    attach_lock(tokenizer, lock)
+    return tokenizer, choose_template(args.template, tokenizer, lock, force=args.force_template)
+
+
 def engine_from_args(args, adapters):
     from tunelab.serve.engine import load_engine
 
-    return load_engine(args.model, adapters, template=args.template, quantization_bit=args.quantization_bit,
+    _, template_src = template_from_args(args, adapters)
+    return load_engine(args.model, adapters, template=template_src, quantization_bit=args.quantization_bit,
                        device=args.device, dtype=args.dtype, context_length=args.context_length)
 
 
@@ -86,10 +110,26 @@ def run_chat(args) -> int:
     from tunelab.serve.chat import chat_loop
     from tunelab.serve.engine import parse_adapters
 
+    adapters = parse_adapters([args.adapter] if args.adapter else [])
+    if args.show_prompt is not None:
+        print(show_chat_prompt(args, adapters))
+        return 0
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    engine = engine_from_args(args, parse_adapters([args.adapter] if args.adapter else []))
+    engine = engine_from_args(args, adapters)
     chat_loop(engine, options, sys.stdin, sys.stdout, system=args.system)
     return 0
+
+
+def show_chat_prompt(args, adapters) -> str:
+    """`chat --show-prompt`: the prompt of the system prompt + MESSAGE, and a reply's tokens marked."""
+    from tunelab.data.types import Message
+    from tunelab.evaluate.runner import describe_prompt
+    from tunelab.evaluate.tasks.base import Sample
+
+    tokenizer, template_src = template_from_args(args, adapters)
+    prompt = ([Message("system", args.system)] if args.system else []) + [Message("user", args.show_prompt)]
+    reply = "(the reply)"
+    return describe_prompt(Sample("chat", prompt, Message("assistant", reply), reply), tokenizer, template_src)
 
 
 def run_serve(args) -> int:

@@ -76,14 +76,15 @@ def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Con
 
 
 def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
-    from tunelab.data.templates import resolve_template
+    from tunelab.data.templates import lock_template
 
     train_convs, eval_convs, n_skipped = read_conversations(cfg)
     if cfg.eval_strategy != "no" and not eval_convs:
         raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
     n_train_records, n_eval_records = len(train_convs), len(eval_convs)
-    template = None if cfg.stage == "pt" else resolve_template(cfg.template, tokenizer)
+    # The tokenizer saved with the weights carries this template (and the system prompt).
+    template = None if cfg.stage == "pt" else lock_template(tokenizer, cfg.template, cfg.system_prompt)
     if cfg.fold_dialogues and cfg.stage == "sft":
         # After the split, each side on its own: a validation row is never folded into a training one.
         train_convs = _fold(train_convs, cfg, tokenizer, template, "training")

@@ -98,7 +98,7 @@ class PreferenceObjective:
 
     def load_data(self) -> tuple[list, list]:
         from tunelab.data.readers import load_preferences
-        from tunelab.data.templates import resolve_template
+        from tunelab.data.templates import lock_template
         from tunelab.train.dataset import split_validation
 
         cfg = self.cfg
@@ -115,7 +115,7 @@ class PreferenceObjective:
         if cfg.eval_strategy != "no" and not eval_items:
             raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data",
                                where="config", fix="set val_size=0.1 or eval_dataset=path/to/pairs.jsonl")
-        template = resolve_template(cfg.template, self.tokenizer)
+        template = lock_template(self.tokenizer, cfg.template)  # the saved tokenizer carries it
         train, _ = encode_preferences(train_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
         evals, _ = encode_preferences(eval_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
         if not train:
