@@ -96,18 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # out of GPU memory outside a training step (loading, evaluation, generation)
-        if type(exc).__name__ != "OutOfMemoryError":
-            raise
-        from tunelab.train.memory import out_of_memory_message
-
-        print(f"error: {out_of_memory_message(exc).message()}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `tunelab ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:  # unreadable input, read-only folder, full disk: one line, not a traceback
         print(f"error: {os_error(exc).message()}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # last: out of GPU memory outside a training step (loading, evaluation, generation)
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        from tunelab.train.memory import out_of_memory_message
+
+        print(f"error: {out_of_memory_message(exc).message()}", file=sys.stderr)
         return 2
 
 
