@@ -123,3 +123,24 @@ def test_preference_stages_generate_on_eval_task_dataset(hotel_dir, qwen2_tokeni
     metrics = TaskMetrics(load_config(None, common | {"eval_task_dataset": str(hotel_dir / "test.jsonl")}))
     metrics._prepare(qwen2_tokenizer)
     assert len(metrics.samples) == 5 and all(s.source.startswith(str(hotel_dir)) for s in metrics.samples)
+
+
+def test_generation_during_training_runs_uncompiled_layers_and_restores_them():
+    """A KV cache changes shape every token: compiled layers would recompile until dynamo gives up
+    (seen on an H100: `recompile_limit` hit at the first in-training evaluation)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    from test_fast_loss import _model
+
+    from tunelab.evaluate.in_training import plain_attention
+    from tunelab.train.fast import compile_decoder_layers
+
+    model = _model("qwen2")
+    compile_decoder_layers(model, backend="eager")
+    layers = model.get_base_model().get_decoder().layers
+    compiled = [layer._compiled_call_impl for layer in layers]
+    assert all(c is not None for c in compiled)
+    with plain_attention(model):
+        assert all(layer._compiled_call_impl is None for layer in layers)
+    assert [layer._compiled_call_impl for layer in layers] == compiled

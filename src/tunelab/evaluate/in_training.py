@@ -80,17 +80,20 @@ class TaskMetrics:
 
 @contextlib.contextmanager
 def plain_attention(model):
-    """Generate with SDPA while training runs padding-free: the varlen kernel takes only
-    flattened batches, not a padded batch with a KV cache (`padding_free=true`)."""
+    """Generate with SDPA and uncompiled layers while training runs padding-free and compiled: the
+    varlen kernel takes only flattened batches, not a padded batch with a KV cache
+    (`padding_free=true`), and a KV cache would make compiled layers recompile every token."""
+    from tunelab.train.fast import eager_layers
     from tunelab.train.fast.varlen import ATTN_NAME, base_model
 
     inner = base_model(model)
     current = getattr(inner.config, "_attn_implementation", None)
-    if current != ATTN_NAME:
-        yield
-        return
-    inner.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        inner.set_attn_implementation(current)
+    with eager_layers(model):
+        if current != ATTN_NAME:
+            yield
+            return
+        inner.set_attn_implementation("sdpa")
+        try:
+            yield
+        finally:
+            inner.set_attn_implementation(current)

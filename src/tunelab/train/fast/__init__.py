@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from tunelab.config import TunelabConfig
 from tunelab.train.fast.lora_dropout import recompute_lora_dropout
 from tunelab.train.fast.loss import fast_causal_lm_loss_sum, fast_sequence_logps
@@ -36,6 +38,21 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     for layer in layers:
         layer.compile(dynamic=True, backend=backend, options=options)
     return len(layers)
+
+
+@contextlib.contextmanager
+def eager_layers(model):
+    """Run the decoder layers uncompiled inside the block (generation during training: a KV cache
+    changes shape every token, and compiled layers would recompile until dynamo gives up)."""
+    layers = base_model(model).get_decoder().layers
+    saved = [getattr(layer, "_compiled_call_impl", None) for layer in layers]
+    for layer in layers:
+        layer._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for layer, compiled in zip(layers, saved):
+            layer._compiled_call_impl = compiled
 
 
 def apply_speed_levers(model, cfg: TunelabConfig, device=None) -> None:
