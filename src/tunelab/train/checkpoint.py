@@ -163,22 +163,17 @@ def checkpoint_problem(path: Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return "the folder does not exist"
-    if (path / "dcp").is_dir():  # sharded (FSDP, train/sharded_checkpoint.py): its own layout
-        absent = [n for n in ("dcp/.metadata", "scheduler.pt", "trainer_state.json") if not (path / n).exists()]
-        if absent:
-            return f"missing {', '.join(absent)}"
-        try:
-            _read_state(path / "trainer_state.json")
-        except TunelabError as exc:
-            return exc.what
-        return None
-    absent = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+    sharded = (path / "dcp").is_dir()  # FSDP (train/sharded_checkpoint.py) has its own layout
+    required = ("dcp/.metadata", "scheduler.pt", "trainer_state.json") if sharded else CHECKPOINT_FILES
+    absent = [n for n in required if not (path / n).is_file()]
     if absent:
         return f"missing {', '.join(absent)}"
     try:
         _read_state(path / "trainer_state.json")
     except TunelabError as exc:
         return exc.what
+    if sharded:
+        return None
     if not _safetensors_intact(path / "trainable.safetensors"):
         return "trainable.safetensors is truncated or damaged"
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
