@@ -78,11 +78,16 @@ def hotel_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, qwen2_tokenizer) -> Path:
-    """A saved tiny random Llama with the real Qwen2 tokenizer (ChatML template): loads like any HF folder."""
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama with the real Qwen2 tokenizer (ChatML template): loads like any HF folder.
+
+    A tokenizer of its own, not the session's `qwen2_tokenizer`: training locks its template into
+    the tokenizer it is given (data.templates.lock_template), and a test that trained with another
+    template before this fixture ran must not change what this folder holds."""
+    tokenizer = shared_tokenizer("qwen2")
     folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(qwen2_tokenizer).save_pretrained(folder)
-    qwen2_tokenizer.save_pretrained(folder)
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
