@@ -47,6 +47,7 @@ LORA = dict(finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_dropout=0.
 MODES = {  # name -> (processes, shape, config keys, samples per micro-batch, samples per optimizer step)
     "lora_1gpu": (1, "qwen2.5-7b", LORA, 16, 32),
     "lora_2gpu": (2, "qwen2.5-7b", LORA, 16, 32),
+    "lora_4gpu": (4, "qwen2.5-7b", LORA, 8, 32),  # the same 32-sample global step, 8 a GPU
     "full_fsdp_2gpu": (2, "qwen2.5-7b", dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True),
                        16, 64),
     # Not in the default set: LoRA on a model whose bf16 weights (65 GB) exceed one card.
