@@ -111,3 +111,15 @@ def tiny_lora_adapter(base_dir: Path, out: Path, seed: int = 1, **lora) -> Path:
                 param.mul_(1 + 0.2 * torch.rand_like(param))
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared CPU the threads' spinning makes
+    each step several times slower (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

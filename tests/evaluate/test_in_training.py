@@ -20,12 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin on a shared CPU
 
 
 def _args(tmp_path, model_dir, **overrides):

@@ -17,12 +17,7 @@ from tunelab.train.tracking import read_log
 from test_loop import config, losses
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin on a shared CPU
 
 
 # --- the config -------------------------------------------------------------------------
