@@ -148,6 +148,9 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     stopped_early = False
     lengths = [len(r) for r in train_rows]
     # The back-off retries a step on its own: across processes the ranks would have to agree on it.
+    if cfg.oom_backoff and dist.enabled and dist.is_main:
+        print("out-of-memory back-off: off under several processes (an out-of-memory error ends the run "
+              "with the keys to change)", file=sys.stderr)
     memory = MemoryBackoff(cfg.max_tokens_per_batch, enabled=cfg.oom_backoff and not dist.enabled,
                            enable_checkpointing=lambda: enable_gradient_checkpointing(model),
                            checkpointing=bool(cfg.gradient_checkpointing), log=tracker.note,
