@@ -25,6 +25,8 @@ to check that the recomputation gives the plain path's loss and gradients.
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 import weakref
 from functools import partial
@@ -99,18 +101,39 @@ class Offloader:
         return hidden
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+class ForwardState:
+    """What a recomputation in backward must replay of its forward: the RNG states (LoRA dropout
+    then draws the forward's masks) and the autocast setting. Offloaded layers and tiled MLPs use it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+    @contextlib.contextmanager
+    def rng(self):
+        """The forward's RNG states inside the block; the caller's come back after it."""
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            yield
+
+    @contextlib.contextmanager
+    def grad_and_autocast(self):
+        """Autograd on, autocast as the forward had it: wrap each recomputed forward in this."""
+        enabled, dtype = self.autocast
+        with torch.enable_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+            yield
 
 
 class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offloader: Offloader, hidden: torch.Tensor):
         ctx.run, ctx.offloader = run, offloader
-        ctx.device_type = hidden.device.type
-        ctx.autocast = _autocast_state(ctx.device_type)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.forward_state = ForwardState(hidden.device)
         ctx.saved = offloader.save(hidden)
         with torch.no_grad():
             return run(hidden)
@@ -118,13 +141,9 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden = ctx.offloader.fetch(ctx.saved).detach().requires_grad_(True)
-        devices = [hidden.device] if ctx.cuda_rng is not None else []
-        enabled, dtype = ctx.autocast
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+        state = ctx.forward_state
+        with state.rng():
+            with state.grad_and_autocast():
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
         ctx.run = ctx.saved = None

@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.train.fast.offload import decoder_layers
+from tunelab.train.fast.offload import ForwardState, decoder_layers
 
 DEFAULT_TILE_TOKENS = 8192
-
-
-def _rng_states(device: torch.device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp_forward, tile_tokens: int, x: torch.Tensor):
         ctx.mlp_forward, ctx.tile_tokens = mlp_forward, tile_tokens
-        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
-        ctx.rng = _rng_states(x.device)  # LoRA dropout: the recomputed tiles draw the forward's masks
+        ctx.forward_state = ForwardState(x.device)  # LoRA dropout: the recomputed tiles draw the forward's masks
         ctx.save_for_backward(x)
         return _tile_loop(mlp_forward, x, tile_tokens)
 
@@ -43,16 +38,12 @@ class _TiledMLP(torch.autograd.Function):
         flat = x.detach().reshape(-1, x.shape[-1])
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat)
-        cpu_rng, cuda_rng = ctx.rng
-        enabled, dtype = ctx.autocast
-        with torch.random.fork_rng(devices=[x.device] if cuda_rng is not None else [], device_type="cuda"):
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, x.device)
+        state = ctx.forward_state
+        with state.rng():
             for start in range(0, flat.shape[0], ctx.tile_tokens):
                 rows = slice(start, start + ctx.tile_tokens)
                 tile = flat[rows].detach().requires_grad_(True)
-                with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+                with state.grad_and_autocast():
                     out = ctx.mlp_forward(tile)
                 torch.autograd.backward(out, grad_flat[rows])
                 grad_x[rows] = tile.grad
