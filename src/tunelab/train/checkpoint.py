@@ -62,15 +62,18 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def rng_state() -> dict:
-    """Every RNG state as tensors, ints and lists: loadable with weights_only=True."""
+def rng_state(all_devices: bool = True) -> dict:
+    """Every RNG state as tensors, ints and lists: loadable with weights_only=True.
+
+    `all_devices=False`: the current CUDA device's state only (one process a GPU: asking for every
+    device's would create a CUDA context on each GPU of the host)."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state_all() if all_devices else torch.cuda.get_rng_state()
     return state
 
 
@@ -82,7 +85,10 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], torch.Tensor):  # the current device's (rng_state(all_devices=False))
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.train.checkpoint import restore_rng_state, rng_state
 from tunelab.train.fast.plan import FREE_MEMORY_SHARE, MIN_TOKEN_BUDGET
 
 
@@ -36,19 +37,6 @@ class OptimizerOutOfMemory(TunelabError):
                          where="training",
                          fix="train fewer parameters (LoRA instead of full fine-tuning, a smaller lora_rank), or "
                              "resume from the last checkpoint on a GPU with more memory / several GPUs")
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _free_memory() -> None:
@@ -102,7 +90,7 @@ class MemoryBackoff:
         biggest micro-batch under that budget; `longest` its longest sample; `reset` drops
         the partial gradients of a failed try."""
         while True:
-            rng = _rng_state()
+            rng = rng_state()
             try:
                 return attempt(self.budget)
             except torch.OutOfMemoryError:
@@ -111,7 +99,7 @@ class MemoryBackoff:
                 failed_tokens = largest_micro(self.budget)
             reset()
             _free_memory()
-            _restore_rng(rng)
+            restore_rng_state(rng)
             self._back_off(step, longest, failed_tokens)
 
     def _back_off(self, step: int, longest: int, failed_tokens: int) -> None:

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.train.checkpoint import TrainerState, checkpoint_path
+from tunelab.train.checkpoint import TrainerState, checkpoint_path, restore_rng_state, rng_state
 from tunelab.train.distributed import Dist
 
 
@@ -66,7 +64,7 @@ def save_sharded_checkpoint(run_dir: Path, model, optimizer, scheduler, state: T
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save(_states(model, optimizer), checkpoint_id=str(tmp / "dcp"))
-    torch.save(portable_rng_state(), tmp / f"rng_state_rank{dist.rank}.pt")
+    torch.save(rng_state(all_devices=False), tmp / f"rng_state_rank{dist.rank}.pt")
     if extra_save is not None:
         extra_save(tmp)
     if dist.is_main:
@@ -96,8 +94,8 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng_state_rank{dist.rank}.pt"
     # Another process count: ranks without their own file continue from rank 0's stream.
-    restore_portable_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng_state_rank0.pt",
-                                          weights_only=True))
+    restore_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng_state_rank0.pt",
+                                 weights_only=True))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
 
 
@@ -135,24 +133,3 @@ def consolidated_state(model, dist: Dist, trainable_only: bool) -> dict | None:
             state.pop(name, None)
     return state
 
-
-# --- RNG state that loads with weights_only=True (no numpy arrays) ------------------------------
-
-def portable_rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                     has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
-    return state
-
-
-def restore_portable_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
