@@ -67,6 +67,11 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
     return batches
 
 
+def micro_batch_tokens(ids: Sequence[int], lengths: Sequence[int], padded: bool) -> int:
+    """Tokens a micro-batch computes on: samples x longest when padded, the sum when padding-free."""
+    return len(ids) * max(lengths[i] for i in ids) if padded else sum(lengths[i] for i in ids)
+
+
 def split_by_tokens(ids: Sequence[int], lengths: Sequence[int], max_tokens: int,
                     padded: bool = False) -> list[list[int]]:
     """Cut one optimizer step's samples into micro-batches of at most `max_tokens` tokens.
@@ -80,8 +85,7 @@ def split_by_tokens(ids: Sequence[int], lengths: Sequence[int], max_tokens: int,
     current: list[int] = []
     for i in sorted(ids, key=lambda i: -lengths[i]):
         grown = current + [i]
-        cost = len(grown) * lengths[grown[0]] if padded else sum(lengths[j] for j in grown)
-        if current and cost > max_tokens:
+        if current and micro_batch_tokens(grown, lengths, padded) > max_tokens:
             batches.append(current)
             grown = [i]
         current = grown

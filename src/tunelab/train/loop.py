@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tunelab.config import TunelabConfig, save_config
-from tunelab.data.collate import batch_order, split_by_tokens
+from tunelab.data.collate import batch_order, micro_batch_tokens, split_by_tokens
 from tunelab.errors import TunelabError
 from tunelab.io import clean_stale_temps, fsync_tree, publish, temp_dir
 from tunelab.train.checkpoint import (
@@ -163,7 +163,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         return split_by_tokens([i for ids in step_ids for i in ids], lengths, budget, padded=not cfg.padding_free)
 
     def micro_tokens(ids: list[int]) -> int:
-        return sum(lengths[i] for i in ids) if cfg.padding_free else len(ids) * max(lengths[i] for i in ids)
+        return micro_batch_tokens(ids, lengths, padded=not cfg.padding_free)
 
     def run_step(step_ids: list[list[int]]) -> StepStats:
         """One optimizer step (this process's share of it), retried in smaller pieces if it runs
