@@ -7,12 +7,15 @@ import socket
 import threading
 import time
 
+import pytest
 import uvicorn
 
 from conftest import tiny_lora_adapter
 from tunelab.data.types import Message
 from tunelab.model.generate import GenerationOptions, generate_batch
 from tunelab.serve.engine import load_engine
+
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
 KEY = "test-key"
 CONTEXT = 256
@@ -55,3 +58,9 @@ def alone(engine, model: str | None, messages: list[dict] | None = None, max_tok
         [gen] = generate_batch(engine.model, engine.tokenizer, [prompt], GenerationOptions(max_new_tokens=max_tokens),
                                stop_ids=engine.stop_ids, progress=False)
     return gen.text
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tmp_path_factory):
+    """The tiny engine with two adapters, once per test module (import it: `from serving import engine`)."""
+    return tiny_engine(tiny_model_dir, tmp_path_factory.mktemp("adapters"))

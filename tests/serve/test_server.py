@@ -9,19 +9,12 @@ import httpx
 import openai
 import pytest
 
-from serving import CONTEXT, KEY, alone, free_port, running, tiny_engine
+from serving import CONTEXT, KEY, alone, free_port, running
+from serving import HELLO, engine  # noqa: F401 (engine is a fixture)
 from tunelab.data.types import Message
 from tunelab.errors import TunelabError
 from tunelab.model.generate import GenerationOptions, generate_batch
 from tunelab.serve.server import StopMatcher, check_port_free, create_app
-
-HELLO = [{"role": "user", "content": "Hello, who are you?"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tmp_path_factory):
-    return tiny_engine(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
-
 
 @pytest.fixture(scope="module")
 def base_url(engine):

@@ -10,21 +10,14 @@ import httpx
 import openai
 import pytest
 
-from serving import CONTEXT, KEY, running, tiny_engine
+from serving import CONTEXT, KEY, running
+from serving import HELLO, engine  # noqa: F401 (engine is a fixture)
 from tunelab.data.types import Message
 from tunelab.errors import TunelabError
 from tunelab.serve.cli import read_api_key
 from tunelab.serve.server import Limits, create_app
 
 CAP = 64 * 1024
-HELLO = [{"role": "user", "content": "Hello, who are you?"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tmp_path_factory):
-    return tiny_engine(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
-
-
 @pytest.fixture(scope="module")
 def base_url(engine):
     with running(create_app(engine, api_key=KEY, limits=Limits(max_body_bytes=CAP, docs=True))) as url:

@@ -11,7 +11,9 @@ from tunelab.train.objective import SFTObjective
 VOCAB = 97
 
 
-def tiny_lora_model(lora_dropout: float = 0.0, layers: int = 3):
+def tiny_lora_model(lora_dropout: float = 0.0, layers: int = 3, padding_free: bool = False):
+    """A tiny Qwen2 with LoRA on every linear layer (B non-zero), in float64; `padding_free`:
+    attention through the varlen path, as `padding_free=true` runs it."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -25,6 +27,10 @@ def tiny_lora_model(lora_dropout: float = 0.0, layers: int = 3):
     for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
+    if padding_free:
+        from tunelab.train.fast.varlen import use_varlen_attention
+
+        use_varlen_attention(model)
     return model.double().train()
 
 

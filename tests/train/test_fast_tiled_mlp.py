@@ -14,11 +14,7 @@ from memory_case import assert_same, loss_and_grads, samples, tiny_lora_model
 @pytest.mark.parametrize("cfg", [TunelabConfig(), TunelabConfig(padding_free=True, fused_loss=True)],
                          ids=["padded", "padding_free"])
 def test_tiled_mlp_keeps_loss_and_gradients(cfg):
-    from tunelab.train.fast.varlen import use_varlen_attention
-
-    model = tiny_lora_model()
-    if cfg.padding_free:
-        use_varlen_attention(model)
+    model = tiny_lora_model(padding_free=cfg.padding_free)
     ref = loss_and_grads(model, cfg, samples())
     assert tile_mlps(model, tile_tokens=5) == 3 and mlps_tiled(model)  # 27 real tokens: 6 tiles
     assert_same(loss_and_grads(model, cfg, samples()), ref)
