@@ -10,7 +10,8 @@ continuous batching), same prompts, same greedy settings, one call.
     python bench/generate_speed.py --device cpu --rows 32 --batch-size 8 --modes dynamic,static,hf
 
 Modes: `static` = static KV cache + CUDA-graph decode step (tunelab's default on CUDA),
-`dynamic` = the shrinking dynamic-cache loop (default on CPU), `hf` = `model.generate` on
+`static-repeat-kv` = the same with transformers' own SDPA in prefill and decode (before
+model/attention.py: masked prefill, KV heads repeated per step on transformers < 5.2x), `dynamic` = the shrinking dynamic-cache loop (default on CPU), `hf` = `model.generate` on
 the same length-sorted, left-padded batches, `hf-cb` = `model.generate_batch`
 (transformers' continuous batching, paged attention). Each mode runs once on a few rows
 untimed (CUDA graph capture, kernel autotuning), then on all rows. Prints samples/s,
@@ -42,6 +43,20 @@ SHAPES = {
 def run_ours(model, tok, prompts, options, stops, batch_size, fast):
     gens = generate_batch(model, tok, prompts, options, stops, batch_size=batch_size, progress=False, fast=fast)
     return [g.token_ids for g in gens]
+
+
+def run_repeat_kv(model, tok, prompts, options, stops, batch_size):
+    """`static` with transformers' own SDPA in the decode step (repeats the KV heads on < 5.2x)."""
+    import contextlib
+
+    import tunelab.model.generate as generate
+
+    original = generate.grouped_query_decode
+    generate.grouped_query_decode = lambda model: contextlib.nullcontext(False)
+    try:
+        return run_ours(model, tok, prompts, options, stops, batch_size, True)
+    finally:
+        generate.grouped_query_decode = original
 
 
 def run_hf(model, tok, prompts, options, stops, batch_size):
@@ -82,6 +97,20 @@ def strip_stop(rows, stops):
     return [r[:-1] if r and r[-1] in stops else r for r in rows]
 
 
+def profile(run) -> None:
+    """Where one batch's time goes (the longest prompts: the worst batch)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
 def load(args):
     tok = load_tokenizer(args.model)
     if args.shape:
@@ -111,6 +140,8 @@ def main() -> None:
     ap.add_argument("--modes", default="static,dynamic,hf")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print a torch.profiler table of the first mode on one batch")
     args = ap.parse_args()
 
     tok, model = load(args)
@@ -125,6 +156,7 @@ def main() -> None:
           f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, greedy")
     runners = {
         "static": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True),
+        "static-repeat-kv": lambda p: run_repeat_kv(model, tok, p, options, stops, args.batch_size),
         "dynamic": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, False),
         "hf": lambda p: run_hf(model, tok, p, options, stops, args.batch_size),
         "hf-cb": lambda p: run_hf_cb(model, tok, p, options, stops, args.batch_size),
@@ -143,6 +175,8 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a mode that fails is reported, the others still run
             print(f"{mode:8s}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             continue
+        if args.profile and first is None:
+            profile(lambda: runners[mode](prompts[-args.batch_size:]))
         tokens = sum(map(len, strip_stop(rows, stops)))
         same = ""
         if first is None:

@@ -399,7 +399,7 @@ def measured_peak_tflops() -> float:
 
 def check_varlen_kernel() -> float:
     """Relative error of the CUDA varlen kernel against per-sample SDPA (bf16, GQA 28/4)."""
-    from tunelab.train.fast.varlen import varlen_attention
+    from tunelab.model.attention import varlen_attention
 
     lengths = [700, 1, 33, 1500, 257]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")

@@ -123,3 +123,42 @@ def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, p
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=None)
             assert ref[0, len(prompt):].tolist() == ours.token_ids
+
+
+def test_grouped_query_decode_attention_equals_repeated_key_value_heads():
+    """One query token: the query heads of a key/value head as its query rows, no cache copy."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from tunelab.model.attention import decode_attention
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    allowed = torch.rand(3, 1, 1, 10) > 0.3
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ours, _ = decode_attention(SimpleNamespace(num_key_value_groups=3), query, key, value, mask, scaling=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, 3), repeat_kv(value, 3),
+                                                           attn_mask=mask, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model, tok, prompts, monkeypatch):
+    import tunelab.model.attention as attention
+
+    calls = []
+    original = attention.decode_attention
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "decode_attention", counting)
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
+    options = GenerationOptions(max_new_tokens=4)
+    expected = generate_batch(model, tok, prompts, options, batch_size=5, progress=False, fast=False)
+    static = generate_batch(model, tok, prompts, options, batch_size=5, progress=False, fast=True)
+    assert [g.token_ids for g in static] == [g.token_ids for g in expected]
+    assert 1 in calls and max(calls) > 1  # decode steps and the prefill went through it
+    assert model.config._attn_implementation == "sdpa"

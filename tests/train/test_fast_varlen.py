@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.collate import IGNORE_INDEX, Sample, collate_packed, pack_samples, pad_batch
-from tunelab.train.fast.varlen import flatten_batch, varlen_attention
+from tunelab.model.attention import varlen_attention
+from tunelab.train.fast.varlen import flatten_batch
 
 
 def _samples():

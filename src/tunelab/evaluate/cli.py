@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--predictions", help="re-score this predictions.jsonl without generating")
     p.add_argument("--limit", type=int, help="use only the first N rows")
     p.add_argument("--output-dir", help="default: ADAPTER/eval, else eval_out")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts decoded together (default: auto: 8 on the CPU; on a GPU as many as half "
+                        "the free memory holds, up to 256)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -130,13 +130,17 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
 
 
 def predict(model, tokenizer, samples: Sequence[Sample], template_src: str, options: GenerationOptions,
-            *, task: str, batch_size: int = 8, with_ppl: bool = False, progress: bool = True,
+            *, task: str, batch_size: int | None = None, with_ppl: bool = False, progress: bool = True,
             desc: str = "generating") -> Generated:
     """Prediction rows (prompt, reference, prediction, meta) for every sample, in order."""
     from tunelab.data.tokenize import stop_token_ids
 
+    from tunelab.model.generate import auto_batch_size
+
     prompts = encode_prompts(samples, tokenizer, template_src)
     stops = stop_token_ids(tokenizer, template_src)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, prompts, options.max_new_tokens)
     started = time.perf_counter()
     generations = generate_batch(model, tokenizer, prompts, options, stops, batch_size=batch_size,
                                  progress=progress, desc=desc)

@@ -33,6 +33,7 @@ from transformers.generation.logits_process import (
 )
 
 from tunelab.data.collate import pad_id_for
+from tunelab.model.attention import PrefillLayout, grouped_query_decode, prefill_layout
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,10 @@ class _StaticDecoder:
     write position inside the cache. Both are handled by passing `cache_position` only
     where `forward` takes it (it then lives in a static buffer updated in place)."""
 
-    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int):
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+                 varlen_prefill: bool = False):
         self.model, self.device = model, next(model.parameters()).device
+        self.varlen_prefill = varlen_prefill  # model/attention.decode_attention is active
         self.dtype = next(model.parameters()).dtype
         ids, mask = _left_pad(prompts, pad_id, self.device)
         self.batch, self.width = ids.shape
@@ -218,11 +221,17 @@ class _StaticDecoder:
                           logits_to_keep=1, **{self.cache_key: self.cache}, **extra).logits[:, -1, :]
 
     def prefill(self) -> torch.Tensor:
-        causal = torch.ones((self.width, self.length), dtype=torch.bool, device=self.device).tril()
-        allowed = causal[None, None] & self.keys_valid[:, None, None, :]
         positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self.step_positions.copy_(positions[:, -1:])
         cache_position = torch.arange(self.width, device=self.device)
+        if self.varlen_prefill:
+            # Each prompt's real tokens attend among themselves (PrefillLayout); the mask passed is
+            # a placeholder that keeps transformers from building the [batch, 1, width, slots] one.
+            placeholder = torch.zeros((self.batch, 1, 1, 1), dtype=self.dtype, device=self.device)
+            with prefill_layout(PrefillLayout.from_mask(self.prompt_mask)):
+                return self._forward(self.prompt_ids, positions, placeholder, cache_position).float()
+        causal = torch.ones((self.width, self.length), dtype=torch.bool, device=self.device).tril()
+        allowed = causal[None, None] & self.keys_valid[:, None, None, :]
         return self._forward(self.prompt_ids, positions, self._additive(allowed), cache_position).float()
 
     def _fill_step(self, tokens: torch.Tensor, index: int) -> None:
@@ -276,7 +285,12 @@ class _StaticDecoder:
 def _static_decode(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, stop_ids: Sequence[int],
                    pad_id: int, use_graph: bool) -> list[list[int]]:
     """Tokens of each row (up to and including its first stop token) with a static cache."""
-    decoder = _StaticDecoder(model, prompts, options.max_new_tokens, pad_id)
+    with grouped_query_decode(model) as active:
+        return _static_decode_rows(model, prompts, options, stop_ids, pad_id, use_graph, active)
+
+
+def _static_decode_rows(model, prompts, options, stop_ids, pad_id, use_graph, varlen_prefill) -> list[list[int]]:
+    decoder = _StaticDecoder(model, prompts, options.max_new_tokens, pad_id, varlen_prefill)
     processors = _logits_processors(options)
     generator = None
     if not options.greedy and options.seed is not None:
@@ -333,8 +347,33 @@ def _finish(tokenizer, prompt: Sequence[int], tokens: list[int], stop_ids: set[i
 
 # --- public API ------------------------------------------------------------------------
 
+AUTO_BATCH_CAP = 256  # rows per batch at most when sized automatically
+CPU_BATCH = 8
+
+
+def auto_batch_size(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """Rows per batch when none is given: 8 on the CPU (compute-bound); on a GPU as many rows as half
+    the free memory holds, each row costing its static KV cache at the longest prompt plus
+    `max_new_tokens` and its prefill mask, at most AUTO_BATCH_CAP. A small model's decode is
+    launch-bound, so a bigger batch is nearly free speed (the hotel test set: batch 8 -> 128)."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cuda" or not prompts:
+        return CPU_BATCH
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    width = max(map(len, prompts))
+    slots = width + max_new_tokens
+    per_row = (2 * cfg.num_hidden_layers * kv_heads * head_dim * parameter.element_size() * slots
+               + 4 * width * slots  # the prefill's boolean and additive masks
+               + 8 * cfg.vocab_size)  # last-token logits in fp32, twice
+    free, _ = torch.cuda.mem_get_info(parameter.device)
+    return max(1, min(AUTO_BATCH_CAP, int(free * 0.5) // per_row))
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: GenerationOptions | None = None,
-                   stop_ids: Sequence[int] = (), batch_size: int = 8, progress: bool = True,
+                   stop_ids: Sequence[int] = (), batch_size: int | None = None, progress: bool = True,
                    desc: str = "generating", fast: bool | None = None) -> list[Generation]:
     """Generate a completion for every prompt (token ids, template already applied).
 
@@ -342,11 +381,14 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
     Each completion ends at its first stop token (e.g. the template's end-of-turn).
     `fast`: static KV cache + CUDA graph decode (default: on CUDA; `False` forces the
     shrinking dynamic-cache loop, `True` the static path, graphs only on CUDA).
+    `batch_size` None: `auto_batch_size`.
     """
     from tqdm.auto import tqdm
 
     options = options or GenerationOptions()
     _check_prompts(prompts)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, prompts, options.max_new_tokens)
     if batch_size <= 0:
         raise TunelabError(f"batch_size must be > 0, got {batch_size}", where="generation",
                            fix="use e.g. --batch-size 8")

@@ -58,9 +58,9 @@ def _auto(cfg: TunelabConfig, device: torch.device) -> bool:
 
 def varlen_unsupported(model) -> str | None:
     """Why the padding-free attention cannot serve this model, or None when it can."""
-    from tunelab.train.fast.varlen import _varlen_kernel, base_model
+    from tunelab.train.fast.varlen import base_model, varlen_kernel
 
-    if _varlen_kernel() is None:
+    if varlen_kernel() is None:
         return "this torch has no torch.nn.attention.varlen kernel"
     base = base_model(model)
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config

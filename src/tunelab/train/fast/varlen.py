@@ -8,18 +8,19 @@ kernel, in torch >= 2.10) on CUDA. Positions restart at 0 for every sample and
 targets are shifted inside each sample, so the math is that of the padded batch.
 
 On CPU (tests, CI) and wherever the kernel is missing, the same function loops over
-the samples with causal SDPA: slower, same numbers.
+the samples with causal SDPA: slower, same numbers. The kernel call itself lives in
+`model/attention.py`, which generation's prefill uses too.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tunelab.data.collate import IGNORE_INDEX
+from tunelab.model.attention import varlen_attention, varlen_kernel  # noqa: F401 - re-exported
 
 ATTN_NAME = "tunelab_varlen"
 
@@ -67,48 +68,6 @@ def flatten_batch(batch: dict) -> TokenStream:
 
 
 # --- the attention function transformers calls (registered under ATTN_NAME) -------------------
-
-def _varlen_kernel():
-    """torch's varlen_attn and the keyword it takes for causality, or None where unusable."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
-    return varlen_attn, causal | gqa
-
-
-def _per_sample_sdpa(q, k, v, cu_seqlens, scale):
-    """The reference: causal SDPA on each sample alone. q: [N, Hq, D], k/v: [N, Hkv, D]."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        seg = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # [1, H, n, D]
-        out[start:end] = F.scaled_dot_product_attention(
-            *seg, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-    return out
-
-
-def varlen_attention(q, k, v, cu_seqlens, max_len: int, scale: float | None, use_kernel: bool = True):
-    """Causal attention within each sample of a token stream. q: [N, Hq, D], k/v: [N, Hkv, D]."""
-    kernel = _varlen_kernel() if use_kernel and q.is_cuda else None
-    if kernel is None:
-        return _per_sample_sdpa(q, k, v, cu_seqlens, scale)
-    varlen_attn, options = kernel
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        # FlashAttention takes half precision only; SDPA under autocast would cast the same way
-        # (QLoRA keeps norms in fp32, so q/k/v arrive in fp32).
-        if not torch.is_autocast_enabled("cuda"):
-            return _per_sample_sdpa(q, k, v, cu_seqlens, scale)
-        low = torch.get_autocast_dtype("cuda")
-        return varlen_attention(q.to(low), k.to(low), v.to(low), cu_seqlens, max_len, scale).to(q.dtype)
-    if "enable_gqa" not in options and k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **options)
-
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              sliding_window=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
