@@ -31,7 +31,8 @@ class TunelabConfig:
     trust_remote_code: bool = False
 
     # --- data ----------------------------------------------------------------------
-    dataset: list[str] = field(default_factory=list)  # file path(s)
+    dataset: list[str] = field(default_factory=list)  # file path(s), or names in dataset_dir/dataset_info.json
+    dataset_dir: str | None = None  # LLaMA-Factory's: the folder of a dataset_info.json that names the datasets
     dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
     eval_dataset: list[str] = field(default_factory=list)  # validation file(s); else val_size
     val_size: float = 0.0  # fraction (<1) or count (>=1) of training records held out
@@ -413,7 +414,11 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def build_config(values: dict, where: str = "config") -> TunelabConfig:
-    """Check keys and types of a plain dict and build the config."""
+    """Check keys and types of a plain dict and build the config. Keys of LLaMA-Factory, TRL,
+    PEFT and transformers configs are translated first (compat.py)."""
+    from tunelab.compat import translate
+
+    values = translate(values, where=where)
     fields = _field_types()
     kwargs = {}
     for key, value in values.items():
@@ -439,28 +444,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise TunelabError(f"config file {path} does not exist", where="command line",
-                               fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
-        try:
-            loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
-            _check_size(loaded, path)
-        except UnicodeDecodeError as exc:
-            line = path.read_bytes()[:exc.start].count(b"\n") + 1
-            raise TunelabError("the config is not UTF-8 text", where=f"{path}:{line}",
-                               fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise TunelabError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=f"{path}{line}",
-                               fix="check the indentation and quoting on that line") from None
-        if not isinstance(loaded, dict):
-            raise TunelabError("the config must be a mapping of key: value", where=str(path),
-                               fix="write one `key: value` per line")
-        values.update(_resolve_relative_paths(loaded, path.parent))
+        values.update(_resolve_relative_paths(read_yaml_file(path), path.parent))
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return build_config(values, where=where)
+
+
+def read_yaml_file(path: Path) -> dict:
+    """The mapping of a YAML (or JSON) config file, or a TunelabError that names the line."""
+    if not path.is_file():
+        raise TunelabError(f"config file {path} does not exist", where="command line",
+                           fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
+    try:
+        loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
+        _check_size(loaded, path)
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise TunelabError("the config is not UTF-8 text", where=f"{path}:{line}",
+                           fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TunelabError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=f"{path}{line}",
+                           fix="check the indentation and quoting on that line") from None
+    if not isinstance(loaded, dict):
+        raise TunelabError("the config must be a mapping of key: value", where=str(path),
+                           fix="write one `key: value` per line")
+    return loaded
 
 
 PATH_KEYS = ("dataset", "eval_dataset")
@@ -471,6 +481,10 @@ AUTO_KEYS = ("bf16", "gradient_checkpointing", "group_by_length", "padding_free"
 
 def _resolve_relative_paths(values: dict, base: Path) -> dict:
     values = dict(values)
+    folder = values.get("dataset_dir")
+    if isinstance(folder, str) and not Path(folder).is_absolute() and not Path(folder).exists() \
+            and (base / folder).exists():
+        values["dataset_dir"] = str(base / folder)
     for key in PATH_KEYS:
         if key not in values or values[key] is None:
             continue
