@@ -270,6 +270,11 @@ def convert_file(path, source: str = "auto") -> tuple[dict, list[str]]:
 
     path = Path(path)
     values, notes = translate_with_notes(read_yaml_file(path), source, where=str(path))
+    left = [k for k in values if k in TABLE]  # names of another tool than --from says
+    if left:
+        tools = "/".join(TOOL_NAMES[s] for s in TABLE[left[0]].sources)
+        raise TunelabError(f"{left[0]} is a {tools} key, not a {TOOL_NAMES[source]} one", where=str(path),
+                           fix="use --from auto (the default) to translate every tool's names")
     build_config(values, where=str(path))  # every value checked as `tunelab train` would
     return values, notes
 

@@ -488,7 +488,8 @@ def _resolve_relative_paths(values: dict, base: Path) -> dict:
     for key in PATH_KEYS:
         if key not in values or values[key] is None:
             continue
-        items = values[key] if isinstance(values[key], list) else [values[key]]
+        items = values[key] if isinstance(values[key], list) else \
+            [v.strip() for v in str(values[key]).split(",") if v.strip()]  # a comma list, as _coerce reads it
         resolved = []
         for item in items:
             p = Path(str(item))
