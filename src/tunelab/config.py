@@ -77,7 +77,8 @@ class TunelabConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    lr_scheduler_type: str = "cosine"  # linear | cosine | constant | constant_with_warmup | polynomial
+    lr_scheduler_type: str = "cosine"  # any transformers scheduler: linear | cosine | cosine_with_min_lr | wsd ...
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # its own arguments, e.g. {num_cycles: 2}, {min_lr_rate: 0.1}
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     weight_decay: float = 0.0
@@ -111,7 +112,7 @@ class TunelabConfig:
     activation_offload: str = "auto"  # true | false | auto: checkpointed layer inputs wait in pinned CPU memory
     tiled_mlp: str = "auto"  # true | false | auto (= with activation offload): MLP over 8k-token tiles
     rope_scaling: dict | str | None = None  # linear | dynamic | yarn | llama3, or {rope_type: yarn, factor: 4.0}
-    optim: str = "adamw_torch"  # adamw_torch | adamw_8bit | paged_adamw_8bit | adafactor | sgd
+    optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | adamw_8bit | paged_adamw_8bit | adafactor | sgd
 
     # --- evaluation, checkpoints, logging ------------------------------------------
     eval_strategy: str = "no"  # no | steps | epoch
@@ -152,7 +153,10 @@ class TunelabConfig:
 CHOICES = {
     "stage": ("sft", "pt", "dpo", "simpo", "kto", "orpo"),
     "finetuning_type": ("lora", "full", "freeze"),
-    "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "polynomial"),
+    # transformers.SchedulerType's values (tests/train/test_optim.py checks they match)
+    "lr_scheduler_type": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+                          "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"),
     "eval_strategy": ("no", "steps", "epoch"),
     "save_strategy": ("no", "steps", "epoch"),
     "train_on": ("all", "last"),
@@ -163,8 +167,9 @@ CHOICES = {
     "distributed_strategy": ("auto", "ddp", "fsdp"),
     "activation_offload": ("true", "false", "auto"),
     "tiled_mlp": ("true", "false", "auto"),
-    "optim": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
+    "optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
 }
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # stepped by the validation loss, not by steps
 TRI_STATE = ("activation_offload", "tiled_mlp")  # str keys that also take YAML true / false
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
@@ -242,6 +247,9 @@ def validate(cfg: TunelabConfig) -> None:
     if cfg.eval_generate_samples <= 0 or cfg.eval_max_new_tokens <= 0:
         raise TunelabError("eval_generate_samples and eval_max_new_tokens must be > 0", where="config",
                            fix="e.g. eval_generate_samples=64 eval_max_new_tokens=256")
+    if cfg.lr_scheduler_type in METRIC_SCHEDULERS and cfg.eval_strategy == "no":
+        raise TunelabError(f"lr_scheduler_type={cfg.lr_scheduler_type} follows the validation loss, which needs "
+                           "evaluations", where="config", fix="set eval_strategy=steps (and val_size or eval_dataset)")
     if cfg.early_stopping_patience is not None and cfg.eval_strategy == "no":
         raise TunelabError("early_stopping_patience needs evaluations", where="config",
                            fix="set eval_strategy=steps or epoch")
