@@ -46,7 +46,7 @@ def test_completion_script_completes_in_bash(tmp_path):
     probe = (f"source {script}; COMP_WORDS=(tunelab data ch); COMP_CWORD=2; _tunelab_complete; "
              "echo ${COMPREPLY[@]}; COMP_WORDS=(tunelab train x.yaml --dry); COMP_CWORD=3; _tunelab_complete; "
              "echo ${COMPREPLY[@]}")
-    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path).stdout.split("\n")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True).stdout.split("\n")
     assert out[0] == "check" and out[1] == "--dry-run"
 
 

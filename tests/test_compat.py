@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CACHE, shared_tokenizer
 
 from tunelab.cli import main
 from tunelab.compat import TABLE, convert_file
@@ -15,8 +16,6 @@ from tunelab.config import load_config
 from tunelab.data.readers import load_conversations, load_preferences
 from tunelab.data.types import KTOExample, PreferencePair
 from tunelab.errors import TunelabError
-
-from conftest import CACHE, shared_tokenizer
 
 LF = Path(__file__).parent / "fixtures" / "llamafactory"
 
@@ -35,7 +34,7 @@ def test_llamafactory_example_loads_with_one_note_per_translated_key(monkeypatch
     assert cfg.dataset == ["identity", "alpaca_en_demo"] and cfg.template == "llama3" and cfg.cutoff_len == 2048
     notes = caplog.text
     for key in ("do_train", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
-                "ddp_timeout", "save_only_model", "lora_target: all"):
+                "ddp_timeout", "save_only_model", "lora_target: 'all' (LLaMA-Factory) -> lora_target=all-linear"):
         assert key in notes
 
 

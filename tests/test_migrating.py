@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CACHE, REPO, shared_tokenizer
 
 from tunelab.cli import main
 from tunelab.config import load_config
 
-from conftest import CACHE, REPO, shared_tokenizer
-
 LF = Path(__file__).parent / "fixtures" / "llamafactory"
-BLOCK = re.compile(r"```yaml\n# file: (\S+)\n(.*?)```", re.S)
+BLOCK = re.compile(r"```yaml\n# file: (\S+)\n(.*?)```", re.DOTALL)
 BLOCKS = dict(BLOCK.findall((REPO / "docs" / "migrating.md").read_text(encoding="utf-8")))
 
 # The data files the TRL / PEFT examples name, one record each in the tool's own format.

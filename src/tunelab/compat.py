@@ -101,10 +101,10 @@ TABLE: dict[str, Rule] = {
     "do_train": Rule(L + H, _do_train),
     "do_eval": Rule(L + H, refused("set eval_strategy=steps (with eval_steps) and val_size or eval_dataset")),
     "do_predict": Rule(L + H, refused("predict after training with `tunelab eval --adapter RUN --data FILE`")),
-    "overwrite_cache": Rule(L + H, lambda v: ({}, "dropped (tunelab keeps no tokenized-data cache)")),
+    "overwrite_cache": Rule(L, lambda v: ({}, "dropped (tunelab keeps no tokenized-data cache)")),
     "preprocessing_num_workers": Rule(L, lambda v: ({}, "dropped (tunelab tokenizes in the training process)")),
     "dataloader_num_workers": Rule(L + H, lambda v: ({}, "dropped (batches are built in the training process)")),
-    "ddp_timeout": Rule(L + H, lambda v: ({}, "dropped (tunelab sets the process-group timeout itself)")),
+    "ddp_timeout": Rule(L + H, lambda v: ({}, "dropped (several GPUs use torch.distributed's default timeout)")),
     "save_only_model": Rule(L + H, dropped(False, "checkpoints always keep the optimizer state, for resuming",
                                            "drop it; the final run folder holds only the model")),
     "pref_ftx": Rule(L, dropped((0, 0.0), "no SFT loss mixed into preference training",
@@ -184,14 +184,14 @@ def _template(value, notes: list[str]):
                            fix="use template=auto (the model's own chat template), a built-in "
                                "(qwen2.5, qwen3, llama3, llama3.2, gemma2, ...) or a .jinja file")
     if ours != value:
-        notes.append(f"LLaMA-Factory's template: {value} -> template={ours}")
+        notes.append(f"template: {value!r} (LLaMA-Factory) -> template={ours}")
     return ours
 
 
 def _lora_target(value, notes: list[str]):
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
     if isinstance(items, list) and "all" in items:
-        notes.append("LLaMA-Factory's lora_target: all -> lora_target=all-linear")
+        notes.append(f"lora_target: {value!r} (LLaMA-Factory) -> lora_target=all-linear")
         return ["all-linear" if v == "all" else v for v in items]
     return value
 
@@ -200,7 +200,7 @@ def _stage(values: dict, notes: list[str]) -> dict:
     """LLaMA-Factory writes SimPO and ORPO as stage=dpo with pref_loss=simpo / orpo."""
     if values.get("stage") == "dpo" and values.get("pref_loss") in ("simpo", "orpo"):
         loss = values.pop("pref_loss")
-        notes.append(f"LLaMA-Factory's stage: dpo with pref_loss: {loss} -> stage={loss}")
+        notes.append(f"stage: 'dpo' with pref_loss: {loss!r} (LLaMA-Factory) -> stage={loss}")
         values["stage"] = loss
     return values
 

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from tunelab.data.formats import REGISTRY, RecordError, detect_format, get_format, to_record
+from tunelab.data.formats import (
+    REGISTRY,
+    RecordError,
+    detect_format,
+    get_format,
+    to_record,
+)
 from tunelab.data.readers import load_conversations, load_preferences, parse_record
 from tunelab.data.types import Conversation, KTOExample, PreferencePair
 

@@ -23,7 +23,12 @@ from tunelab.data.formats.chat import Alpaca, InputOutputTurns, Text
 from tunelab.data.formats.hotel import HOTEL_ROLES, Hotel, render_hotel_turn
 from tunelab.data.formats.openai import Messages
 from tunelab.data.formats.preference import KTO, Preference, QAPreference
-from tunelab.data.formats.sharegpt import SHAREGPT_NAMES, SHAREGPT_ROLES, ShareGPT, ShareGPTPreference
+from tunelab.data.formats.sharegpt import (
+    SHAREGPT_NAMES,
+    SHAREGPT_ROLES,
+    ShareGPT,
+    ShareGPTPreference,
+)
 from tunelab.data.formats.trl import PromptCompletion, UnpairedPreference
 from tunelab.data.formats.validate import validate_conversation, validate_preference
 from tunelab.data.types import Conversation

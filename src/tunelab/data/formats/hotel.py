@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import json
 
-from tunelab.data.formats.base import Format, RecordError, as_list, check_roles, chat_checks, string
+from tunelab.data.formats.base import (
+    Format,
+    RecordError,
+    as_list,
+    chat_checks,
+    check_roles,
+    string,
+)
 from tunelab.data.types import Conversation, Message
 
 HOTEL_ROLES = ("user", "assistant", "search", "return")

@@ -13,7 +13,11 @@ from pathlib import Path
 from tunelab.data.formats.base import Format, RecordError, user_text
 from tunelab.data.formats.chat import Alpaca, Text
 from tunelab.data.formats.preference import KTO, Preference
-from tunelab.data.formats.sharegpt import ShareGPT, ShareGPTPreference, sharegpt_messages
+from tunelab.data.formats.sharegpt import (
+    ShareGPT,
+    ShareGPTPreference,
+    sharegpt_messages,
+)
 from tunelab.data.types import KTOExample
 from tunelab.errors import TunelabError, nearest
 

@@ -7,7 +7,13 @@ with the chat template like every other chat format; only the completion is trai
 
 from __future__ import annotations
 
-from tunelab.data.formats.base import OPENAI_ROLES, Format, chat_checks, check_roles, with_system
+from tunelab.data.formats.base import (
+    OPENAI_ROLES,
+    Format,
+    chat_checks,
+    check_roles,
+    with_system,
+)
 from tunelab.data.formats.openai import openai_message, openai_messages
 from tunelab.data.formats.preference import answer, kto_label, prompt_of, prompt_record
 from tunelab.data.types import Conversation, KTOExample, Message

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from tunelab.data.formats.base import ANSWER_ROLES, CALL_ROLES, RESULT_ROLES, RecordError
+from tunelab.data.formats.base import (
+    ANSWER_ROLES,
+    CALL_ROLES,
+    RESULT_ROLES,
+    RecordError,
+)
 from tunelab.data.types import Conversation, KTOExample, Message, PreferencePair
 
 
