@@ -145,3 +145,11 @@ def test_config_convert_keeps_llamafactory_datasets_runnable(tmp_path, monkeypat
     cfg = load_config("tunelab.yaml")
     assert "do_train" not in Path("tunelab.yaml").read_text().split("\n# ")[-1]
     assert len(load_conversations(cfg.dataset, dataset_dir=cfg.dataset_dir)) == 4
+
+
+def test_dataset_info_record_missing_its_answer_column_is_an_error(tmp_path):
+    (tmp_path / "dataset_info.json").write_text('{"d": {"file_name": "d.jsonl", "columns": {"prompt": "q", '
+                                                '"response": "a"}}}')
+    (tmp_path / "d.jsonl").write_text('{"q": "hi", "answer": "hello"}\n')
+    with pytest.raises(TunelabError, match="missing column 'a' \\(the response column of d"):
+        load_conversations(["d"], dataset_dir=tmp_path)

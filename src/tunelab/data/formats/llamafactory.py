@@ -32,6 +32,9 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 # Our ShareGPT reader's own role names for each tag.
 SHAREGPT_ROLE_OF_TAG = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "observation",
                         "function_tag": "function_call", "system_tag": "system"}
+# The registered formats' keys -> the LLaMA-Factory column that fills them.
+COLUMN_OF_KEY = {"instruction": "prompt", "text": "prompt", "prompt": "prompt", "output": "response",
+                 "conversations": "messages"}
 ENTRY_KEYS = ("file_name", "formatting", "ranking", "columns", "tags", "split", "num_samples")
 REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
@@ -47,7 +50,10 @@ class DatasetInfo(Format):
         defaults = ALPACA_COLUMNS if self.formatting == "alpaca" else SHAREGPT_COLUMNS
         self.columns = {**defaults, **(entry.get("columns") or {})}
         self.tags = {**SHAREGPT_TAGS, **(entry.get("tags") or {})}
-        self.unpaired = "kto_tag" in (entry.get("columns") or {})
+        given = entry.get("columns") or {}
+        self.unpaired = "kto_tag" in given
+        # LLaMA-Factory's pre-training entries map only the prompt column: {"prompt": "text"}.
+        self.text_only = "prompt" in given and "response" not in given
         self.kind = "preference" if self.ranking or self.unpaired else "conversation"
         self.required = ()
 
@@ -70,7 +76,7 @@ class DatasetInfo(Format):
             fields = {"instruction": prompt, "input": query, "output": self._get(record, "response"),
                       "kto_tag": self._get(record, "kto_tag")}
             return self._as(KTO(), {**base, **fields}, source)
-        if self.columns["response"] not in record:  # continued pre-training: the prompt column is the text
+        if self.text_only and self.columns["response"] not in record:  # pre-training: the prompt column is the text
             return self._as(Text(), {"text": prompt}, source)
         fields = {"instruction": prompt, "input": query, "output": self._get(record, "response"),
                   "history": self._get(record, "history")}
@@ -105,11 +111,11 @@ class DatasetInfo(Format):
 
     def _as(self, fmt: Format, fields: dict, source: str):
         record = {k: v for k, v in fields.items() if v is not None}
-        try:
-            fmt.require(record)
-        except RecordError as exc:  # name the dataset's own column, not our key
-            raise RecordError(f"{exc.what} (mapped by {self.name})",
-                              fix=f"check the 'columns' of this dataset in {INFO_FILE}") from None
+        missing = next((key for key in fmt.required if key not in record), None)
+        if missing:  # name the dataset's own column, not the registered format's key
+            role = COLUMN_OF_KEY.get(missing, missing)
+            raise RecordError(f"missing column {self.columns.get(role, missing)!r} (the {role} column of "
+                              f"{self.name})", fix=f"check the 'columns' of this dataset in {INFO_FILE}")
         return fmt.read(record, source)
 
 
