@@ -31,7 +31,8 @@ class TunelabConfig:
     trust_remote_code: bool = False
 
     # --- data ----------------------------------------------------------------------
-    dataset: list[str] = field(default_factory=list)  # file path(s)
+    dataset: list[str] = field(default_factory=list)  # file path(s), or names in dataset_dir/dataset_info.json
+    dataset_dir: str | None = None  # LLaMA-Factory's: the folder of a dataset_info.json that names the datasets
     dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
     eval_dataset: list[str] = field(default_factory=list)  # validation file(s); else val_size
     val_size: float = 0.0  # fraction (<1) or count (>=1) of training records held out
@@ -76,7 +77,8 @@ class TunelabConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    lr_scheduler_type: str = "cosine"  # linear | cosine | constant | constant_with_warmup | polynomial
+    lr_scheduler_type: str = "cosine"  # any transformers scheduler: linear | cosine | cosine_with_min_lr | wsd ...
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # its own arguments, e.g. {num_cycles: 2}, {min_lr_rate: 0.1}
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     weight_decay: float = 0.0
@@ -110,7 +112,7 @@ class TunelabConfig:
     activation_offload: str = "auto"  # true | false | auto: checkpointed layer inputs wait in pinned CPU memory
     tiled_mlp: str = "auto"  # true | false | auto (= with activation offload): MLP over 8k-token tiles
     rope_scaling: dict | str | None = None  # linear | dynamic | yarn | llama3, or {rope_type: yarn, factor: 4.0}
-    optim: str = "adamw_torch"  # adamw_torch | adamw_8bit | paged_adamw_8bit | adafactor | sgd
+    optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | adamw_8bit | paged_adamw_8bit | adafactor | sgd
 
     # --- evaluation, checkpoints, logging ------------------------------------------
     eval_strategy: str = "no"  # no | steps | epoch
@@ -151,7 +153,10 @@ class TunelabConfig:
 CHOICES = {
     "stage": ("sft", "pt", "dpo", "simpo", "kto", "orpo"),
     "finetuning_type": ("lora", "full", "freeze"),
-    "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "polynomial"),
+    # transformers.SchedulerType's values (tests/train/test_optim.py checks they match)
+    "lr_scheduler_type": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+                          "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"),
     "eval_strategy": ("no", "steps", "epoch"),
     "save_strategy": ("no", "steps", "epoch"),
     "train_on": ("all", "last"),
@@ -162,8 +167,9 @@ CHOICES = {
     "distributed_strategy": ("auto", "ddp", "fsdp"),
     "activation_offload": ("true", "false", "auto"),
     "tiled_mlp": ("true", "false", "auto"),
-    "optim": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
+    "optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
 }
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # stepped by the validation loss, not by steps
 TRI_STATE = ("activation_offload", "tiled_mlp")  # str keys that also take YAML true / false
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
@@ -241,6 +247,9 @@ def validate(cfg: TunelabConfig) -> None:
     if cfg.eval_generate_samples <= 0 or cfg.eval_max_new_tokens <= 0:
         raise TunelabError("eval_generate_samples and eval_max_new_tokens must be > 0", where="config",
                            fix="e.g. eval_generate_samples=64 eval_max_new_tokens=256")
+    if cfg.lr_scheduler_type in METRIC_SCHEDULERS and cfg.eval_strategy == "no":
+        raise TunelabError(f"lr_scheduler_type={cfg.lr_scheduler_type} follows the validation loss, which needs "
+                           "evaluations", where="config", fix="set eval_strategy=steps (and val_size or eval_dataset)")
     if cfg.early_stopping_patience is not None and cfg.eval_strategy == "no":
         raise TunelabError("early_stopping_patience needs evaluations", where="config",
                            fix="set eval_strategy=steps or epoch")
@@ -413,7 +422,11 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def build_config(values: dict, where: str = "config") -> TunelabConfig:
-    """Check keys and types of a plain dict and build the config."""
+    """Check keys and types of a plain dict and build the config. Keys of LLaMA-Factory, TRL,
+    PEFT and transformers configs are translated first (compat.py)."""
+    from tunelab.compat import translate
+
+    values = translate(values, where=where)
     fields = _field_types()
     kwargs = {}
     for key, value in values.items():
@@ -439,28 +452,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise TunelabError(f"config file {path} does not exist", where="command line",
-                               fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
-        try:
-            loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
-            _check_size(loaded, path)
-        except UnicodeDecodeError as exc:
-            line = path.read_bytes()[:exc.start].count(b"\n") + 1
-            raise TunelabError("the config is not UTF-8 text", where=f"{path}:{line}",
-                               fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise TunelabError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=f"{path}{line}",
-                               fix="check the indentation and quoting on that line") from None
-        if not isinstance(loaded, dict):
-            raise TunelabError("the config must be a mapping of key: value", where=str(path),
-                               fix="write one `key: value` per line")
-        values.update(_resolve_relative_paths(loaded, path.parent))
+        values.update(_resolve_relative_paths(read_yaml_file(path), path.parent))
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return build_config(values, where=where)
+
+
+def read_yaml_file(path: Path) -> dict:
+    """The mapping of a YAML (or JSON) config file, or a TunelabError that names the line."""
+    if not path.is_file():
+        raise TunelabError(f"config file {path} does not exist", where="command line",
+                           fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
+    try:
+        loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
+        _check_size(loaded, path)
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise TunelabError("the config is not UTF-8 text", where=f"{path}:{line}",
+                           fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TunelabError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=f"{path}{line}",
+                           fix="check the indentation and quoting on that line") from None
+    if not isinstance(loaded, dict):
+        raise TunelabError("the config must be a mapping of key: value", where=str(path),
+                           fix="write one `key: value` per line")
+    return loaded
 
 
 PATH_KEYS = ("dataset", "eval_dataset")
@@ -471,10 +489,15 @@ AUTO_KEYS = ("bf16", "gradient_checkpointing", "group_by_length", "padding_free"
 
 def _resolve_relative_paths(values: dict, base: Path) -> dict:
     values = dict(values)
+    folder = values.get("dataset_dir")
+    if isinstance(folder, str) and not Path(folder).is_absolute() and not Path(folder).exists() \
+            and (base / folder).exists():
+        values["dataset_dir"] = str(base / folder)
     for key in PATH_KEYS:
         if key not in values or values[key] is None:
             continue
-        items = values[key] if isinstance(values[key], list) else [values[key]]
+        items = values[key] if isinstance(values[key], list) else \
+            [v.strip() for v in str(values[key]).split(",") if v.strip()]  # a comma list, as _coerce reads it
         resolved = []
         for item in items:
             p = Path(str(item))

@@ -23,12 +23,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tunelab.data.formats import (
-    CONVERSATION_FORMATS,
     FORMATS,
-    PREFERENCE_FORMATS,
+    Format,
     RecordError,
     check_format_name,
     detect_format,
+    get_format,
     to_conversation,
     to_preference,
     to_record,
@@ -293,9 +293,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
 Item = Conversation | PreferencePair | KTOExample
 
 
-def parse_record(record: dict, fmt: str, source: str = "", system_prompt: str | None = None) -> Item:
+def parse_record(record: dict, fmt: str | Format, source: str = "", system_prompt: str | None = None) -> Item:
     """One record of a known format -> a validated item (RecordError if it cannot be trained on)."""
-    if fmt in CONVERSATION_FORMATS:
+    if get_format(fmt).kind == "conversation":
         conv = to_conversation(record, fmt, source)
         validate_conversation(conv)
         if system_prompt and not conv.is_plain_text and conv.messages[0].role != "system":
@@ -306,14 +306,15 @@ def parse_record(record: dict, fmt: str, source: str = "", system_prompt: str | 
     return item
 
 
-def iter_items(path: str | os.PathLike, fmt: str = "auto", *, system_prompt: str | None = None
-               ) -> Iterator[tuple[str, int, str | None, Item | RecordError]]:
+def iter_items(path: str | os.PathLike, fmt: str | Format = "auto", *, system_prompt: str | None = None
+               ) -> Iterator[tuple[str, int, str | Format | None, Item | RecordError]]:
     """Yield `(source, number, format, item or RecordError)` for each record of one file.
 
     In auto mode the first record that shows its format fixes it for the whole file; a
-    later record of another format is a RecordError naming both.
+    later record of another format is a RecordError naming both. `fmt` may also be a
+    `Format` object (a dataset_info.json entry).
     """
-    fmt = check_format_name(fmt)
+    fmt = check_format_name(fmt) if isinstance(fmt, str) else fmt
     file_format = None if fmt == "auto" else fmt
     for source, number, record in read_records(path):
         if isinstance(record, RecordError):
@@ -346,19 +347,40 @@ def _as_paths(paths) -> list:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
-def _load(paths, fmt: str, kinds: tuple[str, ...], *, skip_invalid: bool, max_samples: int | None,
-          system_prompt: str | None = None) -> Loaded:
+def resolve_path(entry, fmt: str | Format, dataset_dir: str | os.PathLike | None) -> tuple[Path, str | Format]:
+    """A dataset entry -> (file, format): a file path as given, or a name looked up in
+    dataset_dir/dataset_info.json (LLaMA-Factory's dataset registry, with its column mapping)."""
+    path = Path(entry)
+    if path.exists():
+        return path, fmt
+    if dataset_dir is None and not path.suffix and Path("data", "dataset_info.json").is_file():
+        dataset_dir = "data"  # LLaMA-Factory's default, relative to the current folder
+    if dataset_dir is not None:
+        from tunelab.data.formats.llamafactory import resolve_dataset
+
+        return resolve_dataset(str(entry), dataset_dir)
+    if not path.suffix and os.sep not in str(entry):
+        raise TunelabError(f"dataset {entry!r} is not a file", where="dataset",
+                           fix="give a data file path; or, for a LLaMA-Factory dataset name, set dataset_dir to the "
+                               "folder holding its dataset_info.json")
+    return path, fmt
+
+
+def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | None,
+          system_prompt: str | None = None, dataset_dir=None) -> Loaded:
     loaded = Loaded()
     paths = _as_paths(paths)
     if not paths:
         raise TunelabError("no data files given", where="dataset", fix="set dataset=path/to/data.jsonl")
-    for path in paths:
+    for entry in paths:
         if max_samples is not None and len(loaded) >= max_samples:
             break
-        for source, number, file_format, item in iter_items(path, fmt, system_prompt=system_prompt):
-            if file_format is not None and file_format not in kinds:
-                wanted = "conversations" if kinds == CONVERSATION_FORMATS else "preference data"
-                raise TunelabError(f"holds {file_format} records, not {wanted}", where=str(path),
+        path, path_format = resolve_path(entry, fmt, dataset_dir)
+        for source, number, file_format, item in iter_items(path, path_format, system_prompt=system_prompt):
+            if file_format is not None and get_format(file_format).kind != kind:
+                wanted = "conversations" if kind == "conversation" else "preference data"
+                name = getattr(file_format, "name", file_format)
+                raise TunelabError(f"holds {name} records, not {wanted}", where=str(path),
                                    fix="use stage=sft/pt for conversations and stage=dpo/simpo/orpo/kto "
                                        "for preference data")
             if not isinstance(item, RecordError):
@@ -382,17 +404,19 @@ def _load(paths, fmt: str, kinds: tuple[str, ...], *, skip_invalid: bool, max_sa
 
 
 def load_conversations(paths, fmt: str = "auto", *, skip_invalid: bool = False, max_samples: int | None = None,
-                       system_prompt: str | None = None) -> Loaded:
+                       system_prompt: str | None = None, dataset_dir=None) -> Loaded:
     """All conversations of `paths` (a path or a list), validated for training.
 
     Returns a `Loaded` list (`.skipped` and `.problems` tell what skip_invalid dropped).
-    `system_prompt` is inserted where a conversation has no system message.
+    `system_prompt` is inserted where a conversation has no system message. With
+    `dataset_dir`, names that are not files are looked up in its dataset_info.json.
     """
-    return _load(paths, fmt, CONVERSATION_FORMATS, skip_invalid=skip_invalid, max_samples=max_samples,
-                 system_prompt=system_prompt)
+    return _load(paths, fmt, "conversation", skip_invalid=skip_invalid, max_samples=max_samples,
+                 system_prompt=system_prompt, dataset_dir=dataset_dir)
 
 
 def load_preferences(paths, fmt: str = "auto", *, skip_invalid: bool = False,
-                     max_samples: int | None = None) -> Loaded:
+                     max_samples: int | None = None, dataset_dir=None) -> Loaded:
     """All preference pairs / KTO examples of `paths`, validated (see `load_conversations`)."""
-    return _load(paths, fmt, PREFERENCE_FORMATS, skip_invalid=skip_invalid, max_samples=max_samples)
+    return _load(paths, fmt, "preference", skip_invalid=skip_invalid, max_samples=max_samples,
+                 dataset_dir=dataset_dir)

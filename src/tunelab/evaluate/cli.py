@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate import runner
-from tunelab.evaluate.breakdown import write_breakdown
-from tunelab.evaluate.tasks import TASKS, get_task
-from tunelab.model.generate import GenerationOptions
+
+# The handlers import the evaluation code (torch, transformers) when they run, so that
+# `tunelab --help` starts at once (tests/test_cli.py checks no torch at import).
 
 EVAL_EXAMPLES = """examples:
   tunelab eval --model smollm2-135m-instruct --adapter runs/hotel_lora --data test.jsonl --task hotel
@@ -31,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", help="a LoRA adapter folder (a run folder or one of its checkpoints)")
     p.add_argument("--data", help="test file (any supported format)")
     p.add_argument("--format", default="auto", help="data format (default: detected)")
-    p.add_argument("--task", choices=sorted(TASKS), help="scoring task (default generic; hotel for the hotel set)")
+    p.add_argument("--task", help="scoring task: generic (default) or hotel (the hotel set)")
     p.add_argument("--metrics", help="comma list, e.g. bleu,rouge,em,ppl (default: the task's)")
     p.add_argument("--template", help="chat template: auto, a built-in name or a .jinja path (default: the one the "
                                       "adapter/model was trained with, else the task's, else the model's own)")
@@ -100,7 +99,9 @@ def _output_dir(args) -> Path:
     return Path(args.adapter) / "eval" if args.adapter else Path("eval_out")
 
 
-def _options(args) -> GenerationOptions:
+def _options(args):
+    from tunelab.model.generate import GenerationOptions
+
     return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
@@ -169,6 +170,10 @@ def _judge_scores(args, rows: list[dict], out_dir: Path) -> dict:
 
 
 def run_eval(args) -> int:
+    from tunelab.evaluate import runner
+    from tunelab.evaluate.breakdown import write_breakdown
+    from tunelab.evaluate.tasks import get_task
+
     _check_args(args)
     if args.predictions:
         return _rescore(args)
@@ -236,6 +241,7 @@ def run_eval(args) -> int:
 
 def _eval_remote(args, task, metrics, options, samples) -> int:
     """Predictions from the server at --base-url, scored and written as a local run's."""
+    from tunelab.evaluate import runner
     from tunelab.evaluate.remote import Endpoint, predict_remote
 
     if "ppl" in metrics:
@@ -272,6 +278,10 @@ def _eval_remote(args, task, metrics, options, samples) -> int:
 
 
 def _rescore(args) -> int:
+    from tunelab.evaluate import runner
+    from tunelab.evaluate.breakdown import write_breakdown
+    from tunelab.evaluate.tasks import get_task
+
     rows = runner.read_predictions(args.predictions)
     task = get_task(args.task or rows[0].get("task") or "generic")
     metrics = runner.parse_metrics(task, args.metrics)

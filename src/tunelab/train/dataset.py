@@ -66,7 +66,8 @@ def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Con
     if not cfg.dataset:
         raise TunelabError("no training data given", where="config",
                            fix="set dataset: path/to/train.jsonl (or dataset=... on the command line)")
-    read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
+    read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt,
+                dataset_dir=cfg.dataset_dir)
     convs = load_conversations(cfg.dataset, max_samples=cfg.max_samples, **read)
     if cfg.eval_dataset:
         train_convs, eval_convs = convs, load_conversations(cfg.eval_dataset, **read)

@@ -38,7 +38,7 @@ from tunelab.train.distributed import SINGLE, Dist, rank_share
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
-from tunelab.train.optim import build_optimizer
+from tunelab.train.optim import after_evaluation, build_optimizer, build_scheduler
 from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
 
 
@@ -204,6 +204,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         nonlocal last_eval, last_eval_step
         eval_loss, eval_metrics = evaluate(model, objective, eval_rows, cfg, device, dist)
         last_eval, last_eval_step = eval_loss, state.global_step
+        after_evaluation(scheduler, eval_loss)  # reduce_lr_on_plateau / greedy follow the validation loss
         row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
                "eval_loss": eval_loss}
         if cfg.stage in ("sft", "pt"):
@@ -509,14 +510,6 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
 def _grad_sync(objective, last: bool):
     """DDP all-reduces on the last micro-batch of a step only (see distributed.DistributedObjective)."""
     return objective.grad_sync(last) if hasattr(objective, "grad_sync") else contextlib.nullcontext()
-
-
-def build_scheduler(optimizer, cfg: TunelabConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
-    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                         num_training_steps=total_steps)
 
 
 @torch.no_grad()

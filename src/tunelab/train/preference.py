@@ -105,7 +105,7 @@ class PreferenceObjective:
         if not cfg.dataset:
             raise TunelabError("no training data given", where="config",
                                fix="set dataset: path/to/pairs.jsonl (prompt / chosen / rejected records)")
-        read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)
+        read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, dataset_dir=cfg.dataset_dir)
         items = self._for_stage(load_preferences(cfg.dataset, max_samples=cfg.max_samples, **read), cfg.dataset)
         if cfg.eval_dataset:
             train_items = items
