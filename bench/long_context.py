@@ -68,11 +68,11 @@ def train_once(model, name: str, length: int) -> dict:
     peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
                                                   target_modules="all-linear"))
     if name != "baseline":  # the trainer's own set-up: apply_speed_levers with these keys
-        offload = "true" if name == "tunelab_offload" else "false"
+        offload = name == "tunelab_offload"
         apply_speed_levers(peft_model, TunelabConfig(bf16=True, padding_free=True, fused_loss=True,
                                                      gradient_checkpointing=True, activation_offload=offload,
                                                      tiled_mlp=offload))
-        if DEVICE == "cuda" and offload_active(peft_model) != (offload == "true"):
+        if DEVICE == "cuda" and offload_active(peft_model) != offload:
             raise SystemExit("activation offload did not switch on: is this a CUDA device?")
     ids = torch.randint(0, model.config.vocab_size, (length,)).tolist()
     cuda = DEVICE == "cuda"

@@ -109,8 +109,8 @@ class TunelabConfig:
 
     # --- memory levers (train/fast/offload.py, tiled_mlp.py, nf4.py; docs/benchmarks.md) --------
     # auto: on a GPU when one micro-batch's checkpointed layer inputs would fill a quarter of it
-    activation_offload: str = "auto"  # true | false | auto: checkpointed layer inputs wait in pinned CPU memory
-    tiled_mlp: str = "auto"  # true | false | auto (= with activation offload): MLP over 8k-token tiles
+    activation_offload: bool | None = None  # auto: when a micro-batch's layer inputs would take > 1/4 of the GPU
+    tiled_mlp: bool | None = None  # MLP over 8k-token tiles; auto: with activation offload
     rope_scaling: dict | str | None = None  # linear | dynamic | yarn | llama3, or {rope_type: yarn, factor: 4.0}
     optim: str = "adamw_torch"  # adamw_torch | adamw_torch_fused | adamw_8bit | paged_adamw_8bit | adafactor | sgd
 
@@ -165,12 +165,9 @@ CHOICES = {
     "pref_loss": ("sigmoid", "ipo", "hinge"),
     "speed": ("auto", "off"),
     "distributed_strategy": ("auto", "ddp", "fsdp"),
-    "activation_offload": ("true", "false", "auto"),
-    "tiled_mlp": ("true", "false", "auto"),
     "optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
 }
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # stepped by the validation loss, not by steps
-TRI_STATE = ("activation_offload", "tiled_mlp")  # str keys that also take YAML true / false
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
 
@@ -330,8 +327,6 @@ def _coerce(key: str, value, tp, where: str):
         return [_coerce(key, v, item_tp, where) for v in value]
     if tp is dict and isinstance(value, dict):  # a YAML mapping (also `key={a: 1}` on the command line)
         return value
-    if tp is str and isinstance(value, bool) and key in TRI_STATE:  # `activation_offload: true`
-        return "true" if value else "false"
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -484,7 +479,7 @@ def read_yaml_file(path: Path) -> dict:
 PATH_KEYS = ("dataset", "eval_dataset")
 # Keys whose unset value (None) means "chosen at run time" (train/fast/plan.py says how).
 AUTO_KEYS = ("bf16", "gradient_checkpointing", "group_by_length", "padding_free", "fused_loss", "torch_compile",
-             "max_tokens_per_batch")
+             "max_tokens_per_batch", "activation_offload", "tiled_mlp")
 
 
 def _resolve_relative_paths(values: dict, base: Path) -> dict:

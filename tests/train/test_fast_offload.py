@@ -96,7 +96,7 @@ def test_memory_keys_through_apply_speed_levers(capsys):
     model = tiny_lora_model()
     apply_speed_levers(model, TunelabConfig())  # auto on CPU: neither
     assert not offload_active(model) and not mlps_tiled(model)
-    apply_speed_levers(model, TunelabConfig(activation_offload="true"))
+    apply_speed_levers(model, TunelabConfig(activation_offload=True))
     assert "nothing to do on cpu" in capsys.readouterr().err and not mlps_tiled(model)  # auto tiles with offload only
     from tunelab.config import load_config
 
@@ -133,7 +133,7 @@ def test_out_of_memory_back_off_entry_point(monkeypatch):
     assert memory.offload_for_memory(model, TunelabConfig()) is False  # CPU: nothing to gain
     # Pretend the model is on a GPU: the back-off installs offload and tiles the MLPs, once.
     monkeypatch.setattr(memory, "enable_activation_offload", lambda m: install_activation_offload(m) > 0)
-    assert memory.offload_for_memory(model, TunelabConfig(activation_offload="false")) is False
+    assert memory.offload_for_memory(model, TunelabConfig(activation_offload=False)) is False
     assert memory.offload_for_memory(model, TunelabConfig()) is True
     assert offload_active(model) and mlps_tiled(model)
     assert memory.offload_for_memory(model, TunelabConfig()) is False
@@ -182,9 +182,9 @@ def test_auto_offloads_when_checkpointed_inputs_would_fill_a_quarter_of_the_gpu(
     from tunelab.train.fast import offload
 
     model = tiny_lora_model()  # 3 layers x hidden 32 x 2 bytes = 192 bytes per token
-    assert offload.offload_wanted("true", model, 1) and not offload.offload_wanted("false", model, 10**9)
-    assert not offload.offload_wanted("auto", model, 10**9)  # on CPU, never
+    assert offload.offload_wanted(True, model, 1) and not offload.offload_wanted(False, model, 10**9)
+    assert not offload.offload_wanted(None, model, 10**9)  # on CPU, never
     monkeypatch.setattr(offload, "_model_device", lambda m: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=192 * 4000))
-    assert not offload.offload_wanted("auto", model, 1000)  # exactly a quarter
-    assert offload.offload_wanted("auto", model, 1001)
+    assert not offload.offload_wanted(None, model, 1000)  # exactly a quarter
+    assert offload.offload_wanted(None, model, 1001)

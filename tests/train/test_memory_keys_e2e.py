@@ -12,7 +12,7 @@ from test_loop import config, losses
 
 def test_training_with_memory_keys(tmp_path, tiny_model_dir, capsys):
     cfg = config(tmp_path, tiny_model_dir, max_steps=6, eval_strategy="no", save_strategy="no", lora_dropout=0.0,
-                 learning_rate=3e-2, activation_offload=True, tiled_mlp="true", optim="adafactor",
+                 learning_rate=3e-2, activation_offload=True, tiled_mlp=True, optim="adafactor",
                  rope_scaling={"rope_type": "linear", "factor": 2.0})
     result = loop.train(cfg)
     err = capsys.readouterr().err
@@ -22,4 +22,4 @@ def test_training_with_memory_keys(tmp_path, tiny_model_dir, capsys):
     assert history[-1][1] < history[0][1]  # Adafactor trains the adapter (MLPs tiled: plain below 8k tokens)
     saved = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text())
     assert saved["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and saved["optim"] == "adafactor"
-    assert saved["activation_offload"] == "true"
+    assert saved["activation_offload"] is True

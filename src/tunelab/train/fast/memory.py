@@ -75,9 +75,10 @@ def apply_memory_levers(model, cfg: TunelabConfig) -> None:
     # The longest micro-batch the run can see: what the automatic choice must fit.
     tokens = cfg.max_tokens_per_batch or cfg.cutoff_len * cfg.per_device_train_batch_size
     if offload_wanted(cfg.activation_offload, model, tokens) and enable_activation_offload(model):
-        print(f"activation offload on (activation_offload={cfg.activation_offload}): checkpointed layer inputs "
+        setting = "auto" if cfg.activation_offload is None else "true"
+        print(f"activation offload on (activation_offload={setting}): checkpointed layer inputs "
               f"wait in pinned host memory", file=sys.stderr)
-    if cfg.tiled_mlp == "true" or (cfg.tiled_mlp == "auto" and offload_active(model)):
+    if cfg.tiled_mlp or (cfg.tiled_mlp is None and offload_active(model)):
         tile_mlps(model)
 
 
@@ -85,10 +86,10 @@ def offload_for_memory(model, cfg: TunelabConfig) -> bool:
     """What an out-of-memory back-off calls: activation offload, and the tiled MLP unless the config
     says tiled_mlp=false. Returns whether anything new was switched on (False on CPU, when the
     config says activation_offload=false, or when both are already on)."""
-    if cfg.activation_offload == "false" or (offload_active(model) and (mlps_tiled(model) or cfg.tiled_mlp == "false")):
+    if cfg.activation_offload is False or (offload_active(model) and (mlps_tiled(model) or cfg.tiled_mlp is False)):
         return False
     if not enable_activation_offload(model):
         return False
-    if cfg.tiled_mlp != "false":
+    if cfg.tiled_mlp is not False:
         tile_mlps(model)
     return True

@@ -232,11 +232,11 @@ def checkpointed_input_bytes(model_config, tokens: int, dtype_bytes: int = 2) ->
     return model_config.num_hidden_layers * tokens * model_config.hidden_size * dtype_bytes
 
 
-def offload_wanted(setting: str, model, tokens: int) -> bool:
-    """true / false as set; auto: on a CUDA model when the checkpointed layer inputs of a micro-batch
+def offload_wanted(setting: bool | None, model, tokens: int) -> bool:
+    """True / False as set; None (auto): on a CUDA model when the checkpointed layer inputs of a micro-batch
     of `tokens` tokens would take more than a quarter of the GPU's memory."""
-    if setting != "auto":
-        return setting == "true"
+    if setting is not None:
+        return setting
     device = _model_device(model)
     if device.type != "cuda":
         return False
