@@ -580,6 +580,40 @@ def build_config(values: dict, where: str = "config") -> TunelabConfig:
         raise
 
 
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping, its relative data paths resolved against its folder; every
+    problem (missing, not UTF-8, bad YAML, not a mapping, an alias bomb) said with its line."""
+    if not path.is_file():
+        raise TunelabError(f"config file {path} does not exist", where="command line",
+                           fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
+    try:
+        loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
+        _check_size(loaded, path)
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise TunelabError("the config is not UTF-8 text", where=f"{path}:{line}",
+                           fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TunelabError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=f"{path}{line}",
+                           fix="check the indentation and quoting on that line") from None
+    if not isinstance(loaded, dict):
+        raise TunelabError("the config must be a mapping of key: value", where=str(path),
+                           fix="write one `key: value` per line")
+    if isinstance(loaded.get("stages"), list):  # each stage's data paths are relative to the file too
+        loaded["stages"] = [_resolve_relative_paths(s, path.parent) if isinstance(s, dict) else s
+                            for s in loaded["stages"]]
+    return _resolve_relative_paths(loaded, path.parent)
+
+
+def is_chain(path: str | Path | None) -> bool:
+    """Whether a config file is a chain of stages (`stages:`); see tunelab/chain.py."""
+    if path is None or not Path(path).is_file():
+        return False
+    return "stages" in read_yaml(Path(path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TunelabConfig:
     """Read a YAML config (optional), apply `key=value` overrides, validate, return it.
 
@@ -591,25 +625,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise TunelabError(f"config file {path} does not exist", where="command line",
-                               fix="give the path of a YAML file, e.g. examples/quickstart.yaml")
-        try:
-            loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
-            _check_size(loaded, path)
-        except UnicodeDecodeError as exc:
-            line = path.read_bytes()[:exc.start].count(b"\n") + 1
-            raise TunelabError("the config is not UTF-8 text", where=f"{path}:{line}",
-                               fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise TunelabError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=f"{path}{line}",
-                               fix="check the indentation and quoting on that line") from None
-        if not isinstance(loaded, dict):
-            raise TunelabError("the config must be a mapping of key: value", where=str(path),
-                               fix="write one `key: value` per line")
-        values.update(_resolve_relative_paths(loaded, path.parent))
+        loaded = read_yaml(path)
+        if "stages" in loaded:
+            raise TunelabError("this file is a chain of stages (it has `stages:`)", where=str(path),
+                               fix=f"run it with `tunelab train {path}` (docs/multistage.md)")
+        values.update(loaded)
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return build_config(values, where=where)

@@ -134,17 +134,17 @@ def replay_rows(cfg: TunelabConfig):
     from tunelab.data.mixture import SourceTake, draw
 
     spec = cfg.replay_spec
-    rows = earlier_conversations(spec.data, spec.split, "replay")
+    rows, _ = earlier_conversations(spec.data, spec.split, "replay")
     n = spec.samples if spec.samples is not None else max(1, round(spec.fraction * len(rows)))
     taken, repeated = draw(rows, n, random.Random(cfg.seed + 1))
     label = f"{spec.data} (replay, {spec.split})"
     return taken, SourceTake(label, len(rows), len(taken), spec.fraction, repeated)
 
 
-def earlier_conversations(ref: str, split: str, key: str) -> list[Conversation]:
+def earlier_conversations(ref: str, split: str, key: str) -> tuple[list[Conversation], TunelabConfig | None]:
     """Conversations of a file, or of an earlier run folder: its training rows (its mixture and
     replay included) or its held-out validation rows, rebuilt from its config.yaml (seeded, so
-    exactly the rows it used)."""
+    exactly the rows it used). The run's config comes too (None for a file)."""
     from pathlib import Path
 
     from tunelab.config import load_config
@@ -155,7 +155,7 @@ def earlier_conversations(ref: str, split: str, key: str) -> list[Conversation]:
         raise TunelabError(f"{ref} does not exist", where=key,
                            fix="give a data file or the folder of an earlier tunelab run")
     if not path.is_dir():
-        return load_conversations(path)
+        return load_conversations(path), None
     if not (path / "config.yaml").is_file():
         raise TunelabError(f"{ref} is a folder without config.yaml, not a tunelab run", where=key,
                            fix="give the output_dir of an earlier `tunelab train`, or a data file")
@@ -168,7 +168,7 @@ def earlier_conversations(ref: str, split: str, key: str) -> list[Conversation]:
     if not rows:
         raise TunelabError(f"{ref} has no {split} rows", where=key,
                            fix="use split: train, or an earlier run that held out validation data (val_size)")
-    return rows
+    return rows, earlier
 
 
 def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Conversation], int]:
