@@ -14,6 +14,7 @@ OUT_DIR=${RUN_DIR:-runs/replay_study}
 PY=${PYTHON:-python3}
 if command -v tunelab >/dev/null; then TL=(tunelab); else export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}; TL=("$PY" -m tunelab.cli); fi
 SECONDS=0
+rm -rf "$OUT_DIR/no_replay" "$OUT_DIR/replay"  # a fresh measurement (a kept chain.json would skip its stages)
 mkdir -p "$OUT_DIR/data"
 # The two tasks: rows whose answer is a search call, rows whose answer is a reply.
 "$PY" - "$DATA/train.jsonl" "$OUT_DIR/data" <<'PY'

@@ -26,6 +26,7 @@ tabulates (evaluate).
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def load_chain(path: str | Path, overrides: list[str] | None = None) -> tuple[Pa
             raise TunelabError(f"from_previous={from_previous!r}" + (" in the first stage" if i == 1 else ""),
                                where=where, fix="from_previous is adapter or merged, in stages after the first")
         stages.append(Stage(i, name, folder, values, from_previous, build_config(values, where=where), where))
-    for prev, stage in zip(stages, stages[1:]):
+    for prev, stage in itertools.pairwise(stages):
         _start_point(prev, stage)  # refuse impossible hand-overs before the first stage trains
     return parent, stages
 

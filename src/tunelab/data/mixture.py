@@ -26,9 +26,11 @@ class SourceTake:
     taken: int
     weight: float | None = None
     repeated: int = 0  # rows drawn a second (third...) time: the count exceeded the source
+    fraction: float | None = None  # replay: the share of the earlier rows asked for
 
     def describe(self) -> str:
         share = f", weight {self.weight:g}" if self.weight is not None else ""
+        share += f", fraction {self.fraction:g}" if self.fraction is not None else ""
         extra = f"; {self.repeated} drawn again with replacement (count > rows)" if self.repeated else ""
         return f"{self.path}: {self.taken} of {self.available} rows{share}{extra}"
 

@@ -138,7 +138,7 @@ def replay_rows(cfg: TunelabConfig):
     n = spec.samples if spec.samples is not None else max(1, round(spec.fraction * len(rows)))
     taken, repeated = draw(rows, n, random.Random(cfg.seed + 1))
     label = f"{spec.data} (replay, {spec.split})"
-    return taken, SourceTake(label, len(rows), len(taken), spec.fraction, repeated)
+    return taken, SourceTake(label, len(rows), len(taken), None, repeated, spec.fraction)
 
 
 def earlier_conversations(ref: str, split: str, key: str) -> tuple[list[Conversation], TunelabConfig | None]:
