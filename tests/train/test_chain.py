@@ -121,3 +121,12 @@ def test_example_chain_runs_on_the_embedded_model(tmp_path):
     assert (out / "stage-3-dpo" / "adapter_model.safetensors").exists()
     table = json.loads((out / "forgetting.json").read_text())
     assert len(table["table"]["short"]["loss"]) == 4 and None not in table["table"]["short"]["loss"]
+
+
+def test_a_chain_file_given_where_one_config_is_expected_says_how_to_run_it(tmp_path):
+    from tunelab.config import load_config
+
+    path = write_chain(tmp_path, [{"name": "a"}])
+    with pytest.raises(TunelabError, match="chain of stages") as err:
+        load_config(path)
+    assert f"tunelab train {path}" in err.value.message()
