@@ -140,7 +140,8 @@ def os_error(exc: OSError) -> TunelabError:
 def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
     """Two commands of early stages need a later stage: `tunelab train` with eval_task
     scores the task during training, and `tunelab data mine-pairs` decodes and scores
-    with a model. Their code lives in evaluate, which data and train must not import; this
+    with a model; `tunelab train chain.yaml` runs stages, merges and tabulates (tunelab/chain.py,
+    above every stage). Their code lives in evaluate, which data and train must not import; this
     file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
     between stages"). Imported only when called: the CLI stays quick to start."""
     def eval_callbacks(cfg):
@@ -153,7 +154,12 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return run_mine_pairs(args)
 
-    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs)
+    def run_chain(path, overrides, callbacks):
+        from tunelab.chain import run_chain as run
+
+        return run(path, overrides, callbacks)
+
+    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, run_chain=run_chain)
 
 
 def main(argv: list[str] | None = None) -> int:

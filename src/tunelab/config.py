@@ -31,8 +31,11 @@ class TunelabConfig:
     trust_remote_code: bool = False
 
     # --- data ----------------------------------------------------------------------
-    dataset: list[str] = field(default_factory=list)  # file path(s), or names in dataset_dir/dataset_info.json
+    # file path(s), names in dataset_dir/dataset_info.json, or {path, weight} / {path, samples} entries
+    dataset: list[str | dict] = field(default_factory=list)
     dataset_dir: str | None = None  # LLaMA-Factory's: the folder of a dataset_info.json that names the datasets
+    mix_strategy: str | None = None  # concat | interleave_under | interleave_over; auto: interleave_under if weighted
+    interleave_probs: list[float] = field(default_factory=list)  # LLaMA-Factory: one weight per dataset entry
     dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
     eval_dataset: list[str] = field(default_factory=list)  # validation file(s); else val_size
     val_size: float = 0.0  # fraction (<1) or count (>=1) of training records held out
@@ -44,7 +47,10 @@ class TunelabConfig:
     truncation: str = "context"  # over cutoff_len: context = shorten oldest tool results/turns first; end = cut the end
     skip_invalid: bool = False  # drop bad records (with a count) instead of stopping
     fold_dialogues: bool = True  # rows that are prefixes of a longer row of their dialogue train inside it (sft)
-    max_samples: int | None = None  # use only the first N records (quick experiments)
+    max_samples: int | None = None  # use only N records (quick experiments), drawn as max_samples_strategy says
+    max_samples_strategy: str = "random"  # random: a seeded random N; head: the first N records (stops reading)
+    replay: dict | None = None  # {data: FILE or RUN_DIR, fraction: 0.2 (or samples: N), split: train | validation}
+    eval_sets: dict = field(default_factory=dict)  # {name: FILE or RUN_DIR}: logged as eval_NAME_loss (forgetting)
     packing: bool = False  # concatenate samples; attention never crosses sample borders
     group_by_length: bool | None = None  # similar lengths per batch (less padding); auto: on unless padding-free
 
@@ -149,6 +155,132 @@ class TunelabConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def dataset_sources(self) -> list[DatasetSource]:
+        """The `dataset` entries, typed, with `interleave_probs` turned into weights."""
+        return dataset_sources(self)
+
+    @property
+    def dataset_paths(self) -> list[str]:
+        return [source.path for source in self.dataset_sources]
+
+    @property
+    def replay_spec(self) -> ReplaySpec | None:
+        return replay_spec(self.replay)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One `dataset` entry: all rows (neither set), a share of the mixture (`weight`), or a count."""
+    path: str
+    weight: float | None = None
+    samples: int | None = None
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """`replay`: a share (`fraction` of its rows) or a count (`samples`) of an earlier stage's data."""
+    data: str
+    fraction: float | None = None
+    samples: int | None = None
+    split: str = "train"
+
+
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+SOURCE_KEYS = ("path", "weight", "samples")
+REPLAY_KEYS = ("data", "fraction", "samples", "split")
+
+
+def _number(value, integer: bool = False) -> bool:
+    kind = int if integer else (int, float)
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _entry_error(i: int, entry, what: str, fix: str) -> TunelabError:
+    return TunelabError(f"dataset[{i}] ({entry!r}): {what}", where="config", fix=fix)
+
+
+def dataset_sources(cfg: TunelabConfig) -> list[DatasetSource]:
+    sources = []
+    for i, entry in enumerate(cfg.dataset):
+        if isinstance(entry, str):
+            sources.append(DatasetSource(entry))
+            continue
+        unknown = [k for k in entry if k not in SOURCE_KEYS]
+        if unknown:
+            hint = nearest(str(unknown[0]), SOURCE_KEYS)
+            raise _entry_error(i, entry, f"unknown key {unknown[0]!r}",
+                               f"did you mean {hint!r}?" if hint else "an entry takes path and weight or samples")
+        if not isinstance(entry.get("path"), str) or not entry["path"].strip():
+            raise _entry_error(i, entry, "has no path", "write {path: data.jsonl, weight: 0.5}")
+        weight, samples = entry.get("weight"), entry.get("samples")
+        if weight is not None and samples is not None:
+            raise _entry_error(i, entry, "has both weight and samples",
+                               "give a share of the mixture (weight) or a row count (samples), not both")
+        if weight is not None and not _number(weight):
+            raise _entry_error(i, entry, f"weight must be a number > 0, got {weight!r}", "e.g. weight: 0.3")
+        if samples is not None and not _number(samples, integer=True):
+            raise _entry_error(i, entry, f"samples must be a whole number > 0, got {samples!r}", "e.g. samples: 500")
+        sources.append(DatasetSource(entry["path"], None if weight is None else float(weight), samples))
+    if cfg.interleave_probs:
+        if len(cfg.interleave_probs) != len(sources):
+            raise TunelabError(f"interleave_probs has {len(cfg.interleave_probs)} value(s) for {len(sources)} "
+                               "dataset entries", where="config", fix="give one probability per dataset entry")
+        if any(s.weight is not None or s.samples is not None for s in sources):
+            raise TunelabError("interleave_probs and per-entry weight/samples are both given", where="config",
+                               fix="use one of them: interleave_probs is LLaMA-Factory's spelling of the weights")
+        if not all(_number(p) for p in cfg.interleave_probs):
+            raise TunelabError(f"interleave_probs must be numbers > 0, got {cfg.interleave_probs}", where="config",
+                               fix="e.g. interleave_probs=0.7,0.3 (a source to leave out is dropped from dataset)")
+        sources = [DatasetSource(s.path, p) for s, p in zip(sources, cfg.interleave_probs)]
+    return sources
+
+
+def mix_strategy(cfg: TunelabConfig) -> str:
+    """The strategy in force: `auto` interleaves (without repeats) as soon as an entry carries a weight."""
+    if cfg.mix_strategy not in (None, *MIX_STRATEGIES):
+        hint = nearest(str(cfg.mix_strategy), MIX_STRATEGIES)
+        raise TunelabError(f"mix_strategy={cfg.mix_strategy!r} is not one of {', '.join(MIX_STRATEGIES)}",
+                           where="config", fix=f"use mix_strategy={hint}" if hint else "leave it unset (auto)")
+    weighted = any(s.weight is not None for s in cfg.dataset_sources)
+    strategy = cfg.mix_strategy or ("interleave_under" if weighted else "concat")
+    if strategy == "concat" and weighted:
+        raise TunelabError("mix_strategy=concat takes every row of every file, but dataset entries carry weights",
+                           where="config", fix="drop mix_strategy (weights interleave without repeating rows), "
+                                               "or set mix_strategy=interleave_over to repeat short sources")
+    if strategy != "concat":
+        plain = [s.path for s in cfg.dataset_sources if s.weight is None and s.samples is None]
+        if plain and len(plain) < len(cfg.dataset_sources) and weighted:
+            raise TunelabError(f"dataset entry {plain[0]} has no weight while others do", where="config",
+                               fix="give every entry a weight (or a samples count)")
+    return strategy
+
+
+def replay_spec(value: dict | None) -> ReplaySpec | None:
+    if value is None:
+        return None
+    unknown = [k for k in value if k not in REPLAY_KEYS]
+    if unknown:
+        hint = nearest(str(unknown[0]), REPLAY_KEYS)
+        raise TunelabError(f"replay: unknown key {unknown[0]!r}", where="config",
+                           fix=f"did you mean {hint!r}?" if hint else "replay takes data, fraction or samples, split")
+    fix = "write replay: {data: runs/stage1, fraction: 0.2} (or samples: 500 instead of fraction)"
+    if not isinstance(value.get("data"), str) or not value["data"].strip():
+        raise TunelabError("replay has no data (a file or an earlier run folder)", where="config", fix=fix)
+    fraction, samples = value.get("fraction"), value.get("samples")
+    if (fraction is None) == (samples is None):
+        raise TunelabError("replay needs exactly one of fraction and samples", where="config", fix=fix)
+    if fraction is not None and not (_number(fraction) and fraction <= 1):
+        raise TunelabError(f"replay fraction must be in (0, 1], got {fraction!r}", where="config",
+                           fix="e.g. fraction: 0.2 mixes in a fifth of the earlier training rows")
+    if samples is not None and not _number(samples, integer=True):
+        raise TunelabError(f"replay samples must be a whole number > 0, got {samples!r}", where="config", fix=fix)
+    split = value.get("split", "train")
+    if split not in ("train", "validation"):
+        raise TunelabError(f"replay split must be train or validation, got {split!r}", where="config",
+                           fix="train: the earlier run's training rows; validation: its held-out rows")
+    return ReplaySpec(value["data"], None if fraction is None else float(fraction), samples, split)
+
 
 CHOICES = {
     "stage": ("sft", "pt", "dpo", "simpo", "kto", "orpo"),
@@ -166,6 +298,7 @@ CHOICES = {
     "speed": ("auto", "off"),
     "distributed_strategy": ("auto", "ddp", "fsdp"),
     "optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
+    "max_samples_strategy": ("random", "head"),
 }
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # stepped by the validation loss, not by steps
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
@@ -186,6 +319,20 @@ def check_rope_scaling(value) -> None:
                            fix="e.g. factor: 4.0 trains 4x the model's native context")
 
 
+def check_data_keys(cfg: TunelabConfig) -> None:
+    """Mixture entries, replay and eval sets: their shape, before any file is read."""
+    mix_strategy(cfg)  # also checks every dataset entry
+    spec = cfg.replay_spec
+    if spec is not None and cfg.stage not in ("sft", "pt"):
+        raise TunelabError(f"replay mixes conversations into training, but stage={cfg.stage} trains on "
+                           "preference data", where="config", fix="replay in an sft or pt stage, or drop replay")
+    for name, value in cfg.eval_sets.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) or not isinstance(value, str) or not value.strip():
+            raise TunelabError(f"eval_sets entry {name!r}: {value!r} is not name: file", where="config",
+                               fix="write eval_sets: {hotel: data/hotel_val.jsonl} (a name of letters, digits, _ "
+                                   "and a file or earlier run folder)")
+
+
 def validate(cfg: TunelabConfig) -> None:
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
@@ -197,6 +344,7 @@ def validate(cfg: TunelabConfig) -> None:
                 fix=f"use {key}={hint}" if hint else f"pick one of {', '.join(allowed)}",
             )
     check_rope_scaling(cfg.rope_scaling)
+    check_data_keys(cfg)
     if not cfg.output_dir.strip():  # "" would mean the current folder: a run would write over its files
         raise TunelabError("output_dir is empty", where="config", fix="set output_dir=runs/NAME")
     if cfg.bf16 and cfg.fp16:
@@ -433,7 +581,28 @@ def build_config(values: dict, where: str = "config") -> TunelabConfig:
                 fix=f"did you mean {hint!r}?" if hint else "see `tunelab train --help-config` for every key",
             )
         kwargs[key] = _coerce(key, value, fields[key], where)
-    return TunelabConfig(**kwargs)
+    try:
+        return TunelabConfig(**kwargs)
+    except TunelabError as exc:  # the checks know the key, the caller the file: name both
+        if exc.where == "config" and where != "config":
+            raise TunelabError(exc.what, where=where, fix=exc.fix) from None
+        raise
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping (read_yaml_file), its relative data paths resolved against its folder."""
+    loaded = read_yaml_file(path)
+    if isinstance(loaded.get("stages"), list):  # each stage's data paths are relative to the file too
+        loaded["stages"] = [_resolve_relative_paths(s, path.parent) if isinstance(s, dict) else s
+                            for s in loaded["stages"]]
+    return _resolve_relative_paths(loaded, path.parent)
+
+
+def is_chain(path: str | Path | None) -> bool:
+    """Whether a config file is a chain of stages (`stages:`); see tunelab/chain.py."""
+    if path is None or not Path(path).is_file():
+        return False
+    return "stages" in read_yaml(Path(path))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TunelabConfig:
@@ -447,7 +616,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         where = str(path)
-        values.update(_resolve_relative_paths(read_yaml_file(path), path.parent))
+        loaded = read_yaml(path)
+        if "stages" in loaded:
+            raise TunelabError("this file is a chain of stages (it has `stages:`)", where=str(path),
+                               fix=f"run it with `tunelab train {path}` (docs/multistage.md)")
+        values.update(loaded)
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return build_config(values, where=where)
@@ -492,15 +665,23 @@ def _resolve_relative_paths(values: dict, base: Path) -> dict:
         if key not in values or values[key] is None:
             continue
         items = values[key] if isinstance(values[key], list) else \
+            [values[key]] if isinstance(values[key], dict) else \
             [v.strip() for v in str(values[key]).split(",") if v.strip()]  # a comma list, as _coerce reads it
-        resolved = []
-        for item in items:
-            p = Path(str(item))
-            if not p.is_absolute() and not p.exists() and (base / p).exists():
-                p = base / p
-            resolved.append(str(p))
-        values[key] = resolved
+        values[key] = [{**item, "path": _resolve(item["path"], base)} if isinstance(item, dict) and "path" in item
+                       else item if isinstance(item, dict) else _resolve(item, base) for item in items]
+    if isinstance(values.get("replay"), dict) and "data" in values["replay"]:
+        values["replay"] = {**values["replay"], "data": _resolve(values["replay"]["data"], base)}
+    if isinstance(values.get("eval_sets"), dict):
+        values["eval_sets"] = {name: _resolve(v, base) for name, v in values["eval_sets"].items()}
     return values
+
+
+def _resolve(item, base: Path) -> str:
+    """A path relative to the YAML's folder where it exists there (else as written: the current folder)."""
+    p = Path(str(item))
+    if not p.is_absolute() and not p.exists() and (base / p).exists():
+        p = base / p
+    return str(p)
 
 
 def save_config(cfg: TunelabConfig, path: str | Path) -> None:

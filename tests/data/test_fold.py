@@ -112,7 +112,7 @@ def test_load_sft_data_folds_by_default_and_fold_dialogues_false_turns_it_off(ho
     from tunelab.train.dataset import load_sft_data
 
     common = dict(dataset=[str(hotel_dir / "train.jsonl")], dataset_format="hotel", template="hotel",
-                  cutoff_len=8192, max_samples=40, val_size=0)
+                  cutoff_len=8192, max_samples=40, max_samples_strategy="head", val_size=0)
     folded = load_sft_data(TunelabConfig(**common), qwen2_tokenizer)
     assert "rows ->" in capsys.readouterr().err
     plain = load_sft_data(TunelabConfig(**common, fold_dialogues=False), qwen2_tokenizer)

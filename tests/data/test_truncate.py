@@ -100,7 +100,8 @@ def test_training_data_on_hotel_rows_logs_what_was_shortened(hotel_dir, qwen2_to
     from tunelab.train.dataset import load_sft_data
 
     common = dict(dataset=[str(hotel_dir / "train.jsonl")], dataset_format="hotel", template="hotel",
-                  cutoff_len=768, max_samples=30, val_size=0, fold_dialogues=False)
+                  cutoff_len=768, max_samples=30, max_samples_strategy="head", val_size=0,
+                  fold_dialogues=False)
     smart = load_sft_data(TunelabConfig(**common), qwen2_tokenizer)
     assert "samples were longer than cutoff_len=768" in capsys.readouterr().err
     end = load_sft_data(TunelabConfig(**common, truncation="end", skip_invalid=True), qwen2_tokenizer)

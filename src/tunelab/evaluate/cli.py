@@ -307,6 +307,11 @@ def run_report(args) -> int:
     from tunelab.evaluate.report import run_report as make_report
 
     out_dir = Path(args.output_dir) if args.output_dir else None
+    if (Path(args.run_dir) / "chain.json").is_file():  # a chain of stages (tunelab/chain.py)
+        from tunelab.evaluate.chain_report import run_chain_report
+
+        print(run_chain_report(Path(args.run_dir), out_dir))
+        return 0
     result = make_report(Path(args.run_dir), out_dir)
     print(format_findings(result))
     return 0

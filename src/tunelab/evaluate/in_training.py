@@ -28,20 +28,24 @@ COUNT_KEYS = ("samples", "search_rows", "assistant_rows", "slot_correct", "slot_
 
 
 def task_metric_callbacks(cfg: TunelabConfig) -> list:
-    """The callbacks `tunelab train` passes to the loop: one per configured task."""
-    return [TaskMetrics(cfg)] if cfg.eval_task else []
+    """The callbacks `tunelab train` passes to the loop: the task on the validation split, and on
+    each of `eval_sets` (earlier stages' data: forgetting, logged as eval_NAME_METRIC)."""
+    if not cfg.eval_task:
+        return []
+    return [TaskMetrics(cfg)] + [TaskMetrics(cfg, eval_set=(name, ref)) for name, ref in cfg.eval_sets.items()]
 
 
 class TaskMetrics:
-    def __init__(self, cfg: TunelabConfig):
+    def __init__(self, cfg: TunelabConfig, eval_set: tuple[str, str] | None = None):
         self.cfg = cfg
+        self.eval_set = eval_set  # (name, file or earlier run folder): scored instead of the validation split
         self.task = get_task(cfg.eval_task)
         self.metrics = runner.parse_metrics(self.task, ",".join(cfg.eval_metrics))
         if "ppl" in self.metrics:  # the loop already reports eval_loss / eval_perplexity
             self.metrics = tuple(m for m in self.metrics if m != "ppl") or self.task.default_metrics
         self.samples = None
         self.template_src = None
-        if cfg.stage not in ("sft", "pt") and not cfg.eval_task_dataset:
+        if cfg.stage not in ("sft", "pt") and not cfg.eval_task_dataset and not eval_set:
             raise TunelabError(f"eval_task={cfg.eval_task} with stage={cfg.stage} needs conversations to generate on",
                                where="config", fix="set eval_task_dataset=path/to/validation.jsonl "
                                                    "(rows of the task, e.g. hotel context/response rows)")
@@ -51,7 +55,12 @@ class TaskMetrics:
         from tunelab.data.templates import resolve_template
         from tunelab.train.dataset import read_conversations
 
-        if self.cfg.eval_task_dataset:
+        if self.eval_set:
+            from tunelab.train.dataset import earlier_conversations
+
+            name, ref = self.eval_set
+            val, _ = earlier_conversations(ref, "validation", f"eval_sets.{name}")
+        elif self.cfg.eval_task_dataset:
             val = load_conversations(self.cfg.eval_task_dataset, system_prompt=self.cfg.system_prompt)
         else:
             _, val, _ = read_conversations(self.cfg)  # the same split the validation loss uses, unfolded
@@ -73,8 +82,10 @@ class TaskMetrics:
                                        task=self.task.name, batch_size=self.cfg.per_device_eval_batch_size,
                                        progress=False)
         summary = runner.score(self.task, generated.rows, self.metrics)
-        write_jsonl_atomic(Path(self.cfg.output_dir) / "task_eval" / f"step-{step}.jsonl", generated.rows)
-        return {k: float(v) for k, v in summary.items()
+        folder = Path(self.cfg.output_dir) / "task_eval" / (self.eval_set[0] if self.eval_set else "")
+        write_jsonl_atomic(folder / f"step-{step}.jsonl", generated.rows)
+        prefix = f"{self.eval_set[0]}_" if self.eval_set else ""
+        return {prefix + k: float(v) for k, v in summary.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COUNT_KEYS}
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tunelab.config import describe_keys, load_config
+from tunelab.config import describe_keys, is_chain, load_config
 from tunelab.errors import TunelabError
 
 
@@ -51,6 +51,12 @@ def run(args) -> int:
         print(describe_keys())
         return 0
     config_path, overrides = split_args(args.args)
+    if is_chain(config_path):  # `stages:`: several runs in a row (tunelab/chain.py, lent by the top-level CLI)
+        if args.nproc is not None:
+            raise TunelabError("--nproc with a chain of stages", where="command line",
+                               fix="chains run on one process for now: drop --nproc")
+        args.run_chain(config_path, overrides, getattr(args, "eval_callbacks", None))
+        return 0
     cfg = load_config(config_path, overrides)
     if args.dry_run:
         print(dry_run(cfg))
@@ -64,16 +70,19 @@ def run(args) -> int:
     # Task metrics during training come from a later stage (evaluate), which the top-level
     # CLI lends this command as `args.eval_callbacks(cfg)`: train never imports evaluate.
     factory = getattr(args, "eval_callbacks", None)
-    callbacks = factory(cfg) if factory and cfg.eval_task else []
+    run_training(cfg, factory(cfg) if factory and cfg.eval_task else [])
+    return 0
+
+
+def run_training(cfg, callbacks: list):
+    """One run of the configured stage (SFT / pt through the loop, preference stages through theirs)."""
     if cfg.stage in ("dpo", "simpo", "kto", "orpo"):
         from tunelab.train.preference import train_preference
 
-        train_preference(cfg, eval_callbacks=callbacks)
-    else:
-        from tunelab.train.loop import train
+        return train_preference(cfg, eval_callbacks=callbacks)
+    from tunelab.train.loop import train
 
-        train(cfg, eval_callbacks=callbacks)
-    return 0
+    return train(cfg, eval_callbacks=callbacks)
 
 
 def dry_run(cfg) -> str:

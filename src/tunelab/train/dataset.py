@@ -23,6 +23,7 @@ class SFTData:
     n_train_records: int
     n_eval_records: int
     n_skipped: int = 0
+    mixture: dict | None = None
 
 
 def split_validation(records: list, val_size: float, seed: int, by: str = "dialogue") -> tuple[list, list]:
@@ -58,44 +59,150 @@ def split_validation(records: list, val_size: float, seed: int, by: str = "dialo
             [r for i, r in enumerate(records) if i in held])
 
 
-def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Conversation], int]:
-    """(train, validation) conversations as the config says, unfolded, and how many records
-    were skipped as invalid. The task-metric evaluation during training reads the same split."""
-    from tunelab.data.readers import load_conversations
+@dataclass
+class TrainingData:
+    train: list
+    eval: list
+    skipped: int  # records dropped as invalid (skip_invalid)
+    mixture: dict  # what each source gave (RUN_DIR/data_mixture.json)
+
+
+def read_training_data(cfg: TunelabConfig, load=None, log: bool = True) -> TrainingData:
+    """Training and validation items as the config says: each `dataset` source read, `max_samples`
+    drawn, validation split off (before mixing: a held-out row is never trained on, even repeated),
+    then the mixture drawn (data/mixture.py) and the `replay` rows added.
+
+    `load(paths, limit) -> (items, skipped)` reads files (default: conversations); the preference
+    stages pass their own."""
+    from tunelab.config import mix_strategy
+    from tunelab.data import mixture
 
     if not cfg.dataset:
         raise TunelabError("no training data given", where="config",
                            fix="set dataset: path/to/train.jsonl (or dataset=... on the command line)")
-    read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt,
-                dataset_dir=cfg.dataset_dir)
-    convs = load_conversations(cfg.dataset, max_samples=cfg.max_samples, **read)
+    load = load or (lambda paths, limit: _load_conversations(paths, cfg, limit))
+    sources, strategy = cfg.dataset_sources, mix_strategy(cfg)
+    head = cfg.max_samples if cfg.max_samples_strategy == "head" else None
+    parts, skipped = [], 0
+    for source in sources:
+        remaining = None if head is None else head - sum(map(len, parts))
+        items, n_skipped = load([source.path], remaining) if remaining is None or remaining > 0 else ([], 0)
+        parts.append(list(items))
+        skipped += n_skipped
+    if cfg.max_samples is not None and cfg.max_samples_strategy == "random":
+        parts = _regroup(mixture.subsample(_flat(parts), cfg.max_samples, cfg.seed), len(parts))
     if cfg.eval_dataset:
-        train_convs, eval_convs = convs, load_conversations(cfg.eval_dataset, **read)
+        evals, n_skipped = load(cfg.eval_dataset, None)
+        skipped += n_skipped
     else:
-        train_convs, eval_convs = split_validation(convs, cfg.val_size, cfg.seed, cfg.val_split_by)
-    return train_convs, eval_convs, getattr(convs, "skipped", 0)
+        kept, evals = split_validation([item for _, item in _flat(parts)], cfg.val_size, cfg.seed, cfg.val_split_by)
+        kept_ids = {id(item) for item in kept}
+        parts = [[item for item in part if id(item) in kept_ids] for part in parts]
+    train, takes = mixture.mix(parts, sources, strategy, cfg.seed)
+    replay = None
+    if cfg.replay_spec is not None:
+        rows, replay = replay_rows(cfg)
+        train = train + rows
+    if log and (strategy != "concat" or replay or any(t.taken != t.available for t in takes)):
+        for take in takes + ([replay] if replay else []):
+            print(f"data mixture ({strategy}): {take.describe()}", file=sys.stderr)
+    return TrainingData(train, list(evals), skipped, mixture.report(takes, strategy, replay))
+
+
+def _load_conversations(paths, cfg: TunelabConfig, limit: int | None) -> tuple[list, int]:
+    from tunelab.data.readers import load_conversations
+
+    loaded = load_conversations(paths, cfg.dataset_format, skip_invalid=cfg.skip_invalid, max_samples=limit,
+                                system_prompt=cfg.system_prompt, dataset_dir=cfg.dataset_dir)
+    return loaded, loaded.skipped
+
+
+def _flat(parts: list[list]) -> list[tuple[int, object]]:
+    return [(i, item) for i, part in enumerate(parts) for item in part]
+
+
+def _regroup(flat: list[tuple[int, object]], n_parts: int) -> list[list]:
+    parts = [[] for _ in range(n_parts)]
+    for i, item in flat:
+        parts[i].append(item)
+    return parts
+
+
+def replay_rows(cfg: TunelabConfig):
+    """This stage's share of an earlier stage's data: `fraction` of its rows or `samples` of them,
+    drawn with their own seed so the replayed rows do not depend on this stage's mixture."""
+    from tunelab.data.mixture import SourceTake, draw
+
+    spec = cfg.replay_spec
+    rows, _ = earlier_conversations(spec.data, spec.split, "replay")
+    n = spec.samples if spec.samples is not None else max(1, round(spec.fraction * len(rows)))
+    taken, repeated = draw(rows, n, random.Random(cfg.seed + 1))
+    label = f"{spec.data} (replay, {spec.split})"
+    return taken, SourceTake(label, len(rows), len(taken), None, repeated, spec.fraction)
+
+
+def earlier_conversations(ref: str, split: str, key: str) -> tuple[list[Conversation], TunelabConfig | None]:
+    """Conversations of a file, or of an earlier run folder: its training rows (its mixture and
+    replay included) or its held-out validation rows, rebuilt from its config.yaml (seeded, so
+    exactly the rows it used). The run's config comes too (None for a file)."""
+    from pathlib import Path
+
+    from tunelab.config import load_config
+    from tunelab.data.readers import load_conversations
+
+    path = Path(ref)
+    if not path.exists():
+        raise TunelabError(f"{ref} does not exist", where=key,
+                           fix="give a data file or the folder of an earlier tunelab run")
+    if not path.is_dir():
+        return load_conversations(path), None
+    if not (path / "config.yaml").is_file():
+        raise TunelabError(f"{ref} is a folder without config.yaml, not a tunelab run", where=key,
+                           fix="give the output_dir of an earlier `tunelab train`, or a data file")
+    earlier = load_config(path / "config.yaml")
+    if earlier.stage not in ("sft", "pt"):
+        raise TunelabError(f"{ref} was a {earlier.stage} run: its data are preference pairs, not conversations",
+                           where=key, fix="name an sft or pt run, or a conversation file")
+    data = read_training_data(earlier, log=False)
+    rows = data.train if split == "train" else data.eval
+    if not rows:
+        raise TunelabError(f"{ref} has no {split} rows", where=key,
+                           fix="use split: train, or an earlier run that held out validation data (val_size)")
+    return rows, earlier
+
+
+def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Conversation], int]:
+    """(train, validation) conversations as the config says, unfolded, and how many records
+    were skipped as invalid. The task-metric evaluation during training reads the same split."""
+    data = read_training_data(cfg, log=False)
+    return data.train, data.eval, data.skipped
 
 
 def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
     from tunelab.data.templates import lock_template
 
-    train_convs, eval_convs, n_skipped = read_conversations(cfg)
+    data = read_training_data(cfg)
+    train_convs, eval_convs, n_skipped = data.train, data.eval, data.skipped
     if cfg.eval_strategy != "no" and not eval_convs:
         raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
     n_train_records, n_eval_records = len(train_convs), len(eval_convs)
     # The tokenizer saved with the weights carries this template (and the system prompt).
     template = None if cfg.stage == "pt" else lock_template(tokenizer, cfg.template, cfg.system_prompt)
-    if cfg.fold_dialogues and cfg.stage == "sft":
-        # After the split, each side on its own: a validation row is never folded into a training one.
-        train_convs = _fold(train_convs, cfg, tokenizer, template, "training")
-        eval_convs = _fold(eval_convs, cfg, tokenizer, template, "validation")
-    train, skipped = encode_samples(train_convs, tokenizer, template, cfg)
-    evals, skipped_eval = encode_samples(eval_convs, tokenizer, template, cfg)
+    # After the split, each side folded on its own: a validation row is never folded into a training one.
+    train, skipped = encode_side(train_convs, tokenizer, template, cfg, "training")
+    evals, skipped_eval = encode_side(eval_convs, tokenizer, template, cfg, "validation")
     if not train:
-        raise TunelabError("no training sample is left after tokenization", where=", ".join(cfg.dataset),
+        raise TunelabError("no training sample is left after tokenization", where=", ".join(cfg.dataset_paths),
                            fix="check the data with `tunelab data check`, or raise cutoff_len")
-    return SFTData(train, evals, n_train_records, n_eval_records, n_skipped + skipped + skipped_eval)
+    return SFTData(train, evals, n_train_records, n_eval_records, n_skipped + skipped + skipped_eval, data.mixture)
+
+
+def encode_side(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig, what: str) -> tuple[list, int]:
+    """One side of the data (training, validation, an eval set) folded (sft) and tokenized."""
+    if cfg.fold_dialogues and cfg.stage == "sft":
+        convs = _fold(convs, cfg, tokenizer, template, what)
+    return encode_samples(convs, tokenizer, template, cfg)
 
 
 def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: str, what: str) -> list[Conversation]:

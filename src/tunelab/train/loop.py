@@ -28,7 +28,7 @@ import torch
 from tunelab.config import TunelabConfig, save_config
 from tunelab.data.collate import batch_order, micro_batch_tokens, split_by_tokens
 from tunelab.errors import TunelabError
-from tunelab.io import clean_stale_temps, fsync_tree, publish, temp_dir
+from tunelab.io import clean_stale_temps, fsync_tree, publish, temp_dir, write_json_atomic
 from tunelab.train.checkpoint import (
     TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
     save_checkpoint,
@@ -39,6 +39,7 @@ from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
 from tunelab.train.optim import after_evaluation, build_optimizer, build_scheduler
+from tunelab.train.probes import EvalSets
 from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
 
 
@@ -96,6 +97,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     objective = (objective_factory or SFTObjective)(cfg, tokenizer)
     train_rows, eval_rows = objective.load_data()
+    mixture = getattr(objective, "mixture", None)  # rows taken from each source, replay included
 
     # 2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py).
     device = resolve_device(distributed.device_for(cfg, dist))
@@ -116,6 +118,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     objective = distributed.wrap(model, objective, cfg, dist, device)
     apply_speed_levers(model, cfg, device)
     objective.setup(model, device)
+    probes = EvalSets(cfg, tokenizer) if cfg.eval_sets else None  # forgetting: earlier stages' data (probes.py)
     if dist.is_main:
         print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}"
               + (f" x {dist.world} processes ({dist.strategy})" if dist.enabled else ""), file=sys.stderr)
@@ -136,6 +139,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
             print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
     if dist.is_main:
         save_config(user_cfg, run_dir / "config.yaml")
+        if mixture:
+            write_json_atomic(run_dir / "data_mixture.json", mixture)
 
     tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
                if dist.is_main else distributed.SilentTracker(run_dir / LOG_NAME))
@@ -210,6 +215,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         if cfg.stage in ("sft", "pt"):
             row["eval_perplexity"] = _perplexity(eval_loss)
         row |= {f"eval_{k}": v for k, v in eval_metrics.items()}
+        if probes:
+            row |= probes.losses(model, device, dist)
         for callback in eval_callbacks:
             row |= {f"eval_{k}": v for k, v in callback(model, tokenizer, state.global_step).items()}
         tracker.log(row)
@@ -287,6 +294,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
                               f"(best {state.best_metric:.4f})")
         elif cfg.eval_strategy != "no" and last_eval_step != state.global_step:
             evaluate_and_track()  # the final model is always evaluated
+        elif cfg.eval_strategy == "no" and probes:  # no evaluations: the eval sets still get the end's numbers
+            tracker.log({"step": state.global_step, **probes.losses(model, device, dist)})
     except KeyboardInterrupt:
         _restore_sigterm(signal.SIG_IGN)  # a scheduler's second SIGTERM must not cut this checkpoint short
         path = checkpoint()

@@ -30,11 +30,13 @@ class SFTObjective:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.pad_id = pad_id_for(tokenizer)
+        self.mixture: dict | None = None  # what each dataset source gave (RUN_DIR/data_mixture.json)
 
     def load_data(self) -> tuple[list, list]:
         from tunelab.train.dataset import load_sft_data
 
         data = load_sft_data(self.cfg, self.tokenizer)
+        self.mixture = data.mixture
         train = pack_samples(data.train, self.cfg.cutoff_len) if self.cfg.packing else data.train
         print(f"{len(data.train)} training samples ({len(train)} rows{' packed' if self.cfg.packing else ''}), "
               f"{len(data.eval)} validation", file=sys.stderr)

@@ -93,25 +93,27 @@ class PreferenceObjective:
         self.ref_model = None  # a frozen copy (full fine-tuning without precomputed log-probs)
         self.ref_source = "none" if cfg.stage in REFERENCE_FREE else "adapter_disabled"
         self.rows: list = []
+        self.mixture: dict | None = None  # what each dataset source gave (RUN_DIR/data_mixture.json)
 
     # -- data ----------------------------------------------------------------------------
 
     def load_data(self) -> tuple[list, list]:
         from tunelab.data.readers import load_preferences
         from tunelab.data.templates import lock_template
-        from tunelab.train.dataset import split_validation
+        from tunelab.train.dataset import read_training_data
 
         cfg = self.cfg
         if not cfg.dataset:
             raise TunelabError("no training data given", where="config",
                                fix="set dataset: path/to/pairs.jsonl (prompt / chosen / rejected records)")
         read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, dataset_dir=cfg.dataset_dir)
-        items = self._for_stage(load_preferences(cfg.dataset, max_samples=cfg.max_samples, **read), cfg.dataset)
-        if cfg.eval_dataset:
-            train_items = items
-            eval_items = self._for_stage(load_preferences(cfg.eval_dataset, **read), cfg.eval_dataset)
-        else:
-            train_items, eval_items = split_validation(items, cfg.val_size, cfg.seed, cfg.val_split_by)
+
+        def load(paths, limit):
+            loaded = load_preferences(paths, max_samples=limit, **read)
+            return self._for_stage(loaded, paths), loaded.skipped
+
+        data = read_training_data(cfg, load)  # mixtures and max_samples as for SFT (train/dataset.py)
+        train_items, eval_items, self.mixture = data.train, data.eval, data.mixture
         if cfg.eval_strategy != "no" and not eval_items:
             raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data",
                                where="config", fix="set val_size=0.1 or eval_dataset=path/to/pairs.jsonl")
@@ -119,7 +121,7 @@ class PreferenceObjective:
         train, _ = encode_preferences(train_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
         evals, _ = encode_preferences(eval_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
         if not train:
-            raise TunelabError("no training pair is left after tokenization", where=", ".join(cfg.dataset),
+            raise TunelabError("no training pair is left after tokenization", where=", ".join(cfg.dataset_paths),
                                fix="check the data with `tunelab data check`, or raise cutoff_len")
         if cfg.stage == "kto":
             warn_kto_balance(train, cfg)
