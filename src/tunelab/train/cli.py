@@ -59,14 +59,9 @@ def run(args) -> int:
     # CLI lends this command as `args.eval_callbacks(cfg)`: train never imports evaluate.
     factory = getattr(args, "eval_callbacks", None)
     callbacks = factory(cfg) if factory and cfg.eval_task else []
-    if cfg.stage in ("dpo", "simpo", "kto", "orpo"):
-        from tunelab.train.preference import train_preference
+    from tunelab.train.loop import train
 
-        train_preference(cfg, eval_callbacks=callbacks)
-    else:
-        from tunelab.train.loop import train
-
-        train(cfg, eval_callbacks=callbacks)
+    train(cfg, eval_callbacks=callbacks)  # the stage's objective comes from train/objectives (one table)
     return 0
 
 

@@ -75,7 +75,9 @@ def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Con
     return train_convs, eval_convs, getattr(convs, "skipped", 0)
 
 
-def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
+def load_sft_data(cfg: TunelabConfig, tokenizer, chat: bool = True) -> SFTData:
+    """Samples of an sft run (`chat`: rendered with the chat template, dialogues folded as the
+    config says) or of continued pre-training (`chat=False`: plain text, no template)."""
     from tunelab.data.templates import lock_template
 
     train_convs, eval_convs, n_skipped = read_conversations(cfg)
@@ -84,8 +86,8 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
     n_train_records, n_eval_records = len(train_convs), len(eval_convs)
     # The tokenizer saved with the weights carries this template (and the system prompt).
-    template = None if cfg.stage == "pt" else lock_template(tokenizer, cfg.template, cfg.system_prompt)
-    if cfg.fold_dialogues and cfg.stage == "sft":
+    template = lock_template(tokenizer, cfg.template, cfg.system_prompt) if chat else None
+    if cfg.fold_dialogues and chat:
         # After the split, each side on its own: a validation row is never folded into a training one.
         train_convs = _fold(train_convs, cfg, tokenizer, template, "training")
         eval_convs = _fold(eval_convs, cfg, tokenizer, template, "validation")
