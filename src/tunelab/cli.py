@@ -64,8 +64,9 @@ def os_error(exc: OSError) -> TunelabError:
 
 
 def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
-    """Two commands of early stages need a later stage: `tunelab train` with eval_task
-    scores the task during training, and `tunelab data mine-pairs` decodes and scores
+    """Commands of early stages need a later stage: `tunelab train` with eval_task scores the
+    task during training (and with `reward: TASK` optimises the task's score as a reward,
+    stages grpo / ppo), and `tunelab data mine-pairs` decodes and scores
     with a model. Their code lives in evaluate, which data and train must not import; this
     file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
     between stages"). Imported only when called: the CLI stays quick to start."""
@@ -79,7 +80,12 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return run_mine_pairs(args)
 
-    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs)
+    def task_reward(name):
+        from tunelab.evaluate.tasks import get_task
+
+        return get_task(name).reward
+
+    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, task_reward=task_reward)
 
 
 def main(argv: list[str] | None = None) -> int:

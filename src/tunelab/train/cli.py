@@ -14,7 +14,7 @@ from tunelab.errors import TunelabError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="fine-tune a model (SFT, continued pre-training, DPO/SimPO/KTO)",
+        help="fine-tune a model (SFT, pre-training, DPO/SimPO/KTO/ORPO, reward models, GRPO/PPO)",
         description="Fine-tune a model as a YAML config says; any key can be overridden as key=value.",
         epilog="example: tunelab train examples/hotel_lora.yaml lora_rank=16 learning_rate=1e-4\n"
                "several GPUs: tunelab train cfg.yaml --nproc 2   (or torchrun --nproc-per-node 2 -m tunelab.cli "
@@ -60,8 +60,12 @@ def run(args) -> int:
     factory = getattr(args, "eval_callbacks", None)
     callbacks = factory(cfg) if factory and cfg.eval_task else []
     from tunelab.train.loop import train
+    from tunelab.train.objectives.rl import reward_kind
 
-    train(cfg, eval_callbacks=callbacks)  # the stage's objective comes from train/objectives (one table)
+    # reward: TASK (grpo / ppo) optimises a task's score, lent the same way as the task metrics.
+    lend = getattr(args, "task_reward", None)
+    reward = lend(cfg.reward) if lend and reward_kind(cfg.reward) == "task" else None
+    train(cfg, eval_callbacks=callbacks, reward=reward)  # the stage's objective: train/objectives (one table)
     return 0
 
 

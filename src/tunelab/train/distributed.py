@@ -149,6 +149,9 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
         return SINGLE
     from tunelab.train.objectives import objective_class
 
+    if not getattr(objective_class(cfg.stage), "multi_process", True):
+        raise TunelabError(f"stage={cfg.stage} runs on one process for now", where="config",
+                           fix="start it without torchrun / nproc_per_node (one GPU)")
     if strategy == "fsdp" and not objective_class(cfg.stage).sharded:
         raise TunelabError(f"stage={cfg.stage} is not supported with FSDP yet (its reference model and "
                            "precomputed log-probs run outside the sharded forward)", where="config",

@@ -39,7 +39,7 @@ from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff
 from tunelab.train.objectives import check_stage, objective_class, restrict_speed
 from tunelab.train.optim import build_optimizer
-from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step
+from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step
 from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
 
 
@@ -59,7 +59,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=()) -> RunResult:
+def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=(), reward=None) -> RunResult:
     """Run one fine-tuning job as the config says.
 
     `objective_factory(cfg, tokenizer)` builds the stage's objective; the default is the
@@ -67,6 +67,8 @@ def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=()) -> RunR
     is called at every evaluation as `callback(model, tokenizer, step) -> {name: value}`;
     its values are logged as `eval_NAME` and can be `metric_for_best_model` (the task
     metrics of `eval_task` come this way, from the evaluate stage: see DEVELOPERS.md).
+    `reward(prompt, completion, reference) -> float` is the task score an online stage
+    optimises when `reward:` names a task (lent the same way).
     """
     if cfg.eval_task and not eval_callbacks:
         raise TunelabError(f"eval_task={cfg.eval_task} but no task-metric callback was given", where="config",
@@ -75,12 +77,12 @@ def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=()) -> RunR
     check_stage(cfg)  # a key this stage would ignore is refused before anything runs
     dist = distributed.init_distributed(cfg)  # one process, or one of WORLD_SIZE under a launcher
     try:
-        return _train(cfg, objective_factory, dist, eval_callbacks)
+        return _train(cfg, objective_factory, dist, eval_callbacks, reward)
     finally:
         distributed.shutdown(dist)
 
 
-def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=()) -> RunResult:
+def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(), reward=None) -> RunResult:
     from tunelab.model.adapters import count_parameters, prepare_for_training
     from tunelab.model.loader import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device
     from tunelab.train.fast import apply_speed_levers
@@ -96,7 +98,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
 
     # 1. Data: read, split, render with the chat template, mask everything but the answers.
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    objective = (objective_factory or objective_class(cfg.stage))(cfg, tokenizer)
+    objective = (objective_factory or objective_class(cfg.stage))(cfg, tokenizer, **(
+        {"reward": reward} if reward is not None else {}))
     train_rows, eval_rows = objective.load_data()
 
     # 2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py).
@@ -128,7 +131,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    # Online stages take num_ppo_epochs optimizer steps per step (one batch of rollouts).
+    scheduler = build_scheduler(optimizer, cfg, total_steps * getattr(objective, "updates_per_step", 1))
     scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
 
     state = TrainerState()
@@ -171,6 +175,9 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         """One optimizer step (this process's share of it), retried in smaller pieces if it runs
         out of memory (train/memory.py)."""
         share = rank_share(step_ids, dist.rank, dist.world)
+        if hasattr(objective, "rollout"):  # online stages: the step's prompts are sampled and scored first
+            return rollout_step(model, objective, [[train_rows[i] for i in ids] for ids in share], optimizer,
+                                scheduler, scaler, cfg, device)
         spare = objective.collate([train_rows[step_ids[0][0]]]) if dist.enabled else None
 
         def attempt(budget):
@@ -185,7 +192,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
 
     def checkpoint() -> Path:
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
-        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist))
+        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist, objective))
                  if cfg.finetuning_type == "lora" else None)
         state.log_window = dict(window)  # a resumed curve equals this one
         if dist.strategy == "fsdp":
@@ -307,7 +314,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         if dist.is_main:
             print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
                   f"{state.best_checkpoint}", file=sys.stderr)
-    save_final_weights(model, tokenizer, run_dir, cfg, dist)
+    save_final_weights(model, tokenizer, run_dir, cfg, dist, objective)
     if cfg.plot_loss and dist.is_main:
         plot_loss(run_dir)
     dist.barrier()
@@ -413,9 +420,11 @@ def _load_best(path: Path, model) -> None:
         load_trainable_state(model, load_file(path / "trainable.safetensors"))
 
 
-def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE) -> None:
-    """The adapter or full weights as one loadable folder, written by rank 0. Under FSDP every
-    rank first sends its shards to rank 0 (a collective call: every rank makes it)."""
+def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE,
+                       objective=None) -> None:
+    """The adapter or full weights as one loadable folder, written by rank 0, with what the
+    stage adds (the reward model's head). Under FSDP every rank first sends its shards to
+    rank 0 (a collective call: every rank makes it)."""
     state = None
     if dist.strategy == "fsdp":
         from tunelab.train.sharded_checkpoint import consolidated_state
@@ -423,6 +432,8 @@ def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist
         state = consolidated_state(model, dist, trainable_only=cfg.finetuning_type == "lora")
     if dist.is_main:
         _save_weights(model, tokenizer, out_dir, state_dict=state)
+        if hasattr(objective, "save"):
+            objective.save(model, out_dir)
 
 
 def _load_dtype(cfg: TunelabConfig) -> str:

@@ -5,6 +5,7 @@ step is, so objectives (`objectives/`), benchmarks and tests call exactly the co
 trainer runs:
 
     optimizer_step(model, objective, micro_batches, ...)   accumulate, clip, step, schedule
+    rollout_step(model, objective, micro_rows, ...)        online stages: sample and score, then update
     evaluate(model, objective, rows, cfg, device)           mean validation loss and metrics
     autocast(cfg, device), to_device(batch, device)         the precision and placement of a batch
 """
@@ -12,6 +13,7 @@ trainer runs:
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +94,8 @@ def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
     """Mean validation loss (per token for SFT, per pair for preferences) and mean metrics.
     Several processes: rank r scores batches r, r + world, ...; the sums are all-reduced."""
     model.eval()
+    if hasattr(objective, "validate"):  # online stages: generate and score, no teacher-forced loss
+        return objective.validate(model, rows)
     sums = {"loss": 0.0, "weight": 0, "metrics": {}}
 
     def score(chunk: list, counts: bool) -> None:
@@ -157,3 +161,33 @@ def autocast(cfg: TunelabConfig, device: torch.device):
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def rollout_step(model, objective, micro_rows: list[list], optimizer, scheduler, scaler, cfg: TunelabConfig,
+                 device) -> StepStats:
+    """One step of an online stage (grpo, ppo): the objective turns the step's prompts into scored
+    completions, then `updates_per_step` optimizer steps train on them. Adds the step's speed:
+    completions per second and the share of the step spent generating."""
+    started = time.perf_counter()
+    rollouts = objective.rollout(model, micro_rows)
+    total = None
+    for _ in range(objective.updates_per_step):
+        batches = [objective.collate(rows) for rows in rollouts]
+        total = merge_stats(total, optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg,
+                                                  device))
+    seconds = max(time.perf_counter() - started, 1e-9)
+    completions = sum(len(rows) for rows in rollouts)
+    # Metrics are sums the log divides by the weight: scale these so they average to the step's value.
+    total.metrics["samples_per_second"] = completions / seconds * total.weight
+    total.metrics["generation_share"] = objective.generation_seconds / seconds * total.weight
+    return total
+
+
+def merge_stats(a: StepStats | None, b: StepStats) -> StepStats:
+    if a is None:
+        return b
+    metrics = dict(a.metrics)
+    for key, value in b.metrics.items():
+        metrics[key] = metrics.get(key, 0.0) + value
+    return StepStats(a.loss_sum + b.loss_sum, a.weight + b.weight, a.real_tokens + b.real_tokens,
+                     (a.grad_norm + b.grad_norm) / 2, metrics)

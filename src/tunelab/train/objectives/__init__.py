@@ -33,6 +33,8 @@ from tunelab.errors import TunelabError
 from tunelab.train.objectives.preference import (
     DPOObjective, KTOObjective, ORPOObjective, PreferenceObjective, SimPOObjective,
 )
+from tunelab.train.objectives.rl import GRPOObjective, PPOObjective
+from tunelab.train.objectives.rm import RMObjective
 from tunelab.train.objectives.sft import PTObjective, SFTObjective
 
 SPEED_PATHS = ("packing", "padding_free", "fused_loss")
@@ -45,6 +47,8 @@ class Objective(Protocol):
     perplexity: bool  # its validation loss is a per-token NLL (eval_perplexity is logged)
     trains_on_conversations: bool  # its validation split holds conversations task metrics can generate on
     sharded: bool  # runs under FSDP
+    # optional: multi_process = False (one process only), rollout(model, micro_rows) and
+    # updates_per_step (online stages), validate(model, rows), save(model, folder)
 
     def __init__(self, cfg: TunelabConfig, tokenizer): ...
     def load_data(self) -> tuple[list, list]: ...
@@ -59,7 +63,7 @@ def _table(*classes) -> dict[str, type]:
 
 
 STAGES: dict[str, type] = _table(SFTObjective, PTObjective, DPOObjective, SimPOObjective, ORPOObjective,
-                                 KTOObjective)
+                                 KTOObjective, RMObjective, GRPOObjective, PPOObjective)
 assert set(STAGES) == set(CHOICES["stage"]), "config.CHOICES['stage'] and the objective table must agree"
 # Keys some stage reads and others do not: each stage refuses those it does not read.
 STAGE_KEYS = frozenset().union(*(cls.keys for cls in STAGES.values()))
