@@ -124,9 +124,9 @@ def test_a_reward_model_learns_pairs_and_scores_as_a_reward(tmp_path, model_dir,
     assert rows[-1]["rewards/accuracies"] == 1.0 and rows[-1]["loss"] < rows[0]["loss"]
     scorer = load_reward_model(tmp_path / "run-rm", device="cpu")
     tok = scorer.tokenizer
-    good, bad = (tok.apply_chat_template([{"role": "user", "content": "Say yes."},
-                                          {"role": "assistant", "content": a}], tokenize=True) for a in ("yes", "1234"))
-    good, bad = (list(x["input_ids"] if isinstance(x, dict) else x) for x in (good, bad))
+    good, bad = (tok(tok.apply_chat_template([{"role": "user", "content": "Say yes."},
+                                              {"role": "assistant", "content": a}], tokenize=False),
+                     add_special_tokens=False)["input_ids"] for a in ("yes", "1234"))
     s_good, s_bad = scorer.score([good, bad])
     assert s_good > s_bad
     # ... and a grpo run takes the folder as its reward
