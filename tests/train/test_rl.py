@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import shared_tokenizer, tiny_llama
+from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train.loop import train
@@ -129,6 +130,16 @@ def test_a_reward_model_learns_pairs_and_scores_as_a_reward(tmp_path, model_dir,
                      add_special_tokens=False)["input_ids"] for a in ("yes", "1234"))
     s_good, s_bad = scorer.score([good, bad])
     assert s_good > s_bad
+    # `tunelab eval` reports its pairwise accuracy, and reranks sampled answers with it
+    assert main(["eval", "--reward-model", str(tmp_path / "run-rm"), "--data", str(data), "--device", "cpu"]) == 0
+    scores = json.loads((tmp_path / "run-rm" / "eval" / "scores.json").read_text())["scores"]
+    assert scores["pairs"] == len(pairs) and scores["pairwise_accuracy"] == 100.0
+    out = tmp_path / "rerank"
+    assert main(["eval", "--model", str(model_dir), "--data", str(prompts_file(tmp_path, 3)), "--template", TEMPLATE,
+                 "--reward-model", str(tmp_path / "run-rm"), "--rerank", "3", "--temperature", "1.0",
+                 "--max-new-tokens", "4", "--device", "cpu", "--output-dir", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["rerank_scores"]) == 3 for r in rows)
     # ... and a grpo run takes the folder as its reward
     grpo = rl_config(tmp_path, model_dir, "grpo", reward=str(tmp_path / "run-rm"), max_steps=1)
     train(grpo)
