@@ -95,6 +95,11 @@ def test_grpo_raises_the_reward_of_a_verifiable_task(tmp_path, model_dir, reward
         assert key in rows[-1]
     assert 0 < rows[-1]["generation_share"] < 1
     assert rows[-1]["kl"] > 0  # the policy moved away from the reference (the adapter disabled)
+    from tunelab.evaluate.report import run_report
+
+    report = run_report(tmp_path / "run-grpo")
+    assert report.summary["last_reward"] == rewards[-1] and report.summary["first_reward"] == rewards[0]
+    assert (report.out_dir / "reward.png").is_file()
 
 
 def test_ppo_trains_a_value_head_and_clips_on_its_second_epoch(tmp_path, model_dir, reward_module):
