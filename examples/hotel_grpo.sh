@@ -18,8 +18,8 @@ fi
 "${TL[@]}" eval --model "$MODEL" --adapter "$SFT" --data "$DATA/test.jsonl" --task hotel \
     --batch-size "${EVAL_BATCH:-128}" --no-progress --output-dir "$RUN-sft-eval"
 "${TL[@]}" train stage=grpo reward=hotel "model_name_or_path=$MODEL" "adapter_name_or_path=$SFT" \
-    "dataset=$DATA/train.jsonl" template=hotel cutoff_len=2048 max_completion_length=128 num_generations=4 \
-    temperature=1.0 kl_coef=0.04 learning_rate=1e-5 max_steps=60 per_device_train_batch_size=8 \
+    "dataset=$DATA/train.jsonl" template=hotel cutoff_len=2048 max_completion_length=256 num_generations=4 \
+    temperature=1.0 kl_coef=0.04 learning_rate=2e-5 "max_steps=${STEPS:-40}" per_device_train_batch_size=8 \
     val_size=64 eval_strategy=steps eval_steps=20 eval_generate_samples=64 per_device_eval_batch_size=64 \
     logging_steps=5 save_strategy=no "output_dir=$RUN" overwrite_output_dir=true bf16=true disable_tqdm=true "$@"
 echo "grpo: ${SECONDS}s"

@@ -387,23 +387,13 @@ class PPOObjective(OnlineObjective):
     def setup(self, model, device) -> None:
         from tunelab.model.value_head import attach_head
 
-        attach_head(model)  # before the reference copy: the copy's head is never read
+        attach_head(model)  # before the reference copy, whose forward then has the same outputs
         super().setup(model, device)
 
     def _forward(self, model, batch: dict):
         from tunelab.model.value_head import token_values
 
         return token_values(model, batch["input_ids"], batch["attention_mask"])
-
-    def _reference_logps(self, model, batch: dict) -> torch.Tensor:
-        if self.ref_model is not None:
-            logits = self.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).logits
-            return -shifted_token_losses(logits, batch["labels"])[0]
-        with model.disable_adapter():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-        return -shifted_token_losses(logits, batch["labels"])[0]
 
     def needs_old_logps(self) -> bool:
         return True  # the KL penalty of the rewards and the values come from the sampling policy
