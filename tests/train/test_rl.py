@@ -112,10 +112,14 @@ def test_ppo_trains_a_value_head_and_clips_on_its_second_epoch(tmp_path, model_d
     assert any(r["clip_fraction"] > 0 for r in rows)  # the second pass over a rollout is off-policy
 
 
-def test_a_reward_that_names_a_task_needs_the_lent_scorer(tmp_path, model_dir):
-    cfg = rl_config(tmp_path, model_dir, "grpo", reward="hotel", max_steps=1)
+def test_a_reward_that_names_a_task_needs_the_lent_scorer_which_tunelab_train_lends(tmp_path, model_dir):
+    cfg = rl_config(tmp_path, model_dir, "grpo", reward="generic", max_steps=1)
     with pytest.raises(TunelabError, match="names a task"):
         train(cfg)
+    args = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in cfg.to_dict().items()
+            if v is not None and k not in ("rope_scaling",)]
+    assert main(["train", *args]) == 0
+    assert "reward" in rows_of(tmp_path / "run-grpo")[-1]
 
 
 def test_a_reward_model_learns_pairs_and_scores_as_a_reward(tmp_path, model_dir, reward_module):
