@@ -12,7 +12,7 @@
 
 Every launch trains tunelab's own pieces: `prepare_for_training`, `SFTObjective` with the
 fast path (padding-free, chunked loss, compiled layers), `distributed.wrap` (DDP or FSDP2),
-`rank_share` and `loop.optimizer_step` - the code `tunelab train` runs under torchrun.
+`rank_share` and `step.optimizer_step` - the code `tunelab train` runs under torchrun.
 Weights are random (speed does not depend on their values) in the real Qwen2.5-7B shape.
 
 - lora_1gpu / lora_2gpu: LoRA r=16 on all linear layers, 32 samples per optimizer step in
@@ -72,8 +72,9 @@ def worker(args) -> None:
     from tunelab.model.adapters import prepare_for_training
     from tunelab.train import distributed
     from tunelab.train.fast import apply_speed_levers
-    from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step
-    from tunelab.train.objective import SFTObjective
+    from tunelab.train.optim import build_optimizer, build_scheduler
+    from tunelab.train.step import optimizer_step
+    from tunelab.train.objectives.sft import SFTObjective
     from types import SimpleNamespace
 
     torch._dynamo.config.recompile_limit = 64

@@ -9,7 +9,7 @@ Both sides train the same LoRA (r=16, alpha=32, all linear layers, dropout 0) on
 samples in the same order: 16 samples per optimizer step, AdamW (fused), lr 1e-4 constant,
 clip 1.0, bf16. The baseline is HF Trainer with micro-batches of 4 (x4 accumulation), SDPA,
 gradient checkpointing and per-batch dynamic padding; `baseline_packed` gives it
-pre-packed (flattened) micro-batches instead. tunelab runs `train.loop.optimizer_step`
+pre-packed (flattened) micro-batches instead. tunelab runs `train.step.optimizer_step`
 with `SFTObjective` and the model prepared by `model.adapters.prepare_for_training`.
 
 Model FLOPs per real token (LoRA: frozen weights need no weight gradient):
@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -280,14 +279,15 @@ def profiled(enabled: bool):
 
 def run_tunelab(model, samples, warmup: int, name: str, lora_init: dict, micro: int = SAMPLES_PER_STEP,
                 lora: dict | None = None, **levers) -> Result:
-    """tunelab's own pieces: prepare_for_training, SFTObjective (+ levers), loop.optimizer_step."""
+    """tunelab's own pieces: prepare_for_training, SFTObjective (+ levers), step.optimizer_step."""
     from types import SimpleNamespace
 
     from tunelab.config import TunelabConfig
     from tunelab.model.adapters import prepare_for_training
     from tunelab.train.fast import apply_speed_levers
-    from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step
-    from tunelab.train.objective import SFTObjective
+    from tunelab.train.optim import build_optimizer, build_scheduler
+    from tunelab.train.step import optimizer_step
+    from tunelab.train.objectives.sft import SFTObjective
 
     levers = dict(padding_free=False, fused_loss=False, torch_compile=False, gradient_checkpointing=False) | levers
     cfg = TunelabConfig(bf16=True, per_device_train_batch_size=micro, lr_scheduler_type="constant",

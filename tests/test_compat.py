@@ -153,3 +153,13 @@ def test_dataset_info_record_missing_its_answer_column_is_an_error(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"q": "hi", "answer": "hello"}\n')
     with pytest.raises(TunelabError, match="missing column 'a' \\(the response column of d"):
         load_conversations(["d"], dataset_dir=tmp_path)
+
+
+def test_no_foreign_key_shadows_a_tunelab_key():
+    """A key tunelab itself defines (e.g. grpo's max_completion_length) is never translated or refused."""
+    import dataclasses
+
+    from tunelab.compat import TABLE
+    from tunelab.config import TunelabConfig
+
+    assert not set(TABLE) & {f.name for f in dataclasses.fields(TunelabConfig)}

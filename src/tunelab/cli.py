@@ -138,10 +138,11 @@ def os_error(exc: OSError) -> TunelabError:
 
 
 def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
-    """Two commands of early stages need a later stage: `tunelab train` with eval_task
-    scores the task during training, and `tunelab data mine-pairs` decodes and scores
-    with a model; `tunelab train chain.yaml` runs stages, merges and tabulates (tunelab/chain.py,
-    above every stage). Their code lives in evaluate, which data and train must not import; this
+    """Commands of early stages need a later stage: `tunelab train` with eval_task scores the
+    task during training (and with `reward: TASK` optimises the task's score as a reward,
+    stages grpo / ppo), `tunelab data mine-pairs` decodes and scores with a model, and
+    `tunelab train chain.yaml` runs stages, merges and tabulates (tunelab/chain.py, above every
+    stage). Their code lives in evaluate, which data and train must not import; this
     file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
     between stages"). Imported only when called: the CLI stays quick to start."""
     def eval_callbacks(cfg):
@@ -159,7 +160,13 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return run(path, overrides, callbacks)
 
-    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, run_chain=run_chain)
+    def task_reward(name):
+        from tunelab.evaluate.tasks import get_task
+
+        return get_task(name).reward
+
+    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, run_chain=run_chain,
+                        task_reward=task_reward)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,7 @@ TABLE: dict[str, Rule] = {
     "max_length": Rule(T, rename("cutoff_len")),
     "max_seq_length": Rule(T, rename("cutoff_len")),
     "max_prompt_length": Rule(T, refused(LENGTH)),
-    "max_completion_length": Rule(T, refused(LENGTH)),
+    # max_completion_length: the same key in tunelab (grpo / ppo sampling length), so not translated.
     "completion_only_loss": Rule(T, dropped((True, None), "tunelab trains only the completion", ANSWER_ONLY)),
     "assistant_only_loss": Rule(T, dropped((True,), "tunelab trains only assistant turns", ANSWER_ONLY)),
     "dataset_text_field": Rule(T, dropped("text", "the text format reads the text field",

@@ -25,7 +25,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @dataclass
 class TunelabConfig:
     # --- what to train -------------------------------------------------------------
-    stage: str = "sft"  # sft | pt | dpo | simpo | kto | orpo
+    stage: str = "sft"  # sft | pt | dpo | simpo | kto | orpo | rm | grpo | ppo
     model_name_or_path: str = DEFAULT_MODEL
     adapter_name_or_path: str | None = None  # start from an earlier LoRA adapter
     trust_remote_code: bool = False
@@ -75,6 +75,19 @@ class TunelabConfig:
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     precompute_ref_log_probs: bool = False
+
+    # --- reward models and online RL (rm / grpo / ppo; docs/rl.md) ------------------------
+    reward: str | None = None  # grpo/ppo: a task (hotel, generic), a stage=rm run folder, or module:function
+    num_generations: int = 4  # grpo: completions sampled per prompt (the group its advantages compare)
+    max_completion_length: int = 128  # grpo/ppo: tokens sampled per completion at most
+    temperature: float = 1.0  # grpo/ppo: sampling temperature of the rollouts
+    kl_coef: float = 0.04  # grpo/ppo: weight of the KL to the reference (the policy at the start)
+    cliprange: float = 0.2  # grpo/ppo: the policy ratio is clipped to [1 - cliprange, 1 + cliprange]
+    num_ppo_epochs: int = 1  # grpo/ppo: optimizer steps on each batch of rollouts
+    vf_coef: float = 0.1  # ppo: weight of the value-head loss
+    cliprange_value: float = 0.2  # ppo: clip of the value change
+    gamma: float = 1.0  # ppo: discount
+    lam: float = 0.95  # ppo: GAE lambda
 
     # --- optimisation --------------------------------------------------------------
     num_train_epochs: float = 3.0
@@ -283,7 +296,7 @@ def replay_spec(value: dict | None) -> ReplaySpec | None:
 
 
 CHOICES = {
-    "stage": ("sft", "pt", "dpo", "simpo", "kto", "orpo"),
+    "stage": ("sft", "pt", "dpo", "simpo", "kto", "orpo", "rm", "grpo", "ppo"),
     "finetuning_type": ("lora", "full", "freeze"),
     # transformers.SchedulerType's values (tests/train/test_optim.py checks they match)
     "lr_scheduler_type": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -360,7 +373,7 @@ def validate(cfg: TunelabConfig) -> None:
                            fix="leave it unset (auto) or give a token count such as max_tokens_per_batch=16384")
     positive = ("cutoff_len", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps",
-                "nproc_per_node")
+                "nproc_per_node", "num_generations", "max_completion_length", "num_ppo_epochs")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise TunelabError(f"{key} must be > 0, got {getattr(cfg, key)}", where="config",
@@ -431,6 +444,13 @@ def _ranges(cfg: TunelabConfig) -> list[tuple[str, bool, str, object]]:
         ("early_stopping_threshold", cfg.early_stopping_threshold >= 0, "early_stopping_threshold must be >= 0",
          0.0),
         ("max_samples", cfg.max_samples is None or cfg.max_samples > 0, "max_samples must be > 0", 1000),
+        ("temperature", cfg.temperature > 0, "temperature must be > 0 (rollouts are sampled)", 1.0),
+        ("kl_coef", cfg.kl_coef >= 0, "kl_coef must be >= 0 (0: no KL to the reference)", 0.04),
+        ("cliprange", 0 < cfg.cliprange < 1, "0 < cliprange < 1", 0.2),
+        ("cliprange_value", cfg.cliprange_value > 0, "cliprange_value must be > 0", 0.2),
+        ("vf_coef", cfg.vf_coef >= 0, "vf_coef must be >= 0", 0.1),
+        ("gamma", 0 <= cfg.gamma <= 1, "0 <= gamma <= 1", 1.0),
+        ("lam", 0 <= cfg.lam <= 1, "0 <= lam <= 1", 0.95),
     ]
 
 

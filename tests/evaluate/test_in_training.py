@@ -84,7 +84,7 @@ def test_unknown_task_metric_and_task_are_refused(tmp_path, tiny_model_dir, caps
 
 
 def test_the_train_stage_still_never_imports_evaluate():
-    code = ("import sys, tunelab.train.loop, tunelab.train.cli, tunelab.train.preference; "
+    code = ("import sys, tunelab.train.loop, tunelab.train.cli, tunelab.train.objectives.preference; "
             "print(sorted(m for m in sys.modules if m.startswith('tunelab.evaluate')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO / "src"), "PATH": ""}).stdout

@@ -136,3 +136,17 @@ def test_unknown_task_metric_and_missing_losses_are_user_errors():
     assert parse_metrics(get_task("generic"), "BLEU, ppl") == ("bleu", "ppl")
     with pytest.raises(TunelabError, match="perplexity"):
         score(get_task("generic"), [{"reference": "a", "prediction": "a", "meta": {}}], ("ppl",))
+
+
+def test_hotel_reward_is_the_task_score_of_one_completion():
+    """What grpo / ppo optimise with `reward: hotel` is what `tunelab eval --task hotel` measures."""
+    from tunelab.evaluate.tasks import get_task
+
+    reward = get_task("hotel").reward
+    search = 'search\n{"type": "经济型", "rating_range_lower": 4.0}'
+    assert reward("", search, search) == pytest.approx(1.0)
+    assert reward("", 'search\n{"type": "经济型"}', search) == pytest.approx(0.2 + 0.2 + 0.6 * 2 / 3)  # F1 2/3
+    assert reward("", "search\n{not json", search) == pytest.approx(0.2)  # right role only
+    assert reward("", "assistant\n好的", search) == 0.0  # wrong role
+    assert reward("", "assistant\n好的，推荐这家。", "assistant\n好的，推荐这家。") == pytest.approx(1.0)
+    assert get_task("generic").reward("", "same words", "same words") == pytest.approx(1.0)

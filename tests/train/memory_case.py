@@ -6,7 +6,7 @@ import torch
 
 from tunelab.config import TunelabConfig
 from tunelab.data.collate import IGNORE_INDEX, Sample
-from tunelab.train.objective import SFTObjective
+from tunelab.train.objectives.sft import SFTObjective
 
 VOCAB = 97
 

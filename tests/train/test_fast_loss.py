@@ -9,7 +9,7 @@ from tunelab.config import TunelabConfig
 from tunelab.data.collate import IGNORE_INDEX, Sample
 from tunelab.train.fast import compile_decoder_layers
 from tunelab.train.fast import apply_speed_levers
-from tunelab.train.objective import SFTObjective
+from tunelab.train.objectives.sft import SFTObjective
 
 VOCAB = 97
 
@@ -87,7 +87,7 @@ def test_compiled_layers_keep_the_loss():
 def test_preference_log_probs_through_the_levers_equal_the_plain_path(levers):
     """DPO/SimPO/KTO/ORPO score sequences with `batch_logps`: same values and LoRA gradients either way."""
     from tunelab.data.collate import pad_batch
-    from tunelab.train.preference import batch_logps
+    from tunelab.train.objectives.preference import batch_logps
 
     model = _model("llama")
     batch = pad_batch(_samples(3), pad_token_id=0)

@@ -10,7 +10,7 @@ from tunelab.train.fast import compile_decoder_layers
 from tunelab.train.fast.offload import (
     enable_activation_offload, install_activation_offload, offload_active, remove_activation_offload,
 )
-from tunelab.train.objective import SFTObjective
+from tunelab.train.objectives.sft import SFTObjective
 
 
 from memory_case import assert_same, loss_and_grads, samples, tiny_lora_model

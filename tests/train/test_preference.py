@@ -19,7 +19,8 @@ from tunelab.data.templates import resolve_template
 from tunelab.data.types import KTOExample, Message, PreferencePair
 from tunelab.errors import TunelabError
 from tunelab.model.adapters import prepare_for_training
-from tunelab.train.preference import PreferenceObjective, sequence_logps
+from tunelab.train.objectives import check_stage, objective_class
+from tunelab.train.objectives.preference import KTOObjective, sequence_logps
 from tunelab.train.tracking import read_log
 
 TEMPLATE = "phi3.5"  # the phi3 vocabulary is the smallest shared one: cheap logits
@@ -159,7 +160,7 @@ def test_concatenated_forward_equals_separate_forwards(tok, template):
 # --- the reference model -------------------------------------------------------------------
 
 def objective_on(tok, template, cfg, model, pairs):
-    objective = PreferenceObjective(cfg, tok)
+    objective = objective_class(cfg.stage)(cfg, tok)
     rows = [encode_pair(p, tok, template, cfg.cutoff_len) for p in pairs]
     objective.rows = rows
     objective.setup(model, torch.device("cpu"))
@@ -237,10 +238,10 @@ def test_kto_mismatched_completions_come_from_other_examples(tok, template):
 
 def test_kto_balance_warnings(tmp_path, model_dir, tok, capsys):
     only_good = write_jsonl(tmp_path / "good.jsonl", [r for r in kto_records(4) if r["kto_tag"]])
-    PreferenceObjective(cfg_for(tmp_path, model_dir, only_good, stage="kto"), tok).load_data()
+    KTOObjective(cfg_for(tmp_path, model_dir, only_good, stage="kto"), tok).load_data()
     assert "all 4 KTO examples are desirable" in capsys.readouterr().err
     skewed = write_jsonl(tmp_path / "skewed.jsonl", kto_records(6) + [r for r in kto_records(6) if not r["kto_tag"]])
-    PreferenceObjective(cfg_for(tmp_path, model_dir, skewed, stage="kto"), tok).load_data()
+    KTOObjective(cfg_for(tmp_path, model_dir, skewed, stage="kto"), tok).load_data()
     err = capsys.readouterr().err
     assert "6 desirable and 12 undesirable" in err and "kto_desirable_weight=2" in err
 
@@ -249,7 +250,8 @@ def test_kto_balance_warnings(tmp_path, model_dir, tok, capsys):
 
 def load(tmp_path, model_dir, records, tok, **overrides):
     data = write_jsonl(tmp_path / "data.jsonl", records)
-    return PreferenceObjective(cfg_for(tmp_path, model_dir, data, **overrides), tok).load_data()
+    cfg = cfg_for(tmp_path, model_dir, data, **overrides)
+    return objective_class(cfg.stage)(cfg, tok).load_data()
 
 
 def test_bad_pairs_name_the_line_and_skip_invalid_counts_them(tmp_path, model_dir, tok, capsys):
@@ -270,8 +272,8 @@ def test_bad_kto_tag_and_wrong_stage_are_user_errors(tmp_path, model_dir, tok):
     assert "data.jsonl:2" in err.value.where
     with pytest.raises(TunelabError, match="needs chosen/rejected pairs"):
         load(tmp_path, model_dir, kto_records(2), tok, stage="dpo")
-    with pytest.raises(TunelabError, match="packing"):
-        load(tmp_path, model_dir, pair_records(2), tok, packing=True)
+    with pytest.raises(TunelabError, match="packing=true is not available for stage=dpo"):
+        check_stage(cfg_for(tmp_path, model_dir, "data.jsonl", packing=True))
 
 
 def test_kto_stage_trains_on_pairs_unpaired(tmp_path, model_dir, tok):
@@ -325,9 +327,9 @@ def test_training_from_an_sft_adapter_uses_it_as_reference(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "again.jsonl", records)
     cfg = cfg_for(tmp_path, model_dir, data, adapter_name_or_path=str(adapter), max_steps=1,
                   output_dir=str(tmp_path / "run-again"))
-    from tunelab.train.preference import train_preference
+    from tunelab.train.loop import train
 
-    train_preference(cfg)
+    train(cfg)
     again = [r for r in read_log(tmp_path / "run-again" / "trainer_log.jsonl") if "loss" in r]
     # The started adapter is the reference: step 1 starts again at log 2, not at the first run's margin.
     assert first[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)

@@ -18,6 +18,9 @@ EVAL_EXAMPLES = """examples:
   tunelab eval --model M --adapter runs/x --data test.jsonl --metrics bleu,rouge,em,ppl
   tunelab eval --model M --adapter runs/x --data test.jsonl --task hotel --compare-base
   tunelab eval --predictions eval_out/predictions.jsonl --metrics bleu,rouge   # re-score, no model
+  tunelab eval --reward-model runs/rm --data heldout_pairs.jsonl        # a reward model's pairwise accuracy
+  tunelab eval --model M --adapter runs/x --data test.jsonl --task hotel --reward-model runs/rm --rerank 4 \
+      --temperature 1.0                                                  # best of 4 by the reward model
 """
 
 
@@ -55,6 +58,11 @@ def register(subparsers) -> None:
     p.add_argument("--constrain-json", action="store_true",
                    help="constrained decoding: structured answers must be valid JSON (hotel: search turns, "
                         "with the slot names; generic: the whole answer)")
+    p.add_argument("--reward-model", metavar="RUN",
+                   help="a stage=rm run folder: alone, --data holds preference pairs and its pairwise accuracy "
+                        "is reported; with --rerank N it picks the best of N sampled answers")
+    p.add_argument("--rerank", type=int, metavar="N", help="best-of-N: sample N answers per prompt (--temperature "
+                                                           "> 0), keep the one --reward-model scores highest")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization-bit", type=int, choices=(4, 8))
@@ -117,6 +125,10 @@ def _check_args(args) -> None:
                            fix="add --data path/to/test.jsonl (or --predictions FILE to re-score)")
     if args.backend == "openai":
         _check_remote_args(args)
+    if args.rerank is not None and (not args.reward_model or args.rerank < 2 or args.temperature <= 0):
+        raise TunelabError("--rerank N samples N answers and keeps the reward model's favourite", where="command line",
+                           fix="give --reward-model RUN, N >= 2 and --temperature > 0 (e.g. --rerank 4 "
+                               "--temperature 1.0)")
     if bool(args.judge_url) != bool(args.judge_model):
         raise TunelabError("the judge needs both --judge-url and --judge-model", where="command line",
                            fix="e.g. --judge-url http://127.0.0.1:8001/v1 --judge-model qwen2.5-72b-instruct")
@@ -177,6 +189,8 @@ def run_eval(args) -> int:
     _check_args(args)
     if args.predictions:
         return _rescore(args)
+    if args.reward_model and not args.rerank:
+        return _pairwise(args)
     task = get_task(args.task or "generic")
     metrics = runner.parse_metrics(task, args.metrics)
     options = _options(args)
@@ -204,10 +218,24 @@ def run_eval(args) -> int:
     info = {"task": task.name, "metrics": list(metrics), "model": args.model, "data": args.data,
             "template": template, "generation": dataclasses.asdict(options)}
 
+    rm = None
+    if args.rerank:
+        from tunelab.model.value_head import load_reward_model
+
+        rm = load_reward_model(args.reward_model, device=args.device, dtype=args.dtype)
+        info |= {"reward_model": args.reward_model, "rerank": args.rerank}
+
     def evaluate(model, label: str) -> dict:
-        generated = runner.predict(model, tokenizer, samples, template_src, options, task=task.name,
-                                   batch_size=args.batch_size, with_ppl="ppl" in metrics,
-                                   progress=not args.no_progress, desc=label)
+        if rm is not None:
+            from tunelab.evaluate.rerank import rerank_predict
+
+            generated = rerank_predict(model, tokenizer, samples, template_src, options, args.rerank, rm,
+                                       task=task.name, batch_size=args.batch_size, progress=not args.no_progress,
+                                       desc=label)
+        else:
+            generated = runner.predict(model, tokenizer, samples, template_src, options, task=task.name,
+                                       batch_size=args.batch_size, with_ppl="ppl" in metrics,
+                                       progress=not args.no_progress, desc=label)
         summary = runner.score(task, generated.rows, metrics)
         where = out_dir / label if args.compare_base else out_dir
         summary |= _judge_scores(args, generated.rows, where)
@@ -274,6 +302,22 @@ def _eval_remote(args, task, metrics, options, samples) -> int:
           f"from {args.base_url}, {api} API)", file=sys.stderr)
     print(runner.markdown_table(summary))
     _warn_empty(summary)
+    return 0
+
+
+def _pairwise(args) -> int:
+    """A reward model's pairwise accuracy on the preference pairs of --data."""
+    from tunelab.evaluate import runner
+    from tunelab.evaluate.rerank import pairwise_accuracy
+    from tunelab.io import write_json_atomic
+    from tunelab.model.value_head import load_reward_model
+
+    rm = load_reward_model(args.reward_model, device=args.device, dtype=args.dtype)
+    summary = pairwise_accuracy(rm, args.data, args.format, args.limit, args.template)
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.reward_model) / "eval"
+    write_json_atomic(out_dir / "scores.json", {"scores": summary, "reward_model": args.reward_model,
+                                                "data": args.data})
+    print(runner.markdown_table(summary))
     return 0
 
 

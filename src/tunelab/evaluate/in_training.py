@@ -22,6 +22,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate import runner
 from tunelab.evaluate.tasks import get_task
 from tunelab.io import write_jsonl_atomic
+from tunelab.train.objectives import objective_class
 
 # Counts, not scores: kept out of the training log.
 COUNT_KEYS = ("samples", "search_rows", "assistant_rows", "slot_correct", "slot_predicted", "slot_expected")
@@ -45,7 +46,7 @@ class TaskMetrics:
             self.metrics = tuple(m for m in self.metrics if m != "ppl") or self.task.default_metrics
         self.samples = None
         self.template_src = None
-        if cfg.stage not in ("sft", "pt") and not cfg.eval_task_dataset and not eval_set:
+        if not objective_class(cfg.stage).trains_on_conversations and not cfg.eval_task_dataset and not eval_set:
             raise TunelabError(f"eval_task={cfg.eval_task} with stage={cfg.stage} needs conversations to generate on",
                                where="config", fix="set eval_task_dataset=path/to/validation.jsonl "
                                                    "(rows of the task, e.g. hotel context/response rows)")

@@ -80,6 +80,13 @@ class Curves:
     # Other evaluation metrics by name (task metrics such as eval_slot_f1, preference
     # accuracies), on eval_steps.
     eval_metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    # Online RL's training-row metrics (stage grpo / ppo) by name, on steps.
+    train_metrics: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# What grpo / ppo log on their training rows (train/objectives/rl.py, train/step.py).
+ONLINE_METRICS = ("reward", "reward_std", "kl", "clip_fraction", "completion_length", "value_loss",
+                  "samples_per_second", "generation_share")
 
 
 @dataclass
@@ -163,7 +170,9 @@ def read_curves(log: Path) -> Curves:
         tokens_per_second=column(train, "tokens_per_second"),
         eval_steps=np.array(sorted(evals), dtype=float), eval_epochs=column(evals, "epoch"),
         eval_loss=eval_loss, eval_ppl=eval_ppl, skipped_lines=skipped,
-        eval_metrics={name: column(evals, name) for name in names})
+        eval_metrics={name: column(evals, name) for name in names},
+        train_metrics={name: column(train, name) for name in ONLINE_METRICS
+                       if any(name in r for r in train.values())})
 
 
 # --- numeric helpers -----------------------------------------------------------------
@@ -503,6 +512,19 @@ def plot_eval_metrics(c: Curves, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_reward(c: Curves, path: Path) -> Path | None:
+    """Online RL: the mean reward of each logging window against the step."""
+    reward = c.train_metrics.get("reward")
+    if reward is None or not np.isfinite(reward).any():
+        return None
+    fig, ax = _figure()
+    ok = np.isfinite(reward)
+    ax.plot(c.steps[ok], reward[ok], "-", label="reward")
+    ax.set(xlabel="step", ylabel="mean reward", title="Reward")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def metric_table(c: Curves) -> dict[str, dict]:
     """first / best / last value of each evaluation metric, and the step of the best (higher
     is better, as for every task metric; losses are reported above)."""
@@ -541,7 +563,13 @@ def summarize(c: Curves) -> dict:
         "last_eval_loss": last(c.eval_loss), "last_eval_perplexity": last(c.eval_ppl),
         "last_learning_rate": last(c.lr),
         "mean_tokens_per_second": float(tps.mean()) if len(tps) else None,
-    }
+    } | {f"{edge}_{name}": value for name, values in c.train_metrics.items()
+         for edge, value in (("first", _first(values)), ("last", last(values)))}
+
+
+def _first(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite[0]) if len(finite) else None
 
 
 def render_markdown(run_dir: Path, findings: list[Finding], plots: list[Path], summary: dict,
@@ -575,6 +603,8 @@ def run_report(run_dir: Path, out_dir: Path | None = None) -> ReportResult:
     plots += [lr_plot] if lr_plot else []
     metrics_plot = plot_eval_metrics(curves, out_dir / "eval_metrics.png")
     plots += [metrics_plot] if metrics_plot else []
+    reward_plot = plot_reward(curves, out_dir / "reward.png")
+    plots += [reward_plot] if reward_plot else []
     summary, metrics = summarize(curves), metric_table(curves)
     markdown = render_markdown(run_dir, findings, plots, summary, metrics)
     task_eval = task_eval_breakdown(run_dir, metrics, out_dir)

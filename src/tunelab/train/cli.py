@@ -14,7 +14,7 @@ from tunelab.errors import TunelabError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="fine-tune a model (SFT, continued pre-training, DPO/SimPO/KTO)",
+        help="fine-tune a model (SFT, pre-training, DPO/SimPO/KTO/ORPO, reward models, GRPO/PPO)",
         description="Fine-tune a model as a YAML config says; any key can be overridden as key=value.",
         epilog="example: tunelab train examples/hotel_lora.yaml lora_rank=16 learning_rate=1e-4\n"
                "several GPUs: tunelab train cfg.yaml --nproc 2   (or torchrun --nproc-per-node 2 -m tunelab.cli "
@@ -70,19 +70,20 @@ def run(args) -> int:
     # Task metrics during training come from a later stage (evaluate), which the top-level
     # CLI lends this command as `args.eval_callbacks(cfg)`: train never imports evaluate.
     factory = getattr(args, "eval_callbacks", None)
-    run_training(cfg, factory(cfg) if factory and cfg.eval_task else [])
+    # reward: TASK (grpo / ppo) optimises a task's score, lent the same way as the task metrics.
+    lend = getattr(args, "task_reward", None)
+    run_training(cfg, factory(cfg) if factory and cfg.eval_task else [], lend)
     return 0
 
 
-def run_training(cfg, callbacks: list):
-    """One run of the configured stage (SFT / pt through the loop, preference stages through theirs)."""
-    if cfg.stage in ("dpo", "simpo", "kto", "orpo"):
-        from tunelab.train.preference import train_preference
-
-        return train_preference(cfg, eval_callbacks=callbacks)
+def run_training(cfg, callbacks: list, lend_reward=None):
+    """One run of the configured stage: the loop with the stage's objective (train/objectives, one
+    table). `lend_reward(name)`: the CLI's task reward, for `reward: TASK` (grpo / ppo)."""
     from tunelab.train.loop import train
+    from tunelab.train.objectives.rl import reward_kind
 
-    return train(cfg, eval_callbacks=callbacks)
+    reward = lend_reward(cfg.reward) if lend_reward and reward_kind(cfg.reward) == "task" else None
+    return train(cfg, eval_callbacks=callbacks, reward=reward)
 
 
 def dry_run(cfg) -> str:

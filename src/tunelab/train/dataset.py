@@ -178,7 +178,9 @@ def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Con
     return data.train, data.eval, data.skipped
 
 
-def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
+def load_sft_data(cfg: TunelabConfig, tokenizer, chat: bool = True) -> SFTData:
+    """Samples of an sft run (`chat`: rendered with the chat template, dialogues folded as the
+    config says) or of continued pre-training (`chat=False`: plain text, no template)."""
     from tunelab.data.templates import lock_template
 
     data = read_training_data(cfg)
@@ -188,7 +190,7 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
                            fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
     n_train_records, n_eval_records = len(train_convs), len(eval_convs)
     # The tokenizer saved with the weights carries this template (and the system prompt).
-    template = None if cfg.stage == "pt" else lock_template(tokenizer, cfg.template, cfg.system_prompt)
+    template = lock_template(tokenizer, cfg.template, cfg.system_prompt) if chat else None
     # After the split, each side folded on its own: a validation row is never folded into a training one.
     train, skipped = encode_side(train_convs, tokenizer, template, cfg, "training")
     evals, skipped_eval = encode_side(eval_convs, tokenizer, template, cfg, "validation")
@@ -199,8 +201,8 @@ def load_sft_data(cfg: TunelabConfig, tokenizer) -> SFTData:
 
 
 def encode_side(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig, what: str) -> tuple[list, int]:
-    """One side of the data (training, validation, an eval set) folded (sft) and tokenized."""
-    if cfg.fold_dialogues and cfg.stage == "sft":
+    """One side of the data (training, validation, an eval set) folded (chat data) and tokenized."""
+    if cfg.fold_dialogues and template is not None:
         convs = _fold(convs, cfg, tokenizer, template, what)
     return encode_samples(convs, tokenizer, template, cfg)
 

@@ -147,7 +147,12 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
                                                "(nproc_per_node=N), or drop fsdp_cpu_offload")
     if single:
         return SINGLE
-    if strategy == "fsdp" and cfg.stage not in ("sft", "pt"):
+    from tunelab.train.objectives import objective_class
+
+    if not getattr(objective_class(cfg.stage), "multi_process", True):
+        raise TunelabError(f"stage={cfg.stage} runs on one process for now", where="config",
+                           fix="start it without torchrun / nproc_per_node (one GPU)")
+    if strategy == "fsdp" and not objective_class(cfg.stage).sharded:
         raise TunelabError(f"stage={cfg.stage} is not supported with FSDP yet (its reference model and "
                            "precomputed log-probs run outside the sharded forward)", where="config",
                            fix="use finetuning_type=lora with distributed_strategy=ddp for preference stages")

@@ -36,10 +36,11 @@ from tunelab.train.checkpoint import (
 from tunelab.train import distributed
 from tunelab.train.distributed import SINGLE, Dist, rank_share
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
-from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
-from tunelab.train.objective import SFTObjective
+from tunelab.train.memory import MemoryBackoff
+from tunelab.train.objectives import check_stage, objective_class, restrict_speed
 from tunelab.train.optim import after_evaluation, build_optimizer, build_scheduler
 from tunelab.train.probes import EvalSets
+from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step
 from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
 
 
@@ -59,27 +60,30 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=()) -> RunResult:
+def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=(), reward=None) -> RunResult:
     """Run one fine-tuning job as the config says.
 
-    `objective_factory(cfg, tokenizer)` builds the stage's objective (see objective.py);
-    the default is next-token loss on the target turns (SFT / pt). Each of `eval_callbacks`
+    `objective_factory(cfg, tokenizer)` builds the stage's objective; the default is the
+    class `cfg.stage` names in `objectives.STAGES`. Each of `eval_callbacks`
     is called at every evaluation as `callback(model, tokenizer, step) -> {name: value}`;
     its values are logged as `eval_NAME` and can be `metric_for_best_model` (the task
     metrics of `eval_task` come this way, from the evaluate stage: see DEVELOPERS.md).
+    `reward(prompt, completion, reference) -> float` is the task score an online stage
+    optimises when `reward:` names a task (lent the same way).
     """
     if cfg.eval_task and not eval_callbacks:
         raise TunelabError(f"eval_task={cfg.eval_task} but no task-metric callback was given", where="config",
                            fix="run `tunelab train`, or pass eval_callbacks=[TaskMetrics(cfg)] "
                                "(tunelab.evaluate.in_training) to train()")
+    check_stage(cfg)  # a key this stage would ignore is refused before anything runs
     dist = distributed.init_distributed(cfg)  # one process, or one of WORLD_SIZE under a launcher
     try:
-        return _train(cfg, objective_factory, dist, eval_callbacks)
+        return _train(cfg, objective_factory, dist, eval_callbacks, reward)
     finally:
         distributed.shutdown(dist)
 
 
-def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=()) -> RunResult:
+def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(), reward=None) -> RunResult:
     from tunelab.model.adapters import count_parameters, prepare_for_training
     from tunelab.model.loader import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device
     from tunelab.train.fast import apply_speed_levers
@@ -95,13 +99,14 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
 
     # 1. Data: read, split, render with the chat template, mask everything but the answers.
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    objective = (objective_factory or SFTObjective)(cfg, tokenizer)
+    objective = (objective_factory or objective_class(cfg.stage))(cfg, tokenizer, **(
+        {"reward": reward} if reward is not None else {}))
     train_rows, eval_rows = objective.load_data()
     mixture = getattr(objective, "mixture", None)  # rows taken from each source, replay included
 
     # 2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py).
     device = resolve_device(distributed.device_for(cfg, dist))
-    cfg = resolve_precision(cfg, device)
+    cfg = restrict_speed(resolve_precision(cfg, device), type(objective))
     # FSDP shards from CPU memory: no GPU ever holds the whole model.
     load_device = torch.device("cpu") if dist.strategy == "fsdp" else device
     model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
@@ -129,7 +134,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    # Online stages take num_ppo_epochs optimizer steps per step (one batch of rollouts).
+    scheduler = build_scheduler(optimizer, cfg, total_steps * getattr(objective, "updates_per_step", 1))
     scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
 
     state = TrainerState()
@@ -174,6 +180,9 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         """One optimizer step (this process's share of it), retried in smaller pieces if it runs
         out of memory (train/memory.py)."""
         share = rank_share(step_ids, dist.rank, dist.world)
+        if hasattr(objective, "rollout"):  # online stages: the step's prompts are sampled and scored first
+            return rollout_step(model, objective, [[train_rows[i] for i in ids] for ids in share], optimizer,
+                                scheduler, scaler, cfg, device)
         spare = objective.collate([train_rows[step_ids[0][0]]]) if dist.enabled else None
 
         def attempt(budget):
@@ -188,7 +197,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
 
     def checkpoint() -> Path:
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
-        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist))
+        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist, objective))
                  if cfg.finetuning_type == "lora" else None)
         state.log_window = dict(window)  # a resumed curve equals this one
         if dist.strategy == "fsdp":
@@ -212,7 +221,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         after_evaluation(scheduler, eval_loss)  # reduce_lr_on_plateau / greedy follow the validation loss
         row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
                "eval_loss": eval_loss}
-        if cfg.stage in ("sft", "pt"):
+        if getattr(objective, "perplexity", False):
             row["eval_perplexity"] = _perplexity(eval_loss)
         row |= {f"eval_{k}": v for k, v in eval_metrics.items()}
         if probes:
@@ -315,7 +324,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         if dist.is_main:
             print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
                   f"{state.best_checkpoint}", file=sys.stderr)
-    save_final_weights(model, tokenizer, run_dir, cfg, dist)
+    save_final_weights(model, tokenizer, run_dir, cfg, dist, objective)
     if cfg.plot_loss and dist.is_main:
         plot_loss(run_dir)
     dist.barrier()
@@ -421,9 +430,11 @@ def _load_best(path: Path, model) -> None:
         load_trainable_state(model, load_file(path / "trainable.safetensors"))
 
 
-def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE) -> None:
-    """The adapter or full weights as one loadable folder, written by rank 0. Under FSDP every
-    rank first sends its shards to rank 0 (a collective call: every rank makes it)."""
+def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE,
+                       objective=None) -> None:
+    """The adapter or full weights as one loadable folder, written by rank 0, with what the
+    stage adds (the reward model's head). Under FSDP every rank first sends its shards to
+    rank 0 (a collective call: every rank makes it)."""
     state = None
     if dist.strategy == "fsdp":
         from tunelab.train.sharded_checkpoint import consolidated_state
@@ -431,6 +442,8 @@ def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist
         state = consolidated_state(model, dist, trainable_only=cfg.finetuning_type == "lora")
     if dist.is_main:
         _save_weights(model, tokenizer, out_dir, state_dict=state)
+        if hasattr(objective, "save"):
+            objective.save(model, out_dir)
 
 
 def _load_dtype(cfg: TunelabConfig) -> str:
@@ -455,143 +468,6 @@ def _improves(value: float, best: float | None, cfg: TunelabConfig) -> bool:
     lower_is_better = "loss" in cfg.metric_for_best_model or "perplexity" in cfg.metric_for_best_model
     margin = cfg.early_stopping_threshold
     return value < best - margin if lower_is_better else value > best + margin
-
-
-@dataclass
-class StepStats:
-    loss_sum: float  # summed loss of the step's target tokens (or pairs)
-    weight: int  # what the loss is averaged over
-    real_tokens: int  # non-pad tokens
-    grad_norm: float
-    metrics: dict
-
-
-def optimizer_step(model, objective, micro_batches: list[dict], optimizer, scheduler, scaler,
-                   cfg: TunelabConfig, device, dist: Dist = SINGLE, spare: dict | None = None) -> StepStats:
-    """One optimizer step: accumulate the micro-batches' gradients, clip, step, schedule.
-
-    Under several processes `micro_batches` is this rank's share of the global step and
-    `spare` a batch to run at zero weight should the share be short (distributed.padded_passes).
-    A function of its own so benchmarks time exactly the code the trainer runs.
-    """
-    # Divide by the weight of the whole global step (every rank's): the loss one big batch would
-    # give. DDP and FSDP average gradients over ranks; multiplying by the world size undoes it.
-    (step_weight,) = dist.all_sum([sum(objective.weight(b) for b in micro_batches)], device)
-    scale = dist.world / max(step_weight, 1)
-    passes = distributed.padded_passes(micro_batches, dist, device, lambda: spare)
-    loss_total, real_tokens, metrics = 0.0, 0, {}
-    for i, (batch, counts) in enumerate(passes):
-        batch = _to_device(batch, device)
-        with _grad_sync(objective, last=i == len(passes) - 1):
-            with _autocast(cfg, device):
-                loss_sum, batch_metrics = objective.loss(model, batch)
-            loss = loss_sum * (scale if counts else 0.0)
-            (scaler.scale(loss) if scaler else loss).backward()
-        if not counts:
-            continue
-        loss_total += float(loss_sum.detach())
-        real_tokens += int(batch["attention_mask"].sum())
-        for key, value in batch_metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + value
-    if dist.enabled:  # the logged loss, tokens and metrics are the global step's
-        keys = sorted(metrics)
-        loss_total, real_tokens, *values = dist.all_sum([loss_total, real_tokens, *(metrics[k] for k in keys)],
-                                                        device)
-        real_tokens, metrics = int(real_tokens), dict(zip(keys, values))
-    try:
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad],
-            cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-    except torch.OutOfMemoryError as exc:  # weights may be half-updated: this step cannot be retried
-        raise OptimizerOutOfMemory(str(exc)) from None
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_total, int(step_weight), real_tokens, grad_norm, metrics)
-
-
-def _grad_sync(objective, last: bool):
-    """DDP all-reduces on the last micro-batch of a step only (see distributed.DistributedObjective)."""
-    return objective.grad_sync(last) if hasattr(objective, "grad_sync") else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
-             dist: Dist = SINGLE) -> tuple[float, dict[str, float]]:
-    """Mean validation loss (per token for SFT, per pair for preferences) and mean metrics.
-    Several processes: rank r scores batches r, r + world, ...; the sums are all-reduced."""
-    model.eval()
-    sums = {"loss": 0.0, "weight": 0, "metrics": {}}
-
-    def score(chunk: list, counts: bool) -> None:
-        """Add one batch's loss (a padding pass of a short rank adds nothing); on one process a
-        batch that runs out of memory is scored in two halves."""
-        batch = objective.collate(chunk)
-        try:
-            with _autocast(cfg, device):
-                loss_sum, batch_metrics = objective.loss(model, _to_device(batch, device))
-        except torch.OutOfMemoryError:
-            if len(chunk) == 1 or dist.enabled:
-                raise
-            oom = True
-        else:
-            oom = False
-            if counts:
-                sums["loss"] += float(loss_sum)
-                sums["weight"] += objective.weight(batch)
-                for key, value in batch_metrics.items():
-                    sums["metrics"][key] = sums["metrics"].get(key, 0.0) + value
-        if oom:  # outside the except block, so the failed try's tensors are freed first
-            del batch
-            torch.cuda.empty_cache()
-            score(chunk[:len(chunk) // 2], counts)
-            score(chunk[len(chunk) // 2:], counts)
-
-    ordered = sorted(rows, key=len)  # similar lengths: little padding
-    size = cfg.per_device_eval_batch_size
-    chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
-    for chunk, counts in distributed.padded_passes(chunks[dist.rank::dist.world], dist, device,
-                                                   lambda: ordered[:1]):
-        score(chunk, counts)
-    total, weight, metrics = sums["loss"], sums["weight"], sums["metrics"]
-    if dist.enabled:
-        keys = sorted(metrics)
-        total, weight, *values = dist.all_sum([total, weight, *(metrics[k] for k in keys)], device)
-        metrics = dict(zip(keys, values))
-    weight = max(weight, 1)
-    return total / weight, average_metrics(metrics, weight)
-
-
-def average_metrics(sums: dict[str, float], weight: float) -> dict[str, float]:
-    """Mean of each summed metric over the step weight. A metric `group/name` for which the
-    objective also reports `count/name` averages over that count instead (KTO's chosen
-    rewards average over its desirable examples only); counts are not logged themselves."""
-    out = {}
-    for key, value in sums.items():
-        if key.startswith("count/"):
-            continue
-        count = sums.get(f"count/{key.rsplit('/', 1)[-1]}", weight) if "/" in key else weight
-        if count > 0:
-            out[key] = value / count
-    return out
-
-
-def _autocast(cfg: TunelabConfig, device: torch.device):
-    if cfg.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if cfg.fp16:
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _epoch_float(state: TrainerState, micro_per_epoch: int) -> float:

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 
 from tunelab.config import TunelabConfig
-from tunelab.train.objective import SFTObjective
+from tunelab.train.objectives.sft import SFTObjective
 
 # How an earlier run turned its conversations into tokens: a probe of its data does the same.
 ENCODING_KEYS = ("stage", "cutoff_len", "template", "system_prompt", "train_on", "truncation", "fold_dialogues")
@@ -36,7 +36,7 @@ class EvalSets:
             print(f"eval set {name}: {len(self.rows[name])} samples from {ref}", file=sys.stderr)
 
     def losses(self, model, device, dist) -> dict[str, float]:
-        from tunelab.train.loop import evaluate
+        from tunelab.train.step import evaluate
 
         return {f"eval_{name}_loss": evaluate(model, self.objective, rows, self.cfg, device, dist)[0]
                 for name, rows in self.rows.items()}

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from tunelab.data.types import Conversation, Message
+from tunelab.errors import TunelabError
 from tunelab.evaluate.metrics import perplexity
 
 
@@ -77,6 +78,12 @@ class Task(ABC):
     def breakdown(self, rows: list[dict]) -> dict:
         """Where the score is lost (see evaluate/breakdown.py); rows already scored."""
         return {}
+
+    def reward(self, prompt: str, completion: str, reference: str) -> float:
+        """The task's score of one completion as a reward in [0, 1] for online RL (stage grpo /
+        ppo with `reward: TASK`): what we measure is what we optimise."""
+        raise TunelabError(f"the {self.name} task has no reward", where="reward",
+                           fix="use reward: hotel or generic, a reward model folder, or module:function")
 
 
 def is_empty(prediction: str | None) -> bool:

@@ -66,6 +66,10 @@ class GenericTask(Task):
             scores["exact_match"] = exact_match([prediction], [reference])
         return scores
 
+    def reward(self, prompt: str, completion: str, reference: str) -> float:
+        """Character-level sentence BLEU-4 of the completion against the reference, in [0, 1]."""
+        return sentence_bleu4_char(completion, reference)
+
     def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
         preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
         out: dict = {"samples": len(rows)}

@@ -88,6 +88,25 @@ class HotelTask(Task):
             out.update(perplexity_scores(rows))
         return out
 
+    def reward(self, prompt: str, completion: str, reference: str) -> float:
+        """0 for the wrong role; else 0.2, plus for a search 0.2 for valid JSON and 0.6 x the row's
+        slot F1 (1 when both sides name no slot), for a reply 0.8 x its char BLEU-4 / 100.
+        The reference is the turn as the model should write it (`search\n{...}` / `assistant\n...`)."""
+        role, body = split_role(reference)
+        meta = {"role": role}
+        if role == "search":
+            meta["arguments"] = json.loads(body) if bd.is_json_object(body) else {}
+        row = {"prediction": completion, "reference": reference, "meta": meta}
+        scores = self.score_row(row, ("slots", "bleu"))
+        if not scores["role_correct"]:
+            return 0.0
+        if role != "search":
+            return 0.2 + 0.8 * scores["bleu4"] / 100
+        valid = bd.is_json_object(split_role(completion)[1])
+        nothing = scores["slot_predicted"] == scores["slot_expected"] == 0
+        f1 = 1.0 if nothing and valid else _row_f1({"scores": scores}) / 100
+        return 0.2 + 0.2 * valid + 0.6 * f1
+
     def mistake(self, row: dict) -> str | None:
         """Wrong role, malformed search JSON, or any missing / extra slot. Replies in the
         right role are not judged: many wordings are right, and BLEU cannot tell them apart."""

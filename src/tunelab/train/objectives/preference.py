@@ -1,4 +1,4 @@
-"""Preference training (DPO, SimPO, KTO, ORPO) as an objective of the one training loop.
+"""Preference training (DPO, SimPO, KTO, ORPO): one objective class per stage, one loop.
 
 The loop (`loop.py`) is shared with SFT; this file says what a preference step computes:
 
@@ -33,17 +33,10 @@ from tunelab.errors import TunelabError
 from tunelab.train.losses import shifted_token_losses
 from tunelab.data.collate import pad_id_for
 from tunelab.train.pref_losses import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
+from tunelab.train.step import autocast, to_device
 
-REFERENCE_FREE = ("simpo", "orpo")
 # KTO paper, section 4: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3].
 KTO_BALANCE = (1.0, 4 / 3)
-
-
-def train_preference(cfg: TunelabConfig, eval_callbacks=()):
-    """Run a dpo / simpo / kto / orpo stage through the shared training loop."""
-    from tunelab.train.loop import train
-
-    return train(cfg, objective_factory=PreferenceObjective, eval_callbacks=eval_callbacks)
 
 
 # --- log-probs -------------------------------------------------------------------------
@@ -81,17 +74,25 @@ def lora_adds_nothing(model) -> bool:
 
 
 class PreferenceObjective:
-    """The objective (see objective.py) of the dpo, simpo, kto and orpo stages."""
+    """What the pairwise preference stages share: pairs read and tokenized with one prompt,
+    chosen and rejected scored in one forward, a reference model where the loss needs one.
+    A stage subclasses it with `pair_loss` (or `loss`, KTO)."""
+
+    stage = ""
+    keys = frozenset({"pref_beta"})
+    speed_paths = frozenset({"padding_free", "fused_loss"})  # packing: a row pairs two answers to one prompt
+    perplexity = False
+    trains_on_conversations = False
+    sharded = False  # the reference model and precomputed log-probs run outside the sharded forward
+    uses_reference = True
+    unit = "pairs"
 
     def __init__(self, cfg: TunelabConfig, tokenizer):
-        if cfg.packing:
-            raise TunelabError(f"packing is not available for stage={cfg.stage}", where="config",
-                               fix="set packing=false: preference rows pair two answers to one prompt")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.pad_id = pad_id_for(tokenizer)
         self.ref_model = None  # a frozen copy (full fine-tuning without precomputed log-probs)
-        self.ref_source = "none" if cfg.stage in REFERENCE_FREE else "adapter_disabled"
+        self.ref_source = "adapter_disabled" if self.uses_reference else "none"
         self.rows: list = []
         self.mixture: dict | None = None  # what each dataset source gave (RUN_DIR/data_mixture.json)
 
@@ -123,23 +124,19 @@ class PreferenceObjective:
         if not train:
             raise TunelabError("no training pair is left after tokenization", where=", ".join(cfg.dataset_paths),
                                fix="check the data with `tunelab data check`, or raise cutoff_len")
-        if cfg.stage == "kto":
-            warn_kto_balance(train, cfg)
-            assign_kl_completions(train, cfg.seed, cfg.cutoff_len)
-            if evals:
-                assign_kl_completions(evals, cfg.seed, cfg.cutoff_len)
-        kind = "examples" if cfg.stage == "kto" else "pairs"
-        print(f"{len(train)} training {kind}, {len(evals)} validation", file=sys.stderr)
+        self._prepare_rows(train, evals)
+        print(f"{len(train)} training {self.unit}, {len(evals)} validation", file=sys.stderr)
         self.rows = train + evals
         return train, evals
 
+    def _prepare_rows(self, train: list, evals: list) -> None:
+        """What a stage adds to its tokenized rows (KTO: mismatched completions for its KL estimate)."""
+
     def _for_stage(self, items: list, paths: list[str]) -> list:
-        """KTO trains on pairs too (unpaired); the pairwise stages refuse KTO examples."""
+        """The pairwise stages refuse KTO examples (KTO itself unpairs pairs)."""
         kto = [i for i in items if isinstance(i, KTOExample)]
-        if self.cfg.stage == "kto":
-            return kto + unpair([i for i in items if isinstance(i, PreferencePair)])
         if kto:
-            raise TunelabError(f"stage={self.cfg.stage} needs chosen/rejected pairs, but {kto[0].source} is a "
+            raise TunelabError(f"stage={self.stage} needs chosen/rejected pairs, but {kto[0].source} is a "
                                "KTO example (one answer with a kto_tag)", where=", ".join(paths),
                                fix="train KTO data with stage=kto, or give pairs (prompt, chosen, rejected)")
         return items
@@ -149,7 +146,7 @@ class PreferenceObjective:
     def setup(self, model, device) -> None:
         """Choose how the reference is scored; precompute its log-probs where that is the way."""
         cfg = self.cfg
-        if cfg.stage in REFERENCE_FREE:
+        if not self.uses_reference:
             return
         if cfg.precompute_ref_log_probs:
             self.ref_source = "precomputed"
@@ -184,34 +181,78 @@ class PreferenceObjective:
     # -- batches and loss ----------------------------------------------------------------
 
     def collate(self, rows: list) -> dict:
-        return collate_kto(rows, self.pad_id) if self.cfg.stage == "kto" else collate_pairs(rows, self.pad_id)
+        return collate_pairs(rows, self.pad_id)
 
     def weight(self, batch: dict) -> int:
         return batch["n_examples"]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
-        if cfg.stage == "kto":
-            return self._kto(model, batch)
-        logps, counts = batch_logps(model, batch, cfg)  # one forward: chosen rows, then rejected rows
+        logps, counts = batch_logps(model, batch, self.cfg)  # one forward: chosen rows, then rejected rows
         n = batch["n_examples"]
-        chosen, rejected = logps[:n], logps[n:]
-        extra = {}
-        if cfg.stage == "dpo":
-            ref = self.reference_logps(model, batch)
-            losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref[:n], ref[n:], cfg.pref_beta,
-                                                    cfg.pref_loss, cfg.pref_label_smoothing)
-        else:
-            avg = logps / counts.clamp(min=1)
-            if cfg.stage == "simpo":
-                losses, r_chosen, r_rejected = simpo_loss(avg[:n], avg[n:], cfg.pref_beta, cfg.simpo_gamma,
-                                                          cfg.pref_label_smoothing)
-            else:  # orpo
-                losses, r_chosen, r_rejected, log_odds = orpo_loss(avg[:n], avg[n:], cfg.pref_beta)
-                extra = {"nll": float(-avg[:n].detach().sum()), "log_odds_ratio": float(log_odds.sum())}
-        return losses.sum(), pair_metrics(r_chosen, r_rejected, chosen.detach(), rejected.detach()) | extra
+        losses, r_chosen, r_rejected, extra = self.pair_loss(model, batch, logps, counts, n)
+        return losses.sum(), pair_metrics(r_chosen, r_rejected, logps[:n].detach(), logps[n:].detach()) | extra
 
-    def _kto(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def pair_loss(self, model, batch: dict, logps: torch.Tensor, counts: torch.Tensor, n: int):
+        """Per-pair losses, chosen and rejected rewards, extra summed metrics (rows: chosen, then rejected)."""
+        raise NotImplementedError
+
+
+class DPOObjective(PreferenceObjective):
+    stage = "dpo"
+    keys = frozenset({"pref_beta", "pref_loss", "pref_label_smoothing", "precompute_ref_log_probs"})
+
+    def pair_loss(self, model, batch, logps, counts, n):
+        cfg = self.cfg
+        ref = self.reference_logps(model, batch)
+        losses, r_chosen, r_rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], cfg.pref_beta,
+                                                cfg.pref_loss, cfg.pref_label_smoothing)
+        return losses, r_chosen, r_rejected, {}
+
+
+class SimPOObjective(PreferenceObjective):
+    stage = "simpo"
+    keys = frozenset({"pref_beta", "pref_label_smoothing", "simpo_gamma"})
+    uses_reference = False
+
+    def pair_loss(self, model, batch, logps, counts, n):
+        avg = logps / counts.clamp(min=1)
+        losses, r_chosen, r_rejected = simpo_loss(avg[:n], avg[n:], self.cfg.pref_beta, self.cfg.simpo_gamma,
+                                                  self.cfg.pref_label_smoothing)
+        return losses, r_chosen, r_rejected, {}
+
+
+class ORPOObjective(PreferenceObjective):
+    stage = "orpo"
+    uses_reference = False
+
+    def pair_loss(self, model, batch, logps, counts, n):
+        avg = logps / counts.clamp(min=1)
+        losses, r_chosen, r_rejected, log_odds = orpo_loss(avg[:n], avg[n:], self.cfg.pref_beta)
+        return losses, r_chosen, r_rejected, {"nll": float(-avg[:n].detach().sum()),
+                                              "log_odds_ratio": float(log_odds.sum())}
+
+
+class KTOObjective(PreferenceObjective):
+    """Unpaired: each example is one answer marked desirable or not; pairs are unpaired."""
+
+    stage = "kto"
+    keys = frozenset({"pref_beta", "kto_desirable_weight", "kto_undesirable_weight", "precompute_ref_log_probs"})
+    unit = "examples"
+
+    def _for_stage(self, items: list, paths: list[str]) -> list:
+        kto = [i for i in items if isinstance(i, KTOExample)]
+        return kto + unpair([i for i in items if isinstance(i, PreferencePair)])
+
+    def _prepare_rows(self, train: list, evals: list) -> None:
+        warn_kto_balance(train, self.cfg)
+        assign_kl_completions(train, self.cfg.seed, self.cfg.cutoff_len)
+        if evals:
+            assign_kl_completions(evals, self.cfg.seed, self.cfg.cutoff_len)
+
+    def collate(self, rows: list) -> dict:
+        return collate_kto(rows, self.pad_id)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         logps, _ = batch_logps(model, batch, cfg)
         with torch.no_grad():
@@ -272,16 +313,14 @@ def warn_kto_balance(rows: list[KTORow], cfg: TunelabConfig) -> None:
 @torch.no_grad()
 def precompute_reference(model, objective: PreferenceObjective, device) -> None:
     """Score every row once with the model as it stands (the reference) and store the log-probs."""
-    from tunelab.train.loop import _autocast, _to_device
-
     was_training = model.training
     model.eval()
     rows = sorted(objective.rows, key=len)  # similar lengths together: little padding
     size = objective.cfg.per_device_eval_batch_size
     for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
-        batch = _to_device(objective.collate(chunk), device)
-        with _autocast(objective.cfg, device):
+        batch = to_device(objective.collate(chunk), device)
+        with autocast(objective.cfg, device):
             logps = batch_logps(model, batch, objective.cfg)[0].float().cpu()
             if isinstance(chunk[0], KTORow):
                 kl_logps = batch_logps(model, batch, objective.cfg, "kl_")[0].float().cpu()

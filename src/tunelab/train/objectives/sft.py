@@ -1,16 +1,4 @@
-"""What a training stage optimises: data rows, batching and the loss.
-
-The loop in `loop.py` is the same for every stage; a stage plugs in an objective:
-
-    rows    = objective.load_data()             -> (train rows, eval rows)
-    batch   = objective.collate(rows)           -> dict of tensors
-    weight  = objective.weight(batch)           -> what the loss is averaged over
-    total, metrics = objective.loss(model, batch)  -> summed loss (+ summed extra metrics)
-
-The loop divides the summed loss by the summed weight of the whole optimizer step,
-so accumulation gives the loss of one big batch. SFT and continued pre-training
-average over target tokens; preference stages (train/preference.py) over pairs.
-"""
+"""Next-token loss: supervised fine-tuning on the target turns (sft), or on all text (pt)."""
 
 from __future__ import annotations
 
@@ -24,7 +12,15 @@ from tunelab.train.losses import causal_lm_loss_sum
 
 
 class SFTObjective:
-    """Next-token loss on the target turns (SFT) or on all text (pt)."""
+    """Next-token loss on the target turns of chat-rendered conversations."""
+
+    stage = "sft"
+    keys = frozenset({"fold_dialogues", "train_on", "truncation"})
+    speed_paths = frozenset({"packing", "padding_free", "fused_loss"})
+    perplexity = True  # the validation loss is a per-token NLL: eval_perplexity is logged
+    trains_on_conversations = True  # its validation split is what task metrics generate on
+    sharded = True  # runs under FSDP
+    chat = True  # rendered with the chat template (pt: plain text)
 
     def __init__(self, cfg: TunelabConfig, tokenizer):
         self.cfg = cfg
@@ -35,7 +31,7 @@ class SFTObjective:
     def load_data(self) -> tuple[list, list]:
         from tunelab.train.dataset import load_sft_data
 
-        data = load_sft_data(self.cfg, self.tokenizer)
+        data = load_sft_data(self.cfg, self.tokenizer, chat=self.chat)
         self.mixture = data.mixture
         train = pack_samples(data.train, self.cfg.cutoff_len) if self.cfg.packing else data.train
         print(f"{len(data.train)} training samples ({len(train)} rows{' packed' if self.cfg.packing else ''}), "
@@ -61,3 +57,11 @@ class SFTObjective:
         else:
             total, _ = causal_lm_loss_sum(model, batch)
         return total, {}
+
+
+class PTObjective(SFTObjective):
+    """Continued pre-training: next-token loss on every token of plain text."""
+
+    stage = "pt"
+    keys = frozenset({"train_on", "truncation"})  # conversations given to pt still render their turns
+    chat = False
