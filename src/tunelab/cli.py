@@ -23,6 +23,7 @@ STAGE_CLIS = (
     "tunelab.evaluate.cli",
     "tunelab.export.cli",
     "tunelab.serve.cli",
+    "tunelab.board.cli",
 )
 
 
@@ -64,9 +65,10 @@ def os_error(exc: OSError) -> TunelabError:
 
 
 def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
-    """Two commands of early stages need a later stage: `tunelab train` with eval_task
-    scores the task during training, and `tunelab data mine-pairs` decodes and scores
-    with a model. Their code lives in evaluate, which data and train must not import; this
+    """Three commands of early stages need a later stage: `tunelab train` with eval_task
+    scores the task during training, `tunelab data mine-pairs` decodes and scores
+    with a model, and `tunelab report A B` compares runs (board/compare.py). Their code lives
+    in later stages, which data, train and evaluate must not import; this
     file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
     between stages"). Imported only when called: the CLI stays quick to start."""
     def eval_callbacks(cfg):
@@ -79,7 +81,12 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return run_mine_pairs(args)
 
-    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs)
+    def compare_runs(run_dirs, out_dir, metric):
+        from tunelab.board.cli import compare_report
+
+        return compare_report(run_dirs, out_dir, metric)
+
+    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, compare_runs=compare_runs)
 
 
 def main(argv: list[str] | None = None) -> int:
