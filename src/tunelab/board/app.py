@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 
@@ -355,11 +355,11 @@ def create_app(runs_dir: Path, token: str | None = None, allowed_hosts: list[str
         return {"runs_dir": str(board.runs_dir.resolve()), "runs": [i.to_json() for i in infos], "sweeps": sweeps}
 
     @app.get("/api/curves", dependencies=api)
-    def get_curves(run: list[str]):
+    def get_curves(run: list[str] = Query()):
         return {"runs": [curves(board.run(name)) for name in run]}
 
     @app.get("/api/compare", dependencies=api)
-    def get_compare(run: list[str], metric: str = "eval_loss"):
+    def get_compare(run: list[str] = Query(), metric: str = "eval_loss"):
         return compare(board, run, metric)
 
     @app.get("/api/examples", dependencies=api)

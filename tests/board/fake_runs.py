@@ -1,0 +1,45 @@
+"""Run folders as `tunelab train` leaves them, written directly (no training): the board and the
+comparison only read files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+
+def fake_run(folder: Path, *, lr: float = 1e-4, steps: int = 12, start: float = 3.0, rate: float = 0.1,
+             eval_every: int = 4, finished: bool = True, predictions: list[tuple[str, str, str]] | None = None,
+             extra: dict | None = None, age: float = 0.0) -> Path:
+    """A run whose loss falls as start * exp(-rate * step); eval rows every `eval_every` steps.
+    `predictions`: (prompt, reference, prediction) rows in eval/predictions.jsonl.
+    `age`: seconds since the log was last written (an old unfinished run is 'stopped')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_name_or_path": "smollm2-135m-instruct", "learning_rate": lr, "lora_rank": 8, "max_steps": steps,
+              "output_dir": str(folder), "seed": 42, **(extra or {})}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (folder / ".tunelab-run").write_text("a tunelab run folder\n", encoding="utf-8")
+    rows = []
+    for step in range(1, steps + 1):
+        rows.append({"step": step, "epoch": step / steps, "loss": start * math.exp(-rate * step),
+                     "learning_rate": lr, "grad_norm": 1.0, "tokens_per_second": 100.0})
+        if step % eval_every == 0:
+            loss = start * math.exp(-rate * step) + 0.1
+            rows.append({"step": step, "epoch": step / steps, "eval_loss": loss, "eval_perplexity": math.exp(loss)})
+    log = folder / "trainer_log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if predictions:
+        (folder / "eval").mkdir(exist_ok=True)
+        (folder / "eval" / "predictions.jsonl").write_text("".join(
+            json.dumps({"id": i, "prompt": p, "reference": r, "prediction": a}) + "\n"
+            for i, (p, r, a) in enumerate(predictions)), encoding="utf-8")
+    if age:
+        old = time.time() - age
+        os.utime(log, (old, old))
+    if finished:
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
