@@ -43,3 +43,34 @@ def fake_run(folder: Path, *, lr: float = 1e-4, steps: int = 12, start: float = 
     if finished:
         (folder / "adapter_model.safetensors").write_bytes(b"weights")
     return folder
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config_values(model_dir: Path, data_dir: Path, out: Path, **overrides) -> dict:
+    """A config that trains the tiny random model in a few seconds on a CPU."""
+    data = data_dir / "train.jsonl"
+    lines = (REPO / "examples" / "data" / "quickstart.jsonl").read_text(encoding="utf-8").splitlines(True)[:12]
+    data.write_text("".join(lines), encoding="utf-8")
+    values = {"model_name_or_path": str(model_dir), "dataset": [str(data)], "cutoff_len": 96, "max_steps": 2,
+              "per_device_train_batch_size": 2, "lora_rank": 4, "lora_alpha": 8, "logging_steps": 1, "val_size": 2,
+              "eval_strategy": "steps", "eval_steps": 2, "save_steps": 100, "report_to": ["jsonl"],
+              "disable_tqdm": True, "device": "cpu", "output_dir": str(out)}
+    return {**values, **overrides}
+
+
+def tiny_trained_run(model_dir: Path, data_dir: Path, out: Path) -> Path:
+    """A real finished LoRA run of the tiny model (for chat and data preview)."""
+    import torch
+
+    from tunelab.config import load_config
+    from tunelab.train.loop import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(None, tiny_config_values(model_dir, data_dir, out)))
+    finally:
+        torch.set_num_threads(threads)
+    return out

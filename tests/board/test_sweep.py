@@ -4,6 +4,7 @@ resuming, one trial per GPU, and the comparison at the end."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fake_runs import fake_run
+from fake_runs import fake_run, tiny_config_values
 from tunelab.board import sweep
 from tunelab.board.runs import read_sweep
 from tunelab.errors import TunelabError
@@ -170,21 +171,16 @@ def test_a_sweep_folder_of_another_config_is_refused(tmp_path):
 @pytest.mark.slow
 def test_sweep_command_trains_two_tiny_runs_end_to_end(tmp_path, tiny_model_dir):
     """The real thing: `tunelab sweep` starts `tunelab train` twice (child processes) on a tiny model."""
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join((REPO / "examples" / "data" / "quickstart.jsonl").read_text().splitlines(True)[:12]))
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({
-        "model_name_or_path": str(tiny_model_dir), "dataset": [str(data)], "cutoff_len": 96, "max_steps": 2,
-        "per_device_train_batch_size": 2, "lora_rank": 4, "lora_alpha": 8, "logging_steps": 1, "val_size": 2,
-        "eval_strategy": "steps", "eval_steps": 2, "save_steps": 100, "report_to": ["jsonl"],
-        "disable_tqdm": True, "device": "cpu", "output_dir": str(tmp_path / "runs" / "tiny")}))
+    config.write_text(yaml.safe_dump(tiny_config_values(tiny_model_dir, tmp_path, tmp_path / "runs" / "tiny")))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(config), "learning_rate=1e-3,1e-2"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     folder = tmp_path / "runs" / "tiny-sweep"
     for name in ("learning_rate-1e-3", "learning_rate-1e-2"):
         assert (folder / name / "adapter_model.safetensors").is_file()
     assert "2 runs ranked by eval_loss" in result.stdout
     again = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(config), "learning_rate=1e-3,1e-2"],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 2

@@ -82,9 +82,11 @@ class Board:
         launches = self.launches()
         found = R.find_runs(self.runs_dir, launches)
         seen = {r.path.resolve() for r in found}
-        for path, launch in launches.items():  # launched with an output_dir outside runs_dir
-            if path not in seen and path.is_dir():
-                found.append(R.run_info(path, str(path), launch))
+        root = self.runs_dir.resolve()
+        for path, launch in launches.items():  # not started yet, failed early, or outside runs_dir
+            if path not in seen:
+                name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+                found.append(R.run_info(path, name, launch))
         for info in found:
             launch = launches.get(info.path.resolve())
             if info.status == "failed" and launch and launch.log:
