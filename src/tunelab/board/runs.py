@@ -223,6 +223,9 @@ def resolve_runs(paths: list[Path]) -> list[Path]:
     out = []
     for path in map(Path, paths):
         data = read_sweep(path)
+        if not path.exists():
+            raise TunelabError(f"run folder {path} does not exist", where="command line",
+                               fix="give the output_dir of `tunelab train` runs, or a `tunelab sweep` folder")
         if data is not None:
             out += [path / t["name"] for t in data.get("trials", []) if (path / t["name"] / LOG_NAME).is_file()]
         elif (path / LOG_NAME).is_file():

@@ -297,17 +297,17 @@ def _warn_empty(summary: dict) -> None:
 # --- tunelab report --------------------------------------------------------------------
 
 def run_report(args) -> int:
-    from tunelab.evaluate.report import format_findings
+    from tunelab.evaluate.report import LOG_NAME, format_findings
     from tunelab.evaluate.report import run_report as make_report
 
     [run_dir, *others] = args.run_dir
     # Several runs, a sweep folder, a folder of runs: the comparison, which lives in a later stage
     # (board) and is lent to this command by the top-level CLI.
-    single = not others and ((Path(run_dir) / "trainer_log.jsonl").is_file() or
-                             (Path(run_dir).parent / "trainer_log.jsonl").is_file())
-    if not single and getattr(args, "compare_runs", None):
+    path = Path(run_dir)
+    holds_runs = path.is_dir() and not (path / LOG_NAME).is_file() and not (path.parent / LOG_NAME).is_file()
+    if (others or holds_runs) and getattr(args, "compare_runs", None):
         return args.compare_runs(args.run_dir, args.output_dir, args.metric)
     out_dir = Path(args.output_dir) if args.output_dir else None
-    result = make_report(Path(run_dir), out_dir)
+    result = make_report(path, out_dir)
     print(format_findings(result))
     return 0
