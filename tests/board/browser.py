@@ -11,7 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS), str(TESTS / "serve")]  # also when run as a script (screenshots.py)
 from serving import running  # noqa: E402  (a uvicorn server in a thread, as the server tests use)
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")

@@ -137,3 +137,11 @@ def test_chat_answers_with_the_runs_model(client):
     assert list(engine.adapters) == ["tiny"]  # the run's adapter on its base, as `tunelab chat` loads it
     bad = client.post("/api/chat", json={"run": "tiny", "messages": []}, headers=AUTH)
     assert bad.status_code == 400 and "user message" in bad.json()["error"]
+
+
+def test_board_refuses_other_machines_without_a_token(capsys, monkeypatch):
+    from tunelab.cli import main
+
+    monkeypatch.delenv("TUNELAB_BOARD_TOKEN", raising=False)
+    assert main(["board", "--host", "0.0.0.0", "--port", "7861"]) == 2
+    assert "without a token" in capsys.readouterr().err

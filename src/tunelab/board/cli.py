@@ -73,7 +73,10 @@ def run_board(args) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     url = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
     print(f"tunelab board over {runs_dir.resolve()}: {url}", file=sys.stderr)
-    uvicorn.run(create_app(runs_dir, token=args.token), host=args.host, port=args.port, log_level="warning")
+    # Bound to this machine: only its own names may reach the page (no DNS rebinding onto it).
+    hosts = list(LOOPBACK) if args.host in LOOPBACK else None
+    uvicorn.run(create_app(runs_dir, token=args.token, allowed_hosts=hosts), host=args.host, port=args.port,
+                log_level="warning")
     return 0
 
 
