@@ -63,10 +63,13 @@ class Board:
     def launches(self) -> dict[Path, R.Launch]:
         path = self.state_dir / "launches.json"
         records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+        ended = False
         for record in records:
             process = self.processes.get(record["run_dir"])
             if process is not None and record.get("returncode") is None and process.poll() is not None:
-                record["returncode"] = process.returncode
+                record["returncode"], ended = process.returncode, True
+        if ended:  # kept, so a restarted board still knows how its runs ended
+            write_json_atomic(path, records)
         return {Path(r["run_dir"]).resolve(): R.Launch(r.get("pid"), r.get("returncode"), r.get("log"))
                 for r in records}
 

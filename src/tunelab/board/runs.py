@@ -68,7 +68,8 @@ def run_status(run_dir: Path, launch: Launch | None = None) -> str:
         return "running"
     weights = [run_dir / n for n in FINAL_WEIGHTS if (run_dir / n).is_file()]
     if not log.is_file():
-        return "finished" if weights else "failed" if launch and launch.returncode else "pending"
+        # A launched process that is gone without writing a log failed before training.
+        return "finished" if weights else "failed" if launch is not None else "pending"
     logged = log.stat().st_mtime
     if weights and max(w.stat().st_mtime for w in weights) >= logged - 1:
         return "finished"
