@@ -4,9 +4,6 @@ resuming, one trial per GPU, and the comparison at the end."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -169,18 +166,16 @@ def test_a_sweep_folder_of_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_command_trains_two_tiny_runs_end_to_end(tmp_path, tiny_model_dir):
-    """The real thing: `tunelab sweep` starts `tunelab train` twice (child processes) on a tiny model."""
+def test_sweep_trains_two_tiny_runs_end_to_end(tmp_path, tiny_model_dir, capsys):
+    """The real thing: the sweep starts `tunelab train` twice (child processes) on a tiny model."""
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(tiny_config_values(tiny_model_dir, tmp_path, tmp_path / "runs" / "tiny")))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(config), "learning_rate=1e-3,1e-2"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert sweep.run_sweep(str(config), ["learning_rate=1e-3,1e-2"]) == 0
     folder = tmp_path / "runs" / "tiny-sweep"
     for name in ("learning_rate-1e-3", "learning_rate-1e-2"):
         assert (folder / name / "adapter_model.safetensors").is_file()
-    assert "2 runs ranked by eval_loss" in result.stdout
-    again = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(config), "learning_rate=1e-3,1e-2"],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 2
+        assert "done: 2 steps" in (folder / "logs" / f"{name}.log").read_text()
+    assert "2 runs ranked by eval_loss" in capsys.readouterr().out
+    # Again: both runs are finished, nothing is started.
+    assert sweep.run_sweep(str(config), ["learning_rate=1e-3,1e-2"], launcher=None) == 0
+    assert capsys.readouterr().err.count("finished earlier, skipped") == 2
