@@ -13,7 +13,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "serve")]  # also when run as a script (screenshots.py)
-from serving import running  # noqa: E402  (a uvicorn server in a thread, as the server tests use)
+from serving import running
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from browser import board_page, missing, wait_for
+
 from tunelab.board.app import create_app
 from tunelab.board.runs import find_runs
 

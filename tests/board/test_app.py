@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from fake_runs import fake_run, tiny_config_values, tiny_trained_run
 from fastapi.testclient import TestClient
 
-from fake_runs import fake_run, tiny_config_values, tiny_trained_run
 from tunelab.board.app import create_app, parse_form
 from tunelab.errors import TunelabError
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from browser import board_page, missing, wait_for
 from fake_runs import fake_run, tiny_trained_run
+
 from tunelab.board.app import create_app
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ import os
 import time
 
 from fake_runs import fake_run
+
 from tunelab.board import runs as R
 from tunelab.cli import main
 

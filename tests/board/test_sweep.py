@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fake_runs import fake_run, tiny_config_values
+
 from tunelab.board import sweep
 from tunelab.board.runs import read_sweep
 from tunelab.errors import TunelabError
@@ -94,7 +94,7 @@ def fake_launcher(calls, fail=()):
 
 def test_sweep_trains_each_trial_in_its_own_folder_then_ranks_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep, "POLL_SECONDS", 0)
-    monkeypatch.setattr(sweep, "visible_gpus", lambda: [])
+    monkeypatch.setattr(sweep, "visible_gpus", list)
     calls = []
     code = sweep.run_sweep(str(QUICKSTART), ["learning_rate=2e-4,5e-4", "max_steps=10"], sweep_dir=tmp_path / "s",
                            launcher=fake_launcher(calls))
@@ -122,7 +122,7 @@ def test_sweep_trains_each_trial_in_its_own_folder_then_ranks_them(tmp_path, mon
 
 def test_a_failed_trial_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep, "POLL_SECONDS", 0)
-    monkeypatch.setattr(sweep, "visible_gpus", lambda: [])
+    monkeypatch.setattr(sweep, "visible_gpus", list)
     calls = []
     code = sweep.run_sweep(str(QUICKSTART), ["learning_rate=2e-4,5e-4", "max_steps=10"], sweep_dir=tmp_path / "s",
                            launcher=fake_launcher(calls, fail=("2e-4",)))
@@ -140,12 +140,12 @@ def test_several_gpus_get_one_trial_each(tmp_path, monkeypatch):
     calls = []
     sweep.run_sweep(str(QUICKSTART), ["learning_rate=1e-4,2e-4,5e-4", "max_steps=4"], sweep_dir=tmp_path / "s",
                     launcher=fake_launcher(calls))
-    assert [c["gpu"] for c in calls][:2] == ["2", "5"] and set(c["gpu"] for c in calls) == {"2", "5"}
+    assert [c["gpu"] for c in calls][:2] == ["2", "5"] and {c["gpu"] for c in calls} == {"2", "5"}
 
 
 def test_an_unfinished_trial_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "POLL_SECONDS", 0)
-    monkeypatch.setattr(sweep, "visible_gpus", lambda: [])
+    monkeypatch.setattr(sweep, "visible_gpus", list)
     run = fake_run(tmp_path / "s" / "learning_rate-2e-4", finished=False, age=3600)
     ckpt = run / "checkpoints" / "checkpoint-4"
     ckpt.mkdir(parents=True)

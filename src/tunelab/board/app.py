@@ -20,6 +20,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -185,6 +186,8 @@ class Board:
 
 def parse_form(text: str) -> tuple[str | None, list[str] | dict]:
     """`path.yaml` + key=value lines -> (path, overrides); YAML text -> (None, its mapping)."""
+    import yaml
+
     from tunelab.config import _load_yaml
 
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
@@ -200,7 +203,7 @@ def parse_form(text: str) -> tuple[str | None, list[str] | dict]:
                            fix="e.g. examples/quickstart.yaml then learning_rate=1e-4 on the next line")
     try:
         values = _load_yaml(text)
-    except Exception as exc:  # yaml.YAMLError: the form shows the parser's words
+    except yaml.YAMLError as exc:
         raise TunelabError(f"not valid YAML ({exc})", where="launch form", fix="check the indentation and quoting") from None
     if not isinstance(values, dict):
         raise TunelabError("the config must be key: value lines", where="launch form", fix="write one key: value a line")
@@ -360,11 +363,11 @@ def create_app(runs_dir: Path, token: str | None = None, allowed_hosts: list[str
         return {"runs_dir": str(board.runs_dir.resolve()), "runs": [i.to_json() for i in infos], "sweeps": sweeps}
 
     @app.get("/api/curves", dependencies=api)
-    def get_curves(run: list[str] = Query()):
+    def get_curves(run: Annotated[list[str], Query()]):
         return {"runs": [curves(board.run(name)) for name in run]}
 
     @app.get("/api/compare", dependencies=api)
-    def get_compare(run: list[str] = Query(), metric: str = "eval_loss"):
+    def get_compare(run: Annotated[list[str], Query()], metric: str = "eval_loss"):
         return compare(board, run, metric)
 
     @app.get("/api/examples", dependencies=api)

@@ -58,8 +58,8 @@ def ranked(summaries: list[RunSummary], metric: str) -> list[RunSummary]:
 def plot_runs(paths: list[Path], names: list[str], metric: str, path: Path) -> Path:
     """Train loss (smoothed) and eval loss of every run in one colour each; the metric on a second
     panel when it is not a loss."""
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     extra = metric not in ("loss", "eval_loss")
     fig = Figure(figsize=(12 if extra else 8, 4.5), dpi=110, layout="constrained")
@@ -116,8 +116,8 @@ def render_markdown(summaries: list[RunSummary], metric: str, diff: dict, exampl
     keys = [k for k in SHOWN_METRICS if any(k in s.last for s in summaries)]
     keys += sorted({k for s in summaries for k in s.last if k.startswith("eval_") and k not in keys
                     and not k.startswith("eval_rewards")})
-    lines = [f"# Comparison of {len(summaries)} runs", "", f"Ranked by the best {metric} "
-             f"({'lower' if lower_is_better(metric) else 'higher'} is better).", "",
+    lines = [f"# Comparison of {len(summaries)} runs", "", (f"Ranked by the best {metric} "
+             f"({'lower' if lower_is_better(metric) else 'higher'} is better)."), "",
              f"| rank | run | best {metric} | at step | " + " | ".join(f"last {k}" for k in keys) + " |",
              "| ---: | --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
     for i, s in enumerate(summaries, 1):
@@ -164,8 +164,8 @@ def compare_runs(paths: list[Path], out_dir: Path, metric: str = "eval_loss") ->
 def format_ranking(summaries: list[RunSummary], metric: str, report: Path) -> str:
     """The terminal's view: one line per run, best first, and where the report is."""
     width = max(len(s.name) for s in summaries)
-    lines = [f"{len(summaries)} runs ranked by {metric} ({'lower' if lower_is_better(metric) else 'higher'} is "
-             f"better); report in {report}"]
+    lines = [(f"{len(summaries)} runs ranked by {metric} ({'lower' if lower_is_better(metric) else 'higher'} is "
+             f"better); report in {report}")]
     for i, s in enumerate(summaries, 1):
         problems = [f.title for f in s.findings if f.severity != "info"]
         lines.append(f"  {i}. {s.name:<{width}}  {metric} {_fmt(s.best)}"

@@ -174,7 +174,7 @@ def run_sweep(config: str | None, overrides: list[str], *, samples: int | None =
     for trial in trials:
         if trial_name(trial) not in known:
             record["trials"].append({"name": trial_name(trial), "overrides": trial, "status": "pending"})
-    save = lambda: write_json_atomic(sweep_dir / SWEEP_FILE, record)  # noqa: E731
+    save = lambda: write_json_atomic(sweep_dir / SWEEP_FILE, record)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     save()
 
