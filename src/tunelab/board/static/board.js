@@ -69,7 +69,7 @@ function drawRuns(data) {
     box.checked = state.picked.has(run.id);
     const step = run.step === null ? "-" : fmt(run.step) + (run.max_steps ? "/" + run.max_steps : "");
     const row = el("tr", { class: "run", "data-run": run.id },
-      el("td", {}, box), el("td", { title: run.path }, run.sweep ? run.id.slice(run.sweep.length + 1) : run.id),
+      el("td", {}, box), el("td", { title: run.path }, run.sweep ? run.id.split("/").pop() : run.id),
       el("td", {}, el("span", { class: "status " + run.status, title: run.final.error || "" }, run.status)),
       el("td", { class: "num" }, step), el("td", { class: "num" }, fmt(run.final.eval_loss)));
     body.append(row);
