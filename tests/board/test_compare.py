@@ -81,3 +81,15 @@ def test_report_of_folders_without_runs_says_what_to_give(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), str(tmp_path / "empty")]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+
+
+def test_predictions_come_from_tunelab_eval_else_the_last_task_eval_step(tmp_path):
+    run = fake_run(tmp_path / "r")
+    assert R.predictions(run) is None
+    (run / "task_eval").mkdir()
+    for step in (8, 24):
+        (run / "task_eval" / f"step-{step}.jsonl").write_text(json.dumps({"prompt": "p", "prediction": str(step)}) + "\n")
+    assert R.predictions(run) == ("task_eval/step-24.jsonl", [{"prompt": "p", "prediction": "24"}])
+    fake_run(tmp_path / "r", predictions=[("p", "ref", "evaluated")])
+    where, rows = R.predictions(run)
+    assert where == "eval/predictions.jsonl" and rows[0]["prediction"] == "evaluated"
