@@ -59,7 +59,7 @@ def main(runs_dir: str, out_dir: str, picked: list[str]) -> int:
         shoot(driver, out, "examples")
         click(driver, ".tab[data-view=chat]")
         Select(driver.find_element(By.CSS_SELECTOR, "#chat-run")).select_by_value(picked[0])
-        driver.find_element(By.CSS_SELECTOR, "#chat-input").send_keys("Hi! Can you recommend a good book?")
+        driver.find_element(By.CSS_SELECTOR, "#chat-input").send_keys("Convert 12 inches to centimetres.")
         click(driver, "#chat-send")
         wait_for(driver, "#chat-log .msg.assistant", timeout=600)
         shoot(driver, out, "chat")
