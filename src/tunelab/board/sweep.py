@@ -174,7 +174,9 @@ def run_sweep(config: str | None, overrides: list[str], *, samples: int | None =
     for trial in trials:
         if trial_name(trial) not in known:
             record["trials"].append({"name": trial_name(trial), "overrides": trial, "status": "pending"})
-    save = lambda: write_json_atomic(sweep_dir / SWEEP_FILE, record)
+    def save() -> None:
+        write_json_atomic(sweep_dir / SWEEP_FILE, record)
+
     sweep_dir.mkdir(parents=True, exist_ok=True)
     save()
 
@@ -208,7 +210,7 @@ def _trial_overrides(trial: dict, fixed: list[str], run_dir: Path) -> list[str]:
 
 def _train_all(todo: list[dict], slots: list, config, fixed, sweep_dir: Path, save, launcher) -> None:
     """Keep every slot (GPU, or the one CPU/GPU) busy until every trial has run."""
-    running: dict = {}  # slot -> (trial, process, started)
+    running: dict = {}  # slot -> (trial, process)
     queue = list(todo)
     try:
         while queue or running:
