@@ -145,3 +145,11 @@ def test_board_refuses_other_machines_without_a_token(capsys, monkeypatch):
     monkeypatch.delenv("TUNELAB_BOARD_TOKEN", raising=False)
     assert main(["board", "--host", "0.0.0.0", "--port", "7861"]) == 2
     assert "without a token" in capsys.readouterr().err
+
+
+def test_the_page_fetches_nothing_from_the_network():
+    from tunelab.board.app import STATIC
+
+    for path in STATIC.iterdir():
+        text = path.read_text(encoding="utf-8").replace("http://www.w3.org/2000/svg", "")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path.name
