@@ -59,6 +59,12 @@ def board_page(app):
             driver.quit()
 
 
+try:
+    from selenium.common.exceptions import StaleElementReferenceException
+except ImportError:  # no selenium: missing() says so and the tests skip
+    StaleElementReferenceException = RuntimeError
+
+
 def wait_for(driver, css: str, timeout: float = 30, count: int = 1):
     """The elements matching `css` once at least `count` are displayed."""
     from selenium.webdriver.common.by import By
@@ -68,4 +74,18 @@ def wait_for(driver, css: str, timeout: float = 30, count: int = 1):
         shown = [e for e in d.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()]
         return shown if len(shown) >= count else False
 
-    return WebDriverWait(driver, timeout).until(found)
+    # The page redraws the runs list every few seconds: an element found just before is then stale.
+    return WebDriverWait(driver, timeout, ignored_exceptions=[StaleElementReferenceException]).until(found)
+
+
+def click(driver, css: str, tries: int = 5) -> None:
+    """Click the element matching `css`, finding it again if a redraw replaced it meanwhile."""
+    from selenium.webdriver.common.by import By
+
+    for attempt in range(tries):
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except StaleElementReferenceException:
+            if attempt == tries - 1:
+                raise

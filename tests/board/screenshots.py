@@ -13,18 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from browser import board_page, missing, wait_for
+from browser import board_page, click, missing, wait_for
 
 from tunelab.board.app import create_app
 from tunelab.board.runs import find_runs
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def click(driver, css):
-    from selenium.webdriver.common.by import By
-
-    driver.find_element(By.CSS_SELECTOR, css).click()
 
 
 def shoot(driver, out: Path, name: str) -> None:

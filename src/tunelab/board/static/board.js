@@ -153,11 +153,11 @@ function drawCurves() {
   const X = (x) => L + (x - x0) / (x1 - x0) * (W - L - R), Y = (y) => T + (y1 - y) / (y1 - y0) * (H - T - B);
   for (const t of ticks(x0, x1, 8)) {
     svg.append(node("line", { x1: X(t), x2: X(t), y1: T, y2: H - B, stroke: "#eee" }));
-    svg.append(node("text", { x: X(t), y: H - B + 14, "text-anchor": "middle" }, fmt(t)));
+    svg.append(node("text", { x: X(t), y: H - B + 14, "text-anchor": "middle" }, String(t)));
   }
   for (const t of ticks(y0, y1, 6)) {
     svg.append(node("line", { x1: L, x2: W - R, y1: Y(t), y2: Y(t), stroke: "#eee" }));
-    svg.append(node("text", { x: L - 6, y: Y(t) + 4, "text-anchor": "end" }, fmt(t)));
+    svg.append(node("text", { x: L - 6, y: Y(t) + 4, "text-anchor": "end" }, String(t)));
   }
   svg.append(node("rect", { x: L, y: T, width: W - L - R, height: H - T - B, fill: "none", stroke: "#999" }));
   svg.append(node("text", { x: (W + L) / 2, y: H - 6, "text-anchor": "middle" }, "step"));
