@@ -24,6 +24,7 @@ STAGE_CLIS = (
     "tunelab.evaluate.cli",
     "tunelab.export.cli",
     "tunelab.serve.cli",
+    "tunelab.board.cli",
 )
 
 
@@ -140,9 +141,10 @@ def os_error(exc: OSError) -> TunelabError:
 def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
     """Commands of early stages need a later stage: `tunelab train` with eval_task scores the
     task during training (and with `reward: TASK` optimises the task's score as a reward,
-    stages grpo / ppo), `tunelab data mine-pairs` decodes and scores with a model, and
-    `tunelab train chain.yaml` runs stages, merges and tabulates (tunelab/chain.py, above every
-    stage). Their code lives in evaluate, which data and train must not import; this
+    stages grpo / ppo), `tunelab data mine-pairs` decodes and scores with a model,
+    `tunelab train chain.yaml` runs stages, merges and tabulates (tunelab/chain.py), and
+    `tunelab report A B` compares runs (board/compare.py). Their code lives in later stages,
+    which data, train and evaluate must not import; this
     file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
     between stages"). Imported only when called: the CLI stays quick to start."""
     def eval_callbacks(cfg):
@@ -165,8 +167,13 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return get_task(name).reward
 
+    def compare_runs(run_dirs, out_dir, metric):
+        from tunelab.board.cli import compare_report
+
+        return compare_report(run_dirs, out_dir, metric)
+
     parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, run_chain=run_chain,
-                        task_reward=task_reward)
+                        task_reward=task_reward, compare_runs=compare_runs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,11 +89,17 @@ def register(subparsers) -> None:
     judge.add_argument("--judge-rps", type=float, default=2.0, help="requests per second (0 = no limit)")
     p.set_defaults(func=run_eval)
 
-    r = subparsers.add_parser("report", help="plot a training run's curves and diagnose them",
+    r = subparsers.add_parser("report", help="plot a training run's curves and diagnose them; compare runs",
                               description="Draw loss/perplexity curves of RUN_DIR/trainer_log.jsonl and "
-                                          "read them: convergence, over-fitting, memorising, divergence.")
-    r.add_argument("run_dir", help="a training output folder (holds trainer_log.jsonl)")
-    r.add_argument("--output-dir", help="where to write report.md/json and the PNGs (default: RUN_DIR)")
+                                          "read them: convergence, over-fitting, memorising, divergence. "
+                                          "Several runs (or a sweep folder): overlaid curves, config diff, "
+                                          "metrics side by side, each run's diagnosis, the same examples answered.")
+    r.add_argument("run_dir", nargs="+", help="a training output folder (holds trainer_log.jsonl); several, or a "
+                                              "sweep folder, to compare them")
+    r.add_argument("--output-dir", help="where to write the report (default: RUN_DIR/report; comparisons: the "
+                                        "sweep folder, else a compare/ folder beside the runs)")
+    r.add_argument("--metric", default="eval_loss", help="comparisons: what ranks the runs (default eval_loss; "
+                                                         "e.g. eval_slot_f1)")
     r.set_defaults(func=run_report)
 
 
@@ -347,15 +353,22 @@ def _warn_empty(summary: dict) -> None:
 # --- tunelab report --------------------------------------------------------------------
 
 def run_report(args) -> int:
-    from tunelab.evaluate.report import format_findings
+    from tunelab.evaluate.report import LOG_NAME, format_findings
     from tunelab.evaluate.report import run_report as make_report
 
+    [run_dir, *others] = args.run_dir
+    path = Path(run_dir)
     out_dir = Path(args.output_dir) if args.output_dir else None
-    if (Path(args.run_dir) / "chain.json").is_file():  # a chain of stages (tunelab/chain.py)
+    if not others and (path / "chain.json").is_file():  # a chain of stages (tunelab/chain.py)
         from tunelab.evaluate.chain_report import run_chain_report
 
-        print(run_chain_report(Path(args.run_dir), out_dir))
+        print(run_chain_report(path, out_dir))
         return 0
-    result = make_report(Path(args.run_dir), out_dir)
+    # Several runs, a sweep folder, a folder of runs: the comparison, which lives in a later stage
+    # (board) and is lent to this command by the top-level CLI.
+    holds_runs = path.is_dir() and not (path / LOG_NAME).is_file() and not (path.parent / LOG_NAME).is_file()
+    if (others or holds_runs) and getattr(args, "compare_runs", None):
+        return args.compare_runs(args.run_dir, args.output_dir, args.metric)
+    result = make_report(path, out_dir)
     print(format_findings(result))
     return 0
