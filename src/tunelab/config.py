@@ -132,7 +132,7 @@ class TunelabConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
     output_dir: str = "runs/tunelab"
     overwrite_output_dir: bool = False
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])  # + wandb swanlab mlflow trackio; none
     plot_loss: bool = True
     disable_tqdm: bool = False
 
@@ -164,6 +164,8 @@ CHOICES = {
     "tiled_mlp": ("true", "false", "auto"),
     "optim": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"),
 }
+# Trackers (train/trackers.py); the JSONL log is always written, `none` turns the others off.
+REPORT_TO = ("tensorboard", "wandb", "swanlab", "mlflow", "trackio", "jsonl", "none")
 TRI_STATE = ("activation_offload", "tiled_mlp")  # str keys that also take YAML true / false
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
@@ -183,6 +185,17 @@ def check_rope_scaling(value) -> None:
                            fix="e.g. factor: 4.0 trains 4x the model's native context")
 
 
+def check_report_to(names: list[str]) -> None:
+    for name in names:
+        if name not in REPORT_TO:
+            hint = nearest(name, REPORT_TO)
+            raise TunelabError(f"report_to={name!r} is not one of {', '.join(REPORT_TO)}", where="config",
+                               fix=f"use report_to={hint}" if hint else f"pick from {', '.join(REPORT_TO)}")
+    if "none" in names and len(names) > 1:
+        raise TunelabError(f"report_to={','.join(names)} names trackers and none", where="config",
+                           fix="use report_to=none alone (the JSONL log is always written), or drop none")
+
+
 def validate(cfg: TunelabConfig) -> None:
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
@@ -194,6 +207,7 @@ def validate(cfg: TunelabConfig) -> None:
                 fix=f"use {key}={hint}" if hint else f"pick one of {', '.join(allowed)}",
             )
     check_rope_scaling(cfg.rope_scaling)
+    check_report_to(cfg.report_to)
     if not cfg.output_dir.strip():  # "" would mean the current folder: a run would write over its files
         raise TunelabError("output_dir is empty", where="config", fix="set output_dir=runs/NAME")
     if cfg.bf16 and cfg.fp16:

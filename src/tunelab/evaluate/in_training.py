@@ -22,6 +22,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate import runner
 from tunelab.evaluate.tasks import get_task
 from tunelab.io import write_jsonl_atomic
+from tunelab.train.tracking import TASK_EVAL_DIR
 
 # Counts, not scores: kept out of the training log.
 COUNT_KEYS = ("samples", "search_rows", "assistant_rows", "slot_correct", "slot_predicted", "slot_expected")
@@ -73,7 +74,7 @@ class TaskMetrics:
                                        task=self.task.name, batch_size=self.cfg.per_device_eval_batch_size,
                                        progress=False)
         summary = runner.score(self.task, generated.rows, self.metrics)
-        write_jsonl_atomic(Path(self.cfg.output_dir) / "task_eval" / f"step-{step}.jsonl", generated.rows)
+        write_jsonl_atomic(Path(self.cfg.output_dir) / TASK_EVAL_DIR / f"step-{step}.jsonl", generated.rows)
         return {k: float(v) for k, v in summary.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COUNT_KEYS}
 

@@ -39,7 +39,8 @@ from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
 from tunelab.train.optim import build_optimizer
-from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
+from tunelab.train.trackers import check_installed
+from tunelab.train.tracking import LOG_NAME, Tracker, read_log
 
 
 @dataclass
@@ -86,6 +87,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
 
     run_dir = Path(cfg.output_dir)
     resume_path = resolve_resume(run_dir, cfg.resume_from_checkpoint)
+    check_installed(cfg.report_to)  # a missing tracker package fails before the model loads
     if dist.is_main:  # rank 0 alone writes into the run folder
         prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
     dist.barrier()
@@ -137,7 +139,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     if dist.is_main:
         save_config(user_cfg, run_dir / "config.yaml")
 
-    tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
+    tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm,
+                       config=user_cfg.to_dict(), plot=cfg.plot_loss)
                if dist.is_main else distributed.SilentTracker(run_dir / LOG_NAME))
     start_step = state.global_step
     window = new_window()
@@ -291,7 +294,6 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         path = checkpoint()
         if not dist.is_main:
             raise
-        plot_loss(run_dir)
         print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
               file=sys.stderr)
         raise
@@ -306,8 +308,6 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
             print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
                   f"{state.best_checkpoint}", file=sys.stderr)
     save_final_weights(model, tokenizer, run_dir, cfg, dist)
-    if cfg.plot_loss and dist.is_main:
-        plot_loss(run_dir)
     dist.barrier()
     train_losses = [r["loss"] for r in state.log_history if "loss" in r]
     if dist.is_main:
