@@ -31,7 +31,10 @@ class TunelabConfig:
     trust_remote_code: bool = False
 
     # --- data ----------------------------------------------------------------------
-    dataset: list[str] = field(default_factory=list)  # file path(s)
+    dataset: list[str] = field(default_factory=list)  # file path(s), or Hugging Face dataset ids org/name
+    dataset_split: str = "train"  # hub datasets: the split to read
+    dataset_config: str | None = None  # hub datasets: the configuration (subset) name
+    streaming: bool = False  # hub datasets: read records as they arrive (with max_samples: no full download)
     dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
     eval_dataset: list[str] = field(default_factory=list)  # validation file(s); else val_size
     val_size: float = 0.0  # fraction (<1) or count (>=1) of training records held out

@@ -61,12 +61,13 @@ def split_validation(records: list, val_size: float, seed: int, by: str = "dialo
 def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Conversation], int]:
     """(train, validation) conversations as the config says, unfolded, and how many records
     were skipped as invalid. The task-metric evaluation during training reads the same split."""
-    from tunelab.data.readers import load_conversations
+    from tunelab.data.readers import hub_options, load_conversations
 
     if not cfg.dataset:
         raise TunelabError("no training data given", where="config",
                            fix="set dataset: path/to/train.jsonl (or dataset=... on the command line)")
-    read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
+    read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt,
+                hub=hub_options(cfg))
     convs = load_conversations(cfg.dataset, max_samples=cfg.max_samples, **read)
     if cfg.eval_dataset:
         train_convs, eval_convs = convs, load_conversations(cfg.eval_dataset, **read)

@@ -97,7 +97,7 @@ class PreferenceObjective:
     # -- data ----------------------------------------------------------------------------
 
     def load_data(self) -> tuple[list, list]:
-        from tunelab.data.readers import load_preferences
+        from tunelab.data.readers import hub_options, load_preferences
         from tunelab.data.templates import lock_template
         from tunelab.train.dataset import split_validation
 
@@ -105,7 +105,7 @@ class PreferenceObjective:
         if not cfg.dataset:
             raise TunelabError("no training data given", where="config",
                                fix="set dataset: path/to/pairs.jsonl (prompt / chosen / rejected records)")
-        read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)
+        read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, hub=hub_options(cfg))
         items = self._for_stage(load_preferences(cfg.dataset, max_samples=cfg.max_samples, **read), cfg.dataset)
         if cfg.eval_dataset:
             train_items = items
