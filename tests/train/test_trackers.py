@@ -155,6 +155,9 @@ def test_swanlab_local_mode_writes_metrics_under_the_run(tmp_path, monkeypatch):
     run_tracker(tmp_path, "swanlab")
     written = "".join(p.read_text(errors="ignore") for p in (tmp_path / "swanlog").rglob("*") if p.is_file())
     assert "train/loss" in written and "eval/slot_f1" in written and "lora_rank" in written
+    (run,) = (tmp_path / "swanlog").glob("run-*")
+    assert list((run / "media" / "image").glob("*.png"))
+    assert "hello" in next((run / "media" / "text").glob("*.txt")).read_text()
 
 
 @needs("trackio")
