@@ -46,6 +46,14 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def loadable_name(name_or_path: str | os.PathLike, path: Path) -> str:
+    """What other tools load: a hub id as given, else the resolved folder (aliases and local folders)."""
+    name = str(name_or_path)
+    if hub.is_hub_id(name) and not is_embedded_alias(name) and not Path(name).expanduser().exists():
+        return name
+    return str(path)
+
+
 def _checked_local_folder(path: Path) -> Path:
     if not path.is_dir():
         raise TunelabError(f"{path} is a file, not a model folder", where="model_name_or_path",
@@ -210,8 +218,11 @@ def load_model(
                                "for attn_implementation use eager, sdpa or flash_attention_2") from None
     if not quantization_bit:
         model.to(target)
-    # Recorded in adapter_config.json by PEFT: the name the user gave, not a cache path.
-    model.name_or_path = model.config.name_or_path = str(name_or_path)
+    # PEFT records name_or_path as the adapter's base_model_name_or_path: it must be a name that
+    # AutoPeftModelForCausalLM resolves (a hub id, or a folder, the embedded alias's converted one).
+    # The name the user gave (e.g. the alias) goes to tunelab's own metadata (adapters.BASE_FILE).
+    model.name_or_path = model.config.name_or_path = loadable_name(name_or_path, path)
+    model.tunelab_base_model = str(name_or_path)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

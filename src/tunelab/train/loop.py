@@ -40,7 +40,7 @@ from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
 from tunelab.train.optim import build_optimizer
 from tunelab.train.trackers import check_installed
-from tunelab.train.tracking import LOG_NAME, Tracker, read_log
+from tunelab.train.tracking import LOG_NAME, Tracker, final_metrics, read_log
 
 
 @dataclass
@@ -308,6 +308,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
             print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
                   f"{state.best_checkpoint}", file=sys.stderr)
     save_final_weights(model, tokenizer, run_dir, cfg, dist)
+    if dist.is_main:
+        write_run_card(run_dir, user_cfg, tokenizer)
     dist.barrier()
     train_losses = [r["loss"] for r in state.log_history if "loss" in r]
     if dist.is_main:
@@ -421,6 +423,21 @@ def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist
         state = consolidated_state(model, dist, trainable_only=cfg.finetuning_type == "lora")
     if dist.is_main:
         _save_weights(model, tokenizer, out_dir, state_dict=state)
+
+
+def write_run_card(run_dir: Path, cfg: TunelabConfig, tokenizer) -> None:
+    """README.md for the run folder: loading, final metrics, template, config (model/card.py)."""
+    from tunelab.data.templates import template_lock
+    from tunelab.model.adapters import read_base
+    from tunelab.model.card import write_model_card
+
+    base = read_base(run_dir) or {}
+    log = run_dir / LOG_NAME
+    write_model_card(run_dir, kind="adapter" if cfg.finetuning_type == "lora" else "full",
+                     base_model=base.get("base_model", cfg.model_name_or_path),
+                     base_model_path=base.get("base_model_name_or_path", cfg.model_name_or_path),
+                     config=cfg.to_dict(), metrics=final_metrics(read_log(log) if log.exists() else []),
+                     lock=template_lock(tokenizer))
 
 
 def _load_dtype(cfg: TunelabConfig) -> str:

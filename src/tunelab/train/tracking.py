@@ -106,6 +106,20 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
+def final_metrics(rows: list[dict]) -> dict:
+    """The numbers a model card shows: steps, the last training loss, the last evaluation's metrics."""
+    out: dict = {}
+    if rows:
+        out["global_step"] = max(r.get("step", 0) for r in rows)
+    last_train = next((r for r in reversed(rows) if "loss" in r), None)
+    last_eval = next((r for r in reversed(rows) if "eval_loss" in r), None)
+    if last_train:
+        out["train_loss"] = last_train["loss"]
+    if last_eval:
+        out |= {k: v for k, v in last_eval.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+    return out
+
+
 def plot_loss(run_dir: Path) -> Path | None:
     """Draw training (and evaluation) loss against steps from the JSONL log."""
     path = Path(run_dir) / LOG_NAME
