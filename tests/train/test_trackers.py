@@ -164,5 +164,14 @@ def test_swanlab_local_mode_writes_metrics_under_the_run(tmp_path, monkeypatch):
 def test_trackio_writes_metrics_to_its_local_store(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     run_tracker(tmp_path / "run", "trackio")
-    written = b"".join(p.read_bytes() for p in (tmp_path / "trackio").rglob("*") if p.is_file())
-    assert b"train/loss" in written and b"eval/slot_f1" in written
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "trackio" / f"{trackers.PROJECT}.db")
+    logged = {}
+    for step, metrics in db.execute("select step, metrics from metrics order by id"):
+        logged |= {(step, k): v for k, v in json.loads(metrics).items()}
+    assert logged[1, "train/loss"] == 2.5 and logged[2, "eval/slot_f1"] == 0.5
+    assert logged[2, f"{TASK_EVAL_DIR}/step-2"]["_value"][0]["prediction"] == "hello"
+    assert logged[2, "training_loss"]["_type"] == "trackio.image"
+    (config,) = db.execute("select config from configs").fetchone()
+    assert json.loads(config)["lora_rank"] == 8
