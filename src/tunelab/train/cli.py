@@ -59,15 +59,19 @@ def run(args) -> int:
     # CLI lends this command as `args.eval_callbacks(cfg)`: train never imports evaluate.
     factory = getattr(args, "eval_callbacks", None)
     callbacks = factory(cfg) if factory and cfg.eval_task else []
+    train_stage(cfg, callbacks)
+    return 0
+
+
+def train_stage(cfg, eval_callbacks=()):
+    """Train as `cfg.stage` says (the CLI and the Python API both come here); returns the RunResult."""
     if cfg.stage in ("dpo", "simpo", "kto", "orpo"):
         from tunelab.train.preference import train_preference
 
-        train_preference(cfg, eval_callbacks=callbacks)
-    else:
-        from tunelab.train.loop import train
+        return train_preference(cfg, eval_callbacks=eval_callbacks)
+    from tunelab.train.loop import train
 
-        train(cfg, eval_callbacks=callbacks)
-    return 0
+    return train(cfg, eval_callbacks=eval_callbacks)
 
 
 def relaunch(args, nproc: int) -> int:
