@@ -67,53 +67,63 @@ class TensorBoard:
         self.writer.close()
 
 
-class Wandb:
+class _LogDicts:
+    """Services logged with one `log({name: value}, step)` call and `Image` / `Table` types of their own
+    (W&B, SwanLab, trackio); `lib` is the service's module."""
+
+    lib = None
+
+    def _log(self, data: dict, step: int) -> None:
+        raise NotImplementedError
+
+    def log_metrics(self, metrics, step):
+        self._log(metrics, step)
+
+    def log_image(self, name, path, step):
+        self._log({name: self.lib.Image(str(path))}, step)
+
+    def log_table(self, name, rows, step):
+        columns = _columns(rows)
+        self._log({name: self.lib.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])},
+                  step)
+
+
+class Wandb(_LogDicts):
     package = "wandb"
 
     def __init__(self, run_dir: Path, config: dict, start_step: int):
         import wandb
 
-        self.wandb = wandb
+        self.lib = wandb
         # The files go under RUN_DIR/wandb (offline runs too: `wandb sync RUN_DIR/wandb/offline-run-*`).
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_dir.name,
                               dir=str(run_dir), config=config, reinit="create_new")
 
-    def log_metrics(self, metrics, step):
-        self.run.log(metrics, step=step)
-
-    def log_image(self, name, path, step):
-        self.run.log({name: self.wandb.Image(str(path))}, step=step)
-
-    def log_table(self, name, rows, step):
-        columns = _columns(rows)
-        self.run.log({name: self.wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns]
-                                                                    for r in rows])}, step=step)
+    def _log(self, data, step):
+        self.run.log(data, step=step)
 
     def close(self):
         self.run.finish()
 
 
-class SwanLab:
+class SwanLab(_LogDicts):
     package = "swanlab"
 
     def __init__(self, run_dir: Path, config: dict, start_step: int):
         import swanlab
 
-        self.swanlab = swanlab
+        self.lib = swanlab
         # SWANLAB_MODE=local|offline keeps everything in RUN_DIR/swanlog; cloud needs `swanlab login`.
         self.run = swanlab.init(project=os.environ.get("SWANLAB_PROJ_NAME") or PROJECT,
                                 experiment_name=run_dir.name, config=config, logdir=str(run_dir / "swanlog"))
 
-    def log_metrics(self, metrics, step):
-        self.run.log(metrics, step=step)
-
-    def log_image(self, name, path, step):
-        self.run.log({name: self.swanlab.Image(str(path))}, step=step)
+    def _log(self, data, step):
+        self.run.log(data, step=step)
 
     def log_table(self, name, rows, step):
         # SwanLab has no table type: the rows as text, one JSON object a line.
-        self.run.log({name: self.swanlab.Text("\n".join(json.dumps(r, ensure_ascii=False, default=str)
-                                                        for r in rows))}, step=step)
+        self._log({name: self.lib.Text("\n".join(json.dumps(r, ensure_ascii=False, default=str) for r in rows))},
+                  step)
 
     def close(self):
         self.run.finish()
@@ -162,29 +172,21 @@ class MLflow:
         self.client.set_terminated(self.run_id)
 
 
-class Trackio:
+class Trackio(_LogDicts):
     package = "trackio"
 
     def __init__(self, run_dir: Path, config: dict, start_step: int):
         import trackio
 
-        self.trackio = trackio
+        self.lib = trackio
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT") or PROJECT, name=run_dir.name,
                                 config=config)
 
-    def log_metrics(self, metrics, step):
-        self.trackio.log(metrics, step=step)
-
-    def log_image(self, name, path, step):
-        self.trackio.log({name: self.trackio.Image(str(path))}, step=step)
-
-    def log_table(self, name, rows, step):
-        columns = _columns(rows)
-        self.trackio.log({name: self.trackio.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns]
-                                                                          for r in rows])}, step=step)
+    def _log(self, data, step):
+        self.lib.log(data, step=step)
 
     def close(self):
-        self.trackio.finish()
+        self.lib.finish()
 
 
 # report_to name -> tracker; "jsonl" (always written) and "none" have none.
