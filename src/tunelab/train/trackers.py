@@ -207,7 +207,16 @@ def check_installed(report_to: list[str]) -> None:
 
 def start(report_to: list[str], run_dir: Path, config: dict, start_step: int) -> list[Backend]:
     check_installed(report_to)
-    return [TRACKERS[name](Path(run_dir), config, start_step) for name in report_to if name in TRACKERS]
+    started: list[Backend] = []
+    try:
+        for name in report_to:
+            if name in TRACKERS:
+                started.append(TRACKERS[name](Path(run_dir), config, start_step))
+    except BaseException:
+        for backend in started:  # one service refused: the runs already opened elsewhere are closed
+            backend.close()
+        raise
+    return started
 
 
 def scalars(row: dict) -> dict[str, float]:
