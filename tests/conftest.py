@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests never download: hub lookups stay in the local cache (tunelab itself leaves this to the user).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TUNELAB_SHARED", REPO.parent / "shared"))
 TOKENIZERS = SHARED / "tokenizers"

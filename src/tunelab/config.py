@@ -31,9 +31,13 @@ class TunelabConfig:
     trust_remote_code: bool = False
 
     # --- data ----------------------------------------------------------------------
-    # file path(s), names in dataset_dir/dataset_info.json, or {path, weight} / {path, samples} entries
+    # file path(s), Hugging Face dataset ids org/name, names in dataset_dir/dataset_info.json, or
+    # {path, weight} / {path, samples} mixture entries
     dataset: list[str | dict] = field(default_factory=list)
     dataset_dir: str | None = None  # LLaMA-Factory's: the folder of a dataset_info.json that names the datasets
+    dataset_split: str = "train"  # hub datasets: the split to read
+    dataset_config: str | None = None  # hub datasets: the configuration (subset) name
+    streaming: bool = False  # hub datasets: read records as they arrive (with max_samples: no full download)
     mix_strategy: str | None = None  # concat | interleave_under | interleave_over; auto: interleave_under if weighted
     interleave_probs: list[float] = field(default_factory=list)  # LLaMA-Factory: one weight per dataset entry
     dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
@@ -153,7 +157,7 @@ class TunelabConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
     output_dir: str = "runs/tunelab"
     overwrite_output_dir: bool = False
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])  # + wandb swanlab mlflow trackio; none
     plot_loss: bool = True
     disable_tqdm: bool = False
 
@@ -314,6 +318,8 @@ CHOICES = {
     "max_samples_strategy": ("random", "head"),
 }
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # stepped by the validation loss, not by steps
+# Trackers (train/trackers.py); the JSONL log is always written, `none` turns the others off.
+REPORT_TO = ("tensorboard", "wandb", "swanlab", "mlflow", "trackio", "jsonl", "none")
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
 
@@ -346,6 +352,17 @@ def check_data_keys(cfg: TunelabConfig) -> None:
                                    "and a file or earlier run folder)")
 
 
+def check_report_to(names: list[str]) -> None:
+    for name in names:
+        if name not in REPORT_TO:
+            hint = nearest(name, REPORT_TO)
+            raise TunelabError(f"report_to={name!r} is not one of {', '.join(REPORT_TO)}", where="config",
+                               fix=f"use report_to={hint}" if hint else f"pick from {', '.join(REPORT_TO)}")
+    if "none" in names and len(names) > 1:
+        raise TunelabError(f"report_to={','.join(names)} names trackers and none", where="config",
+                           fix="use report_to=none alone (the JSONL log is always written), or drop none")
+
+
 def validate(cfg: TunelabConfig) -> None:
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
@@ -358,6 +375,7 @@ def validate(cfg: TunelabConfig) -> None:
             )
     check_rope_scaling(cfg.rope_scaling)
     check_data_keys(cfg)
+    check_report_to(cfg.report_to)
     if not cfg.output_dir.strip():  # "" would mean the current folder: a run would write over its files
         raise TunelabError("output_dir is empty", where="config", fix="set output_dir=runs/NAME")
     if cfg.bf16 and cfg.fp16:

@@ -52,6 +52,27 @@ def test_hub_id_missing_from_the_cache_names_id_and_path(tmp_path, monkeypatch):
     assert "Qwen/Qwen2.5-7B-Instruct" in err.value.what
     assert str(tmp_path / "models--Qwen--Qwen2.5-7B-Instruct") in err.value.what
     assert "copy" in err.value.fix and "path" in err.value.fix
+    assert "`hf download Qwen/Qwen2.5-7B-Instruct`" in err.value.fix  # huggingface_hub 1.x has no huggingface-cli
+
+
+def test_hub_id_missing_from_the_cache_downloads_when_online(tmp_path, monkeypatch, qwen2_tokenizer):
+    """As transformers does: the cache first, the Hub only when the user has not set offline mode."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    real = huggingface_hub.snapshot_download
+    downloaded = tmp_path / "downloaded"
+    tiny_llama(qwen2_tokenizer).config.save_pretrained(downloaded)
+
+    def fake_snapshot_download(repo_id, *, repo_type, cache_dir, local_files_only=False):
+        if local_files_only:
+            return real(repo_id, repo_type=repo_type, cache_dir=cache_dir, local_files_only=True)
+        return str(downloaded)  # stands in for the download: tests never touch the network
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_model_path("acme/not-cached") == downloaded
 
 
 def test_hub_id_in_the_cache_loads_offline(tmp_path, monkeypatch, qwen2_tokenizer):

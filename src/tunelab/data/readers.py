@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.data.formats import (
@@ -40,7 +41,7 @@ from tunelab.errors import TunelabError
 
 __all__ = [
     "iter_records", "read_records", "iter_items", "load_conversations", "load_preferences",
-    "detect_format", "to_record", "Loaded", "RecordError", "FORMATS", "location",
+    "detect_format", "to_record", "Loaded", "RecordError", "FORMATS", "location", "HubOptions", "hub_options",
 ]
 
 BOM = b"\xef\xbb\xbf"
@@ -258,13 +259,90 @@ def _parquet(path: Path) -> Iterator[tuple[str, int, dict | RecordError]]:
 READERS = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}
 
 
-def read_records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict | RecordError]]:
+# --- Hugging Face datasets: hub ids and save_to_disk folders ----------------------------
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How to read a `dataset: org/name` (config keys dataset_split, dataset_config, streaming)."""
+
+    split: str = "train"
+    config: str | None = None
+    streaming: bool = False  # read records as they arrive: nothing downloaded past max_samples
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def _datasets_module(name: str):
+    try:
+        import datasets
+    except ImportError:
+        raise TunelabError(f"{name} is a Hugging Face dataset, which needs the datasets package (not installed)",
+                           where="dataset", fix="pip install 'tunelab[hub]' (or pip install datasets), "
+                                                "or give a local .jsonl / .json / .parquet / .csv file") from None
+    return datasets
+
+
+def _hub_dataset(name: str, options: HubOptions):
+    """The split of a hub dataset id (local cache first, hub.py) or of a `save_to_disk` folder."""
+    from tunelab import hub
+
+    datasets = _datasets_module(name)
+    where = f"dataset {name}"
+    try:
+        if _is_saved_dataset(Path(name)):
+            data = datasets.load_from_disk(name)
+            if isinstance(data, datasets.DatasetDict):
+                data = data[options.split]
+            return data.to_iterable_dataset() if options.streaming else data
+        folder = hub.cached_snapshot(name, "dataset")
+        if folder is None and hub.offline():
+            raise hub.missing_offline(name, "dataset", where)
+        return datasets.load_dataset(str(folder or name), options.config, split=options.split,
+                                     streaming=options.streaming)
+    except KeyError as exc:
+        raise TunelabError(f"no split {options.split!r} ({exc})", where=where,
+                           fix="set dataset_split to one of the dataset's splits, e.g. dataset_split=train") from None
+    except ValueError as exc:  # an unknown split or config: datasets names the ones there are
+        raise TunelabError(str(exc).splitlines()[0], where=where,
+                           fix="set dataset_split / dataset_config to names the dataset has") from None
+    except (OSError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise TunelabError(f"could not load it ({type(exc).__name__}: {str(exc).splitlines()[0]})", where=where,
+                           fix="check the id, your connection (gated datasets need `hf auth login`), or give a "
+                               "local file") from None
+
+
+def _hub_records(name: str, options: HubOptions) -> Iterator[tuple[str, int, dict | RecordError]]:
+    source = name if options.split == "train" else f"{name}[{options.split}]"
+    count = 0
+    for count, row in enumerate(_hub_dataset(name, options), 1):
+        yield f"{source}:record {count}", count, dict(row)
+    if count == 0:
+        raise TunelabError("the dataset holds no records", where=source, fix="check dataset_split / dataset_config")
+
+
+def is_hub_dataset(path) -> bool:
+    """A `save_to_disk` folder, or an `org/name` id that is no local path: read through HF datasets."""
+    from tunelab import hub
+
+    p = Path(str(path)).expanduser()
+    return _is_saved_dataset(p) or (not p.exists() and hub.is_hub_id(str(path)))
+
+
+def read_records(path: str | os.PathLike, hub: HubOptions | None = None
+                 ) -> Iterator[tuple[str, int, dict | RecordError]]:
     """Yield `(source, record number, record)`; a record that cannot be parsed comes as a
-    RecordError (so a checker can go on). Problems with the whole file raise TunelabError."""
+    RecordError (so a checker can go on). Problems with the whole file raise TunelabError.
+    Hub ids and `save_to_disk` folders are read through HF datasets (`hub` says the split)."""
+    if is_hub_dataset(path):
+        yield from _hub_records(str(path), hub or HubOptions())
+        return
     path = Path(path)
     if not path.exists():
         raise TunelabError("the data file does not exist", where=str(path),
-                           fix="check the path (relative paths start from the current folder)")
+                           fix="check the path (relative paths start from the current folder), or give a "
+                               "Hugging Face dataset id as org/name")
     if path.is_dir():
         raise TunelabError("is a folder, not a data file", where=str(path), fix="name the file inside it")
     reader = READERS.get(path.suffix.lower())
@@ -306,8 +384,8 @@ def parse_record(record: dict, fmt: str | Format, source: str = "", system_promp
     return item
 
 
-def iter_items(path: str | os.PathLike, fmt: str | Format = "auto", *, system_prompt: str | None = None
-               ) -> Iterator[tuple[str, int, str | Format | None, Item | RecordError]]:
+def iter_items(path: str | os.PathLike, fmt: str | Format = "auto", *, system_prompt: str | None = None,
+               hub: HubOptions | None = None) -> Iterator[tuple[str, int, str | Format | None, Item | RecordError]]:
     """Yield `(source, number, format, item or RecordError)` for each record of one file.
 
     In auto mode the first record that shows its format fixes it for the whole file; a
@@ -316,7 +394,7 @@ def iter_items(path: str | os.PathLike, fmt: str | Format = "auto", *, system_pr
     """
     fmt = check_format_name(fmt) if isinstance(fmt, str) else fmt
     file_format = None if fmt == "auto" else fmt
-    for source, number, record in read_records(path):
+    for source, number, record in read_records(path, hub):
         if isinstance(record, RecordError):
             yield source, number, file_format, record
             continue
@@ -367,7 +445,7 @@ def resolve_path(entry, fmt: str | Format, dataset_dir: str | os.PathLike | None
 
 
 def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | None,
-          system_prompt: str | None = None, dataset_dir=None) -> Loaded:
+          system_prompt: str | None = None, dataset_dir=None, hub: HubOptions | None = None) -> Loaded:
     loaded = Loaded()
     paths = _as_paths(paths)
     if not paths:
@@ -376,7 +454,8 @@ def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | 
         if max_samples is not None and len(loaded) >= max_samples:
             break
         path, path_format = resolve_path(entry, fmt, dataset_dir)
-        for source, number, file_format, item in iter_items(path, path_format, system_prompt=system_prompt):
+        for source, number, file_format, item in iter_items(path, path_format, system_prompt=system_prompt,
+                                                            hub=hub):
             if file_format is not None and get_format(file_format).kind != kind:
                 wanted = "conversations" if kind == "conversation" else "preference data"
                 name = getattr(file_format, "name", file_format)
@@ -404,19 +483,28 @@ def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | 
 
 
 def load_conversations(paths, fmt: str = "auto", *, skip_invalid: bool = False, max_samples: int | None = None,
-                       system_prompt: str | None = None, dataset_dir=None) -> Loaded:
-    """All conversations of `paths` (a path or a list), validated for training.
+                       system_prompt: str | None = None, dataset_dir=None, hub: HubOptions | None = None) -> Loaded:
+    """All conversations of `paths` (a path, a hub dataset id, or a list), validated for training.
 
     Returns a `Loaded` list (`.skipped` and `.problems` tell what skip_invalid dropped).
     `system_prompt` is inserted where a conversation has no system message. With
     `dataset_dir`, names that are not files are looked up in its dataset_info.json.
     """
     return _load(paths, fmt, "conversation", skip_invalid=skip_invalid, max_samples=max_samples,
-                 system_prompt=system_prompt, dataset_dir=dataset_dir)
+                 system_prompt=system_prompt, dataset_dir=dataset_dir, hub=hub)
 
 
 def load_preferences(paths, fmt: str = "auto", *, skip_invalid: bool = False,
-                     max_samples: int | None = None, dataset_dir=None) -> Loaded:
+                     max_samples: int | None = None, dataset_dir=None, hub: HubOptions | None = None) -> Loaded:
     """All preference pairs / KTO examples of `paths`, validated (see `load_conversations`)."""
     return _load(paths, fmt, "preference", skip_invalid=skip_invalid, max_samples=max_samples,
-                 dataset_dir=dataset_dir)
+                 dataset_dir=dataset_dir, hub=hub)
+
+
+def hub_options(cfg) -> HubOptions:
+    """The config's dataset_split / dataset_config / streaming (refused where no dataset is a hub one)."""
+    options = HubOptions(cfg.dataset_split, cfg.dataset_config, cfg.streaming)
+    if options != HubOptions() and not any(map(is_hub_dataset, cfg.dataset_paths)):
+        raise TunelabError("dataset_split / dataset_config / streaming are set but no dataset is a Hugging Face "
+                           "dataset", where="config", fix="drop them for local files (or use dataset: org/name)")
+    return options

@@ -23,6 +23,7 @@ from tunelab.evaluate import runner
 from tunelab.evaluate.tasks import get_task
 from tunelab.io import write_jsonl_atomic
 from tunelab.train.objectives import objective_class
+from tunelab.train.tracking import TASK_EVAL_DIR
 
 # Counts, not scores: kept out of the training log.
 COUNT_KEYS = ("samples", "search_rows", "assistant_rows", "slot_correct", "slot_predicted", "slot_expected")
@@ -83,7 +84,7 @@ class TaskMetrics:
                                        task=self.task.name, batch_size=self.cfg.per_device_eval_batch_size,
                                        progress=False)
         summary = runner.score(self.task, generated.rows, self.metrics)
-        folder = Path(self.cfg.output_dir) / "task_eval" / (self.eval_set[0] if self.eval_set else "")
+        folder = Path(self.cfg.output_dir) / TASK_EVAL_DIR / (self.eval_set[0] if self.eval_set else "")
         write_jsonl_atomic(folder / f"step-{step}.jsonl", generated.rows)
         prefix = f"{self.eval_set[0]}_" if self.eval_set else ""
         return {prefix + k: float(v) for k, v in summary.items()

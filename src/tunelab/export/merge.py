@@ -97,6 +97,7 @@ def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.Path
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         del merged
         gc.collect()
+        write_merged_card(tmp, out_dir, model, base_dir, adapter_dir, lock)  # before the base's own README
         copied = copy_non_weight_files(base_dir, tmp)
         tokenizer.save_pretrained(tmp)  # the adapter's own tokenizer when training saved one
         save_lock(tokenizer, tmp)
@@ -119,12 +120,29 @@ def merged_template(tokenizer, template: str | None, force: bool):
     return lock
 
 
+def write_merged_card(folder: Path, out_dir: Path, model: str, base_dir: Path, adapter_dir: Path, lock) -> None:
+    """README.md of the merged folder: its base, and the run's metrics and config when the adapter
+    is a training run's folder."""
+    import yaml
+
+    from tunelab.model.card import write_model_card
+    from tunelab.model.loader import loadable_name
+    from tunelab.train.tracking import LOG_NAME, final_metrics, read_log
+
+    config_file, log = adapter_dir / "config.yaml", adapter_dir / LOG_NAME
+    write_model_card(folder, path=out_dir, kind="full", base_model=model, base_model_path=loadable_name(model, base_dir),
+                     config=yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None,
+                     metrics=final_metrics(read_log(log)) if log.is_file() else None, lock=lock)
+
+
 def check_same_base(model: str, base_dir: Path, adapter_config: dict, adapter_dir: Path, force: bool) -> None:
     """Refuse an adapter recorded against a differently named base (shapes are checked on load)."""
-    recorded = adapter_config.get("base_model_name_or_path")
+    from tunelab.model.adapters import read_base
+
+    recorded = (read_base(adapter_dir) or {}).get("base_model") or adapter_config.get("base_model_name_or_path")
     if force or not recorded:
         return
-    names = {Path(str(recorded)).name.lower()}
+    names = {Path(str(recorded)).name.lower(), Path(str(adapter_config.get("base_model_name_or_path"))).name.lower()}
     given = {Path(model).name.lower(), base_dir.name.lower()}
     if names & given:
         return

@@ -23,7 +23,7 @@ from torch import nn
 
 from tunelab.config import TunelabConfig
 from tunelab.errors import TunelabError
-from tunelab.io import atomic_path
+from tunelab.io import atomic_path, write_json_atomic
 from tunelab.model.loader import enable_gradient_checkpointing
 
 ALL_LINEAR = "all-linear"
@@ -279,11 +279,30 @@ def save_trained(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict 
             # and tunelab never touches the network.
             kwargs["save_embedding_layers"] = False
         model.save_pretrained(tmp, **kwargs)
+        write_json_atomic(tmp / BASE_FILE, base_record(model))
         warn_vllm_issues(model, out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             save_lock(tokenizer, tmp)
     return out_dir
+
+
+BASE_FILE = "tunelab_base.json"  # the base model as the user named it (e.g. the built-in alias)
+
+
+def base_record(model) -> dict:
+    """`base_model`: the name the user gave; `base_model_name_or_path`: what loaders resolve."""
+    loadable = getattr(model, "name_or_path", None) or model.config.name_or_path
+    return {"base_model": getattr(model, "tunelab_base_model", None) or loadable,
+            "base_model_name_or_path": loadable}
+
+
+def read_base(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / BASE_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None  # only names for messages and cards: a broken file loses nothing
 
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16

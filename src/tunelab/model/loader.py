@@ -1,23 +1,23 @@
-"""Finding and loading models and tokenizers, always offline.
+"""Finding and loading models and tokenizers.
 
 A model is named by a built-in alias (`smollm2-135m-instruct`), a local HF folder, or a
-hub id (`Qwen/Qwen2.5-7B-Instruct`) already in the local Hugging Face cache. Everything
-is resolved to a local folder first, so `from_pretrained` never reaches for the network.
+hub id (`Qwen/Qwen2.5-7B-Instruct`): from the local Hugging Face cache, downloaded only when
+missing there and the user has not set offline mode (hub.py). Everything is resolved to a
+local folder first, so `from_pretrained` itself never reaches for the network.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
 
+from tunelab import hub
 from tunelab.errors import TunelabError, nearest
 from tunelab.model.embedded import EMBEDDED, ensure_embedded_model, is_embedded_alias
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -35,7 +35,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return _checked_local_folder(path)
-    if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+    if hub.is_hub_id(name):
         return _hub_snapshot(name)
     hint = nearest(name.lower(), EMBEDDED)
     raise TunelabError(
@@ -44,6 +44,14 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         fix=f"did you mean {hint!r}?" if hint else
             f"use {next(iter(EMBEDDED))!r} (built in), a folder holding config.json, or a hub id in your HF cache",
     )
+
+
+def loadable_name(name_or_path: str | os.PathLike, path: Path) -> str:
+    """What other tools load: a hub id as given, else the resolved folder (aliases and local folders)."""
+    name = str(name_or_path)
+    if hub.is_hub_id(name) and not is_embedded_alias(name) and not Path(name).expanduser().exists():
+        return name
+    return str(path)
 
 
 def _checked_local_folder(path: Path) -> Path:
@@ -62,35 +70,11 @@ def _checked_local_folder(path: Path) -> Path:
     return path.resolve()
 
 
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path.home() / ".cache" / "huggingface" / "hub"
-
-
 def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    cache = hub_cache_dir()
-    expected = cache / f"models--{repo_id.replace('/', '--')}"
-    try:
-        # local_files_only: we never download at run time, whatever the environment says.
-        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        folder = None
-    if folder is None or not (folder / "config.json").is_file():
-        raise TunelabError(
-            f"model {repo_id} is neither a local folder nor in the local Hugging Face cache "
-            f"(searched {expected}); tunelab never downloads at run time",
-            where="model_name_or_path",
-            fix=f"on a connected machine run `huggingface-cli download {repo_id}` and copy {expected.name} into "
-                f"{cache} (or set HF_HUB_CACHE to where it is); or download the model folder anywhere and "
-                f"pass its path",
-        )
+    folder = hub.snapshot(repo_id, "model")
+    if not (folder / "config.json").is_file():
+        raise TunelabError(f"the snapshot of {repo_id} in {folder} holds no config.json", where="model_name_or_path",
+                           fix=f"re-download it (`hf download {repo_id}`) or give a local model folder")
     return folder
 
 
@@ -234,8 +218,11 @@ def load_model(
                                "for attn_implementation use eager, sdpa or flash_attention_2") from None
     if not quantization_bit:
         model.to(target)
-    # Recorded in adapter_config.json by PEFT: the name the user gave, not a cache path.
-    model.name_or_path = model.config.name_or_path = str(name_or_path)
+    # PEFT records name_or_path as the adapter's base_model_name_or_path: it must be a name that
+    # AutoPeftModelForCausalLM resolves (a hub id, or a folder, the embedded alias's converted one).
+    # The name the user gave (e.g. the alias) goes to tunelab's own metadata (adapters.BASE_FILE).
+    model.name_or_path = model.config.name_or_path = loadable_name(name_or_path, path)
+    model.tunelab_base_model = str(name_or_path)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

@@ -110,10 +110,10 @@ def read_training_data(cfg: TunelabConfig, load=None, log: bool = True) -> Train
 
 
 def _load_conversations(paths, cfg: TunelabConfig, limit: int | None) -> tuple[list, int]:
-    from tunelab.data.readers import load_conversations
+    from tunelab.data.readers import hub_options, load_conversations
 
     loaded = load_conversations(paths, cfg.dataset_format, skip_invalid=cfg.skip_invalid, max_samples=limit,
-                                system_prompt=cfg.system_prompt, dataset_dir=cfg.dataset_dir)
+                                system_prompt=cfg.system_prompt, dataset_dir=cfg.dataset_dir, hub=hub_options(cfg))
     return loaded, loaded.skipped
 
 

@@ -41,7 +41,8 @@ from tunelab.train.objectives import check_stage, objective_class, restrict_spee
 from tunelab.train.optim import after_evaluation, build_optimizer, build_scheduler
 from tunelab.train.probes import EvalSets
 from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step
-from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
+from tunelab.train.trackers import check_installed
+from tunelab.train.tracking import LOG_NAME, Tracker, final_metrics, read_log
 
 
 @dataclass
@@ -91,6 +92,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
 
     run_dir = Path(cfg.output_dir)
     resume_path = resolve_resume(run_dir, cfg.resume_from_checkpoint)
+    check_installed(cfg.report_to)  # a missing tracker package fails before the model loads
     if dist.is_main:  # rank 0 alone writes into the run folder
         prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
     dist.barrier()
@@ -148,7 +150,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
         if mixture:
             write_json_atomic(run_dir / "data_mixture.json", mixture)
 
-    tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm)
+    tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm,
+                       config=user_cfg.to_dict(), plot=cfg.plot_loss)
                if dist.is_main else distributed.SilentTracker(run_dir / LOG_NAME))
     start_step = state.global_step
     window = new_window()
@@ -310,7 +313,6 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
         path = checkpoint()
         if not dist.is_main:
             raise
-        plot_loss(run_dir)
         print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
               file=sys.stderr)
         raise
@@ -325,8 +327,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
             print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
                   f"{state.best_checkpoint}", file=sys.stderr)
     save_final_weights(model, tokenizer, run_dir, cfg, dist, objective)
-    if cfg.plot_loss and dist.is_main:
-        plot_loss(run_dir)
+    if dist.is_main:
+        write_run_card(run_dir, user_cfg, tokenizer)
     dist.barrier()
     train_losses = [r["loss"] for r in state.log_history if "loss" in r]
     if dist.is_main:
@@ -444,6 +446,21 @@ def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist
         _save_weights(model, tokenizer, out_dir, state_dict=state)
         if hasattr(objective, "save"):
             objective.save(model, out_dir)
+
+
+def write_run_card(run_dir: Path, cfg: TunelabConfig, tokenizer) -> None:
+    """README.md for the run folder: loading, final metrics, template, config (model/card.py)."""
+    from tunelab.data.templates import template_lock
+    from tunelab.model.adapters import read_base
+    from tunelab.model.card import write_model_card
+
+    base = read_base(run_dir) or {}
+    log = run_dir / LOG_NAME
+    write_model_card(run_dir, kind="adapter" if cfg.finetuning_type == "lora" else "full",
+                     base_model=base.get("base_model", cfg.model_name_or_path),
+                     base_model_path=base.get("base_model_name_or_path", cfg.model_name_or_path),
+                     config=cfg.to_dict(), metrics=final_metrics(read_log(log) if log.exists() else []),
+                     lock=template_lock(tokenizer))
 
 
 def _load_dtype(cfg: TunelabConfig) -> str:

@@ -1,8 +1,10 @@
-"""Where training metrics go: a JSONL log, TensorBoard, a loss plot, a progress bar.
+"""Where training metrics go: a JSONL log, the trackers of `report_to`, a loss plot, a progress bar.
 
 `trainer_log.jsonl` is the source of truth (one object per logged step, training rows
 with `loss`, evaluation rows with `eval_loss`); `tunelab report` reads it, and the
-plot is redrawn from it, so a resumed run's plot covers the whole run.
+plot is redrawn from it, so a resumed run's plot covers the whole run. The trackers
+(TensorBoard, W&B, SwanLab, MLflow, trackio: trackers.py) get copies of every row, the
+config, the plot and the task-evaluation tables.
 """
 
 from __future__ import annotations
@@ -14,42 +16,37 @@ from pathlib import Path
 
 LOG_NAME = "trainer_log.jsonl"
 PLOT_NAME = "training_loss.png"
+TASK_EVAL_DIR = "task_eval"  # evaluate/in_training.py keeps each evaluation's predictions here as step-N.jsonl
 
 
 class Tracker:
     def __init__(self, run_dir: Path, report_to: list[str], total_steps: int, start_step: int = 0,
-                 disable_progress: bool = False):
+                 disable_progress: bool = False, config: dict | None = None, plot: bool = False):
+        from tunelab.train import trackers
+
         self.run_dir = Path(run_dir)
         self.log_path = self.run_dir / LOG_NAME
-        self.writer = None
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # Resuming: TensorBoard drops the events the interrupted run wrote after the checkpoint
-            # (they are logged again), so no step appears twice.
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
+        self.plot = plot
+        self.step = start_step
         if start_step == 0:
             self.log_path.unlink(missing_ok=True)
         else:
             _truncate_log(self.log_path, start_step)
+        self.backends = trackers.start(report_to, self.run_dir, config or {}, start_step)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         disable=disable_progress, dynamic_ncols=True, file=sys.stderr)
 
     def log(self, row: dict) -> None:
+        from tunelab.train.trackers import scalars
+
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            prefix = "eval" if any(k.startswith("eval_") for k in row) else "train"
-            for key, value in row.items():
-                if key in ("step", "epoch") or not isinstance(value, (int, float)):
-                    continue
-                name = key.replace("eval_", "eval/") if prefix == "eval" else f"train/{key}"
-                self.writer.add_scalar(name, value, row["step"])
-            self.writer.flush()
+        self.step = row["step"]
+        for backend in self.backends:
+            backend.log_metrics(scalars(row), row["step"])
         shown = {k: row[k] for k in ("loss", "eval_loss", "tokens_per_second", "learning_rate") if k in row}
         if shown:
             self.bar.set_postfix({k.replace("tokens_per_second", "tok/s"): _short(v) for k, v in shown.items()})
@@ -57,6 +54,15 @@ class Tracker:
             extra = {k: row[k] for k in ("eval_perplexity", "eval_rewards/accuracies") if k in row}
             self.bar.write(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}"
                            + "".join(f", {k.removeprefix('eval_')} {v:.3f}" for k, v in extra.items()))
+            self._log_task_table(row["step"])
+
+    def _log_task_table(self, step: int) -> None:
+        """The task predictions this evaluation wrote (eval_task), as a table for the trackers."""
+        path = self.run_dir / TASK_EVAL_DIR / f"step-{step}.jsonl"
+        if self.backends and path.is_file():
+            rows = read_log(path)
+            for backend in self.backends:
+                backend.log_table(f"{TASK_EVAL_DIR}/step-{step}", rows, step)
 
     def note(self, message: str) -> None:
         """A line for the run log (stderr), printed above the progress bar."""
@@ -66,9 +72,13 @@ class Tracker:
         self.bar.update(steps)
 
     def close(self) -> None:
+        """Draw the loss plot (if asked), hand it to the trackers and close them."""
         self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        image = plot_loss(self.run_dir) if self.plot else None
+        for backend in self.backends:
+            if image is not None:
+                backend.log_image("training_loss", image, self.step)
+            backend.close()
 
 
 def _short(v):
@@ -94,6 +104,20 @@ def read_log(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash mid-write
     return rows
+
+
+def final_metrics(rows: list[dict]) -> dict:
+    """The numbers a model card shows: steps, the last training loss, the last evaluation's metrics."""
+    out: dict = {}
+    if rows:
+        out["global_step"] = max(r.get("step", 0) for r in rows)
+    last_train = next((r for r in reversed(rows) if "loss" in r), None)
+    last_eval = next((r for r in reversed(rows) if "eval_loss" in r), None)
+    if last_train:
+        out["train_loss"] = last_train["loss"]
+    if last_eval:
+        out |= {k: v for k, v in last_eval.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+    return out
 
 
 def plot_loss(run_dir: Path) -> Path | None:

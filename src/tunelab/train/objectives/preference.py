@@ -99,7 +99,7 @@ class PreferenceObjective:
     # -- data ----------------------------------------------------------------------------
 
     def load_data(self) -> tuple[list, list]:
-        from tunelab.data.readers import load_preferences
+        from tunelab.data.readers import hub_options, load_preferences
         from tunelab.data.templates import lock_template
         from tunelab.train.dataset import read_training_data
 
@@ -107,7 +107,8 @@ class PreferenceObjective:
         if not cfg.dataset:
             raise TunelabError("no training data given", where="config",
                                fix="set dataset: path/to/pairs.jsonl (prompt / chosen / rejected records)")
-        read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, dataset_dir=cfg.dataset_dir)
+        read = dict(fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid, dataset_dir=cfg.dataset_dir,
+                    hub=hub_options(cfg))
 
         def load(paths, limit):
             loaded = load_preferences(paths, max_samples=limit, **read)
