@@ -72,7 +72,7 @@ def worker(args) -> None:
     from tunelab.model.adapters import prepare_for_training
     from tunelab.train import distributed
     from tunelab.train.fast import apply_speed_levers
-    from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step
+    from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step, settle_steps
     from tunelab.train.objective import SFTObjective
     from types import SimpleNamespace
 
@@ -105,22 +105,26 @@ def worker(args) -> None:
     scheduler = build_scheduler(optimizer, cfg, total_steps=10**6)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, seconds, tokens, lengths = [], 0.0, 0, []
+    row_totals = distributed.RowTotals(objective, samples)  # the global step's weight, on the host as the loop does
+    steps, seconds, tokens, lengths = [], 0.0, 0, []
     for i in range(args.steps + args.warmup):
         # The global step: `per_step` samples as micro-batches of `micro`, split by rank as the loop does.
         ids = list(range(i * per_step, (i + 1) * per_step))
         step_ids = [ids[j:j + micro] for j in range(0, len(ids), micro)]
         batches = [objective.collate([samples[k] for k in share])
                    for share in distributed.rank_share(step_ids, dist.rank, dist.world)]
+        totals = distributed.step_totals(step_ids, dist.world, lambda share: share, row_totals)
         sync()
         start = time.perf_counter()
-        stats = optimizer_step(model, objective, batches, optimizer, scheduler, None, cfg, device, dist)
+        stats = optimizer_step(model, objective, batches, optimizer, scheduler, None, cfg, device, dist,
+                               totals=totals)
         sync()
-        losses.append(stats.loss_sum / stats.weight)
+        steps.append(stats)
         if i >= args.warmup:
             seconds += time.perf_counter() - start
             tokens += stats.real_tokens
             lengths += [len(samples[k]) for k in ids]
+    losses = [loss / stats.weight for (loss, _, _), stats in zip(settle_steps(steps, device, dist), steps)]
     flops = flops_per_step(model.config, n_params, lengths)
     if cfg.finetuning_type == "full":
         flops += 2 * n_params * sum(lengths)  # weight gradients: 6N instead of LoRA's 4N

@@ -122,7 +122,65 @@ def test_one_process_resumes_a_two_process_checkpoint(two_process_runs, tmp_path
     close_weights(run, runs["fsdp_full"], "model.safetensors")
 
 
+def test_no_collective_call_inside_an_optimizer_step(two_process_runs):
+    """Every rank computes the global step's weight and micro-batch count on the host; the
+    logged sums are all-reduced at logging and checkpoint steps only (dist_worker counts)."""
+    _, tmp = two_process_runs
+    for rank in (0, 1):
+        counts = json.loads((tmp / f"collectives-{rank}.json").read_text())
+        assert counts["inside_step"] == []
+        assert counts["outside_step"] > 0  # the counting sees tunelab's calls (validation, logging)
+
+
 # --- launch and data split (no processes started) --------------------------------------------
+
+def test_every_rank_computes_the_global_step_totals_on_the_host():
+    """step_totals equals what each rank would count on its own share, summed (weight, tokens)
+    and maxed (micro-batches) over ranks: the all-reduces it replaces."""
+    import random
+    from types import SimpleNamespace
+
+    from tunelab.data.collate import IGNORE_INDEX, Sample, split_by_tokens
+    from tunelab.train.distributed import RowTotals, step_totals
+    from tunelab.train.objective import SFTObjective
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(11):
+        n = rng.randint(3, 30)
+        prompt = rng.randint(1, n - 1)
+        rows.append(Sample(list(range(1, n + 1)), [IGNORE_INDEX] * prompt + list(range(prompt, n))))
+    objective = SFTObjective(load_config(None, {}), SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    lengths = [len(r) for r in rows]
+    splits = {"as batched": lambda share: share,
+              "by 40 tokens": lambda share: split_by_tokens([i for ids in share for i in ids], lengths, 40, True)}
+    for world in (1, 2, 3):
+        for step_ids in ([[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]], [[3, 7]], [[10]]):
+            for name, split in splits.items():
+                per_rank = [[objective.collate([rows[i] for i in ids]) for ids in split(rank_share(step_ids, r, world))]
+                            for r in range(world)]
+                want = (sum(objective.weight(b) for batches in per_rank for b in batches),
+                        sum(int(b["attention_mask"].sum()) for batches in per_rank for b in batches),
+                        max(len(batches) for batches in per_rank))
+                got = step_totals(step_ids, world, split, RowTotals(objective, rows))
+                assert (got.weight, got.real_tokens, got.passes) == want, (world, step_ids, name)
+
+
+def test_logged_sums_are_read_once_and_a_non_finite_loss_names_its_step(tmp_path):
+    from tunelab.train.loop import StepStats, _settle_window, new_window, settle_steps
+
+    def step(losses, accuracy):
+        return StepStats([torch.tensor(v) for v in losses], {"acc": [torch.tensor(accuracy)], "n": [1.0]},
+                         weight=4, real_tokens=9, grad_norm=torch.tensor(0.5))
+
+    steps = [step([0.1, 0.2], 1.0), step([0.3], 0.0)]
+    settled = settle_steps(steps, "cpu")
+    assert settled[0][0] == float(torch.tensor(0.1)) + float(torch.tensor(0.2))  # float64 sums, in order
+    assert settled[1] == (float(torch.tensor(0.3)), {"acc": 0.0, "n": 1.0}, 0.5)
+    window, pending = new_window(), [(7, steps[0]), (8, step([float("nan")], 0.0)), (9, steps[1])]
+    with pytest.raises(TunelabError, match="loss became nan at step 8"):
+        _settle_window(window, pending, "cpu", loop.SINGLE, tmp_path)
+
 
 def test_rank_share_keeps_the_global_order_and_balances_ranks():
     step = [[5, 1], [7, 3], [0, 2], [6, 4]]

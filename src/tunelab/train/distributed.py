@@ -8,7 +8,8 @@
            fsdp  full fine-tuning (or LoRA on models one card cannot hold): FSDP2 `fully_shard`
                  per decoder layer, then the root; bf16 compute, fp32 reduce, optional CPU offload
       -> every optimizer step: the global list of sample ids split by `rank_share`,
-         the loss divided by the target tokens of the whole global step (all ranks)
+         the loss divided by the target tokens of the whole global step (all ranks),
+         which every rank computes on the host (`step_totals`): no collective call per step
 
 The math is the one-process math: a global step is the same samples in the same order
 whatever the number of processes, each rank's summed loss is divided by the global
@@ -73,11 +74,12 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def all_max(self, value: int, device) -> int:
+    def all_min(self, value: int, device) -> int:
+        """The smallest of the ranks' values: for settings each rank sized from its own memory."""
         if not self.enabled:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return int(t.item())
 
 
@@ -224,14 +226,50 @@ def rank_share(step_ids: list[list[int]], rank: int, world: int) -> list[list[in
     return [share[i:i + size] for i in range(0, len(share), size)]
 
 
-def padded_passes(micro_batches: list, dist: Dist, device, filler) -> list[tuple[object, bool]]:
-    """(batch, counts) pairs, as many on every rank: sharded weights are gathered by collective
-    calls in each forward, so a rank with fewer micro-batches repeats one at zero weight."""
-    passes = [(b, True) for b in micro_batches]
-    target = dist.all_max(len(passes), device)
-    while len(passes) < target:
-        passes.append((micro_batches[0] if micro_batches else filler(), False))
-    return passes
+@dataclass
+class StepTotals:
+    """What the loop must know of a whole optimizer step before and after running it."""
+
+    weight: int  # the objective's weight (target tokens, pairs) of the global step: the loss divisor
+    real_tokens: int  # non-pad tokens of the global step (logged tokens/s)
+    passes: int  # micro-batches each rank runs: the most any rank's share is cut into
+
+
+class RowTotals:
+    """Each training row's objective weight and real tokens, from the row collated alone, cached.
+
+    Both are sums over rows (target tokens or examples; attention-mask ones), so any rank totals
+    any micro-batch, another rank's included, on the host: every rank builds the same global
+    step plan from the same data, seed and token budget, and no rank has to ask the others.
+    """
+
+    def __init__(self, objective, rows: list):
+        self.objective = objective
+        self.rows = rows
+        self.cache: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, i: int) -> tuple[int, int]:
+        if i not in self.cache:
+            batch = self.objective.collate([self.rows[i]])
+            self.cache[i] = (int(self.objective.weight(batch)), int(batch["attention_mask"].sum()))
+        return self.cache[i]
+
+
+def step_totals(step_ids: list[list[int]], world: int, split, row_totals: RowTotals) -> StepTotals:
+    """The global step's totals as every rank computes them alike; `split(share)` cuts a rank's
+    share into its micro-batches (by token budget or as they come)."""
+    weight, real = map(sum, zip(*(row_totals(i) for ids in step_ids for i in ids)))
+    passes = max(len(split(rank_share(step_ids, r, world))) for r in range(world))
+    return StepTotals(weight, real, passes)
+
+
+def padded_passes(micro_batches: list, passes: int, filler) -> list[tuple[object, bool]]:
+    """(batch, counts) pairs, `passes` of them on every rank: sharded weights are gathered by
+    collective calls in each forward, so a rank with fewer micro-batches repeats one at zero weight."""
+    padded = [(b, True) for b in micro_batches]
+    while len(padded) < passes:
+        padded.append((micro_batches[0] if micro_batches else filler(), False))
+    return padded
 
 
 # --- engines ------------------------------------------------------------------------------------
@@ -329,9 +367,9 @@ def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
     return holder
 
 
-def grad_norm_value(norm) -> float:
-    """clip_grad_norm_ over sharded (DTensor) gradients returns a DTensor."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def grad_norm_tensor(norm) -> torch.Tensor:
+    """clip_grad_norm_ over sharded (DTensor) gradients returns a DTensor; kept on the device."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 

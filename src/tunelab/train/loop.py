@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     model = prepare_for_training(model, cfg)
     plan = resolve_speed(cfg, model, device)
     cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
+    if dist.enabled and cfg.max_tokens_per_batch is not None:  # sized to each GPU's free memory: agree
+        cfg = objective.cfg = replace(cfg, max_tokens_per_batch=dist.all_min(cfg.max_tokens_per_batch, device))
     if dist.is_main:
         print(plan.describe(), file=sys.stderr)
     trainable, total = count_parameters(model)
@@ -165,6 +167,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     def micro_tokens(ids: list[int]) -> int:
         return micro_batch_tokens(ids, lengths, padded=not cfg.padding_free)
 
+    row_totals = distributed.RowTotals(objective, train_rows)
+
     def run_step(step_ids: list[list[int]]) -> StepStats:
         """One optimizer step (this process's share of it), retried in smaller pieces if it runs
         out of memory (train/memory.py)."""
@@ -173,7 +177,10 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
 
         def attempt(budget):
             batches = [objective.collate([train_rows[i] for i in ids]) for ids in micro_batches(share, budget)]
-            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare)
+            totals = distributed.step_totals(step_ids, dist.world, lambda ids: micro_batches(ids, budget),
+                                             row_totals) if dist.enabled else None
+            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare,
+                                  totals)
 
         return memory.run(state.global_step + 1, max(lengths[i] for ids in share for i in ids),
                           largest_micro=lambda budget: max(map(micro_tokens, micro_batches(share, budget))),
@@ -181,7 +188,13 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
 
     previous_sigterm = _sigterm_as_ctrl_c()
 
+    pending: list[tuple[int, StepStats]] = []  # steps whose loss sums are still on the device
+
+    def settle() -> None:
+        _settle_window(window, pending, device, dist, run_dir)
+
     def checkpoint() -> Path:
+        settle()
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
         extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist))
                  if cfg.finetuning_type == "lora" else None)
@@ -248,7 +261,14 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
                     state.global_step += 1
                     state.batch_in_epoch += len(step_ids)
                     state.tokens_seen += step.real_tokens
-                    _add_to_window(window, step)
+                    window["weight"] += step.weight
+                    window["real_tokens"] += step.real_tokens
+                    pending.append((state.global_step, step))
+                    logs_now = state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps
+                    evals_now = cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0
+                    saves_now = cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0
+                    if logs_now or evals_now or saves_now:
+                        settle()  # the one wait for the device: queued training work is training time
                     window["seconds"] += time.perf_counter() - started  # training only: evaluations, saves excluded
                 tracker.advance()
                 if first_cuda_step:
@@ -258,17 +278,15 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
                     if cfg.max_tokens_per_batch is not None and user_cfg.max_tokens_per_batch is None:
                         memory.calibrate(device, base_bytes, max(map(micro_tokens, micro_batches(
                             rank_share(step_ids, dist.rank, dist.world), memory.budget))))
+                        if dist.enabled:  # every rank cuts every rank's share with one budget
+                            memory.budget = dist.all_min(memory.budget, device)
 
-                if not math.isfinite(window["loss_sum"]):
-                    raise TunelabError(f"the loss became {window['loss_sum']} at step {state.global_step}",
-                                       where=str(run_dir),
-                                       fix="lower learning_rate, use bf16 instead of fp16, or check max_grad_norm")
-                if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
+                if logs_now:
                     _log_window(tracker, window, state, scheduler, micro_per_epoch)
-                if cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0:
+                if evals_now:
                     stopped_early = evaluate_and_track()
                     model.train()
-                if cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0:
+                if saves_now:
                     checkpoint()
                 if stopped_early:
                     break
@@ -449,27 +467,38 @@ def _improves(value: float, best: float | None, cfg: TunelabConfig) -> bool:
 
 @dataclass
 class StepStats:
-    loss_sum: float  # summed loss of the step's target tokens (or pairs)
-    weight: int  # what the loss is averaged over
-    real_tokens: int  # non-pad tokens
-    grad_norm: float
-    metrics: dict
+    """One optimizer step. The loss and metric sums stay on the device, as this rank's per
+    micro-batch values, until `settle_steps` reads them (at logging and checkpoint steps)."""
+
+    losses: list  # summed loss of each counting micro-batch (0-d device tensors)
+    metrics: dict[str, list]  # each metric's sums, per counting micro-batch (tensors or floats)
+    weight: int  # what the loss is averaged over (the global step's)
+    real_tokens: int  # non-pad tokens (the global step's)
+    grad_norm: torch.Tensor | float
 
 
 def optimizer_step(model, objective, micro_batches: list[dict], optimizer, scheduler, scaler,
-                   cfg: TunelabConfig, device, dist: Dist = SINGLE, spare: dict | None = None) -> StepStats:
+                   cfg: TunelabConfig, device, dist: Dist = SINGLE, spare: dict | None = None,
+                   totals: distributed.StepTotals | None = None) -> StepStats:
     """One optimizer step: accumulate the micro-batches' gradients, clip, step, schedule.
 
-    Under several processes `micro_batches` is this rank's share of the global step and
-    `spare` a batch to run at zero weight should the share be short (distributed.padded_passes).
+    Nothing here waits for the device or asks the other ranks (fp16's loss scaler aside): the
+    step's weight comes from the host. Under several processes `micro_batches` is this rank's
+    share of the global step, `totals` the global step's (`distributed.step_totals`, which every
+    rank computes alike) and `spare` a batch to run at zero weight should the share be short.
     A function of its own so benchmarks time exactly the code the trainer runs.
     """
+    if totals is None:
+        if dist.enabled:
+            raise ValueError("several processes: pass the global step's totals (distributed.step_totals)")
+        totals = distributed.StepTotals(sum(objective.weight(b) for b in micro_batches),
+                                        sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                                        len(micro_batches))
     # Divide by the weight of the whole global step (every rank's): the loss one big batch would
     # give. DDP and FSDP average gradients over ranks; multiplying by the world size undoes it.
-    (step_weight,) = dist.all_sum([sum(objective.weight(b) for b in micro_batches)], device)
-    scale = dist.world / max(step_weight, 1)
-    passes = distributed.padded_passes(micro_batches, dist, device, lambda: spare)
-    loss_total, real_tokens, metrics = 0.0, 0, {}
+    scale = dist.world / max(totals.weight, 1)
+    passes = distributed.padded_passes(micro_batches, totals.passes, lambda: spare)
+    losses, metrics = [], {}
     for i, (batch, counts) in enumerate(passes):
         batch = _to_device(batch, device)
         with _grad_sync(objective, last=i == len(passes) - 1):
@@ -477,21 +506,16 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
                 loss_sum, batch_metrics = objective.loss(model, batch)
             loss = loss_sum * (scale if counts else 0.0)
             (scaler.scale(loss) if scaler else loss).backward()
-        if not counts:
-            continue
-        loss_total += float(loss_sum.detach())
-        real_tokens += int(batch["attention_mask"].sum())
         for key, value in batch_metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + value
-    if dist.enabled:  # the logged loss, tokens and metrics are the global step's
-        keys = sorted(metrics)
-        loss_total, real_tokens, *values = dist.all_sum([loss_total, real_tokens, *(metrics[k] for k in keys)],
-                                                        device)
-        real_tokens, metrics = int(real_tokens), dict(zip(keys, values))
+            values = metrics.setdefault(key, [])  # a padding pass still names its keys: ranks settle alike
+            if counts:
+                values.append(value)
+        if counts:
+            losses.append(loss_sum.detach())
     try:
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(
+        grad_norm = distributed.grad_norm_tensor(torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad],
             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         if scaler:
@@ -503,7 +527,30 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
         raise OptimizerOutOfMemory(str(exc)) from None
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_total, int(step_weight), real_tokens, grad_norm, metrics)
+    return StepStats(losses, metrics, int(totals.weight), int(totals.real_tokens), grad_norm)
+
+
+def settle_steps(steps: list[StepStats], device, dist: Dist = SINGLE) -> list[tuple[float, dict[str, float], float]]:
+    """(loss sum, metric sums, grad norm) of each step on the host, the global step's: one copy
+    from the device, and under several processes one all-reduce, for all of them. Each step's
+    micro-batch values are added in order in float64, as a step-by-step read would add them."""
+    keys = sorted({key for step in steps for key in step.metrics})
+    device_values = [v for step in steps for v in (*step.losses, *(x for k in keys for x in step.metrics.get(k, ())),
+                                                   step.grad_norm)]
+    tensors = [v.detach().reshape(()) for v in device_values if isinstance(v, torch.Tensor)]
+    # (grad norms of CPU-offloaded weights live in CPU memory: one stack needs one device)
+    read = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).cpu().tolist() if tensors else [])
+    host = iter([next(read) if isinstance(v, torch.Tensor) else float(v) for v in device_values])
+    sums, norms = [], []
+    for step in steps:
+        loss = sum(next(host) for _ in step.losses)
+        sums.append([loss, *(sum(next(host) for _ in step.metrics.get(k, ())) for k in keys)])
+        norms.append(next(host))
+    if dist.enabled and sums:
+        width = len(keys) + 1
+        flat = dist.all_sum([v for row in sums for v in row], device)
+        sums = [flat[i:i + width] for i in range(0, len(flat), width)]
+    return [(row[0], dict(zip(keys, row[1:])), norm) for row, norm in zip(sums, norms)]
 
 
 def _grad_sync(objective, last: bool):
@@ -554,7 +601,7 @@ def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
     ordered = sorted(rows, key=len)  # similar lengths: little padding
     size = cfg.per_device_eval_batch_size
     chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
-    for chunk, counts in distributed.padded_passes(chunks[dist.rank::dist.world], dist, device,
+    for chunk, counts in distributed.padded_passes(chunks[dist.rank::dist.world], -(-len(chunks) // dist.world),
                                                    lambda: ordered[:1]):
         score(chunk, counts)
     total, weight, metrics = sums["loss"], sums["weight"], sums["metrics"]
@@ -605,13 +652,19 @@ def new_window() -> dict:
     return {"loss_sum": 0.0, "weight": 0, "real_tokens": 0, "seconds": 0.0, "grad_norms": [], "metrics": {}}
 
 
-def _add_to_window(window: dict, step: StepStats) -> None:
-    window["loss_sum"] += step.loss_sum
-    window["real_tokens"] += step.real_tokens
-    for key, value in step.metrics.items():
-        window["metrics"][key] = window["metrics"].get(key, 0.0) + value
-    window["weight"] += step.weight
-    window["grad_norms"].append(step.grad_norm)
+def _settle_window(window: dict, pending: list[tuple[int, StepStats]], device, dist: Dist, run_dir: Path) -> None:
+    """Add the loss, metric and grad-norm sums of the steps run since the last call (`pending`,
+    their global step numbers and stats) to the window; stop at a loss that is not finite."""
+    settled = settle_steps([step for _, step in pending], device, dist)
+    for (number, _), (loss_sum, metrics, grad_norm) in zip(pending, settled):
+        window["loss_sum"] += loss_sum
+        for key, value in metrics.items():
+            window["metrics"][key] = window["metrics"].get(key, 0.0) + value
+        window["grad_norms"].append(grad_norm)
+        if not math.isfinite(window["loss_sum"]):
+            raise TunelabError(f"the loss became {window['loss_sum']} at step {number}", where=str(run_dir),
+                               fix="lower learning_rate, use bf16 instead of fp16, or check max_grad_norm")
+    pending.clear()
 
 
 def _resume_logging(tracker: Tracker, window: dict, state: TrainerState, scheduler, micro_per_epoch: int,
