@@ -29,6 +29,20 @@ COMMON = dict(max_steps=4, per_device_train_batch_size=2, lora_dropout=0.0, save
 ONE = dict(COMMON, gradient_accumulation_steps=2)
 FULL = dict(finetuning_type="full", learning_rate=1e-3, eval_strategy="no")  # the LoRA runs check validation
 TWO = dict(COMMON, gradient_accumulation_steps=1)
+# DPO under FSDP2: LoRA scores its reference with the adapter disabled inside the sharded forward; full
+# fine-tuning precomputes it (one process: a frozen copy). Logged every 2 steps: sums of several steps
+# and their reward metrics are read and all-reduced at once.
+DPO = dict(stage="dpo", logging_steps=2, val_size=2, fused_loss=False, padding_free=False)
+DPO_FULL = dict(DPO, finetuning_type="full", learning_rate=1e-4)
+
+
+def pairs_file(folder: Path) -> Path:
+    questions = [("What is 2+2?", "4.", "5."), ("Capital of France?", "Paris.", "Rome."),
+                 ("Legs of a spider?", "Eight.", "Six."), ("Frozen water?", "Ice.", "Steam.")]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r}) + "\n"
+                            for q, c, r in questions * 5), encoding="utf-8")
+    return path
 
 
 def values(tmp_path, model_dir, out, **overrides) -> dict:
@@ -47,6 +61,10 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
     }
     jobs["fsdp_resume"] = dict(jobs["fsdp_full"], output_dir=str(tmp / "fsdp_resume"),
                                resume_from_checkpoint=str(tmp / "fsdp_full/checkpoints/checkpoint-2"))
+    pairs = [str(pairs_file(tmp))]
+    for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
+        jobs[name] = values(tmp, tiny_model_dir, name, distributed_strategy="fsdp", dataset=pairs, save_strategy="no",
+                            **dict(TWO, **keys))
     jobs_file = tmp / "jobs.json"
     jobs_file.write_text(json.dumps(list(jobs.values())))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
@@ -130,6 +148,19 @@ def test_no_collective_call_inside_an_optimizer_step(two_process_runs):
         counts = json.loads((tmp / f"collectives-{rank}.json").read_text())
         assert counts["inside_step"] == []
         assert counts["outside_step"] > 0  # the counting sees tunelab's calls (validation, logging)
+
+
+def test_dpo_under_fsdp_trains_the_one_process_math(two_process_runs, tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    runs, tmp = two_process_runs
+    pairs = [str(tmp / "pairs.jsonl")]
+    for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
+        single = Path(loop.train(load_config(None, values(tmp_path, tiny_model_dir, name, dataset=pairs,
+                                                          save_strategy="no", **dict(ONE, **keys)))).output_dir)
+        close_losses(runs[name], single)
+        got, want = (read_log(run / "trainer_log.jsonl") for run in (runs[name], single))
+        for key in ("rewards/margins", "rewards/accuracies", "eval_loss"):
+            assert [r[key] for r in got if key in r] == pytest.approx([r[key] for r in want if key in r], abs=2e-4)
 
 
 # --- launch and data split (no processes started) --------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -149,10 +149,6 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
                                                "(nproc_per_node=N), or drop fsdp_cpu_offload")
     if single:
         return SINGLE
-    if strategy == "fsdp" and cfg.stage not in ("sft", "pt"):
-        raise TunelabError(f"stage={cfg.stage} is not supported with FSDP yet (its reference model and "
-                           "precomputed log-probs run outside the sharded forward)", where="config",
-                           fix="use finetuning_type=lora with distributed_strategy=ddp for preference stages")
     if strategy == "fsdp" and cfg.quantization_bit:
         raise TunelabError("QLoRA (quantization_bit) with FSDP is not supported yet: 4-bit weights cannot be "
                            "sharded by fully_shard", where="config",
@@ -299,6 +295,21 @@ class DistributedObjective:
 
     def loss(self, model, batch: dict):
         return self.engine(batch)
+
+    def setup(self, model, device) -> None:
+        """The stage's set-up (a preference stage's reference) on the wrapped model. FSDP: the root's
+        weights (embeddings, LM head) are gathered for the calls that bypass its forward (reference
+        log-probs); the layers gather their own. A full fine-tuning reference is precomputed there
+        rather than copied: a copy of sharded weights would be no model."""
+        if self.dist.strategy != "fsdp":
+            return self.inner.setup(model, device)
+        if self.inner.cfg.finetuning_type != "lora" and hasattr(self.inner.cfg, "precompute_ref_log_probs"):
+            self.inner.cfg = replace(self.inner.cfg, precompute_ref_log_probs=True)
+        self.engine.unshard()
+        try:
+            self.inner.setup(model, device)
+        finally:
+            self.engine.reshard()
 
     def grad_sync(self, last: bool):
         """DDP all-reduces once per optimizer step (the last micro-batch); FSDP reduce-scatters every

@@ -75,7 +75,10 @@ def lora_adds_nothing(model) -> bool:
     for name, param in model.named_parameters():
         if "lora_B" in name:
             found = True
-            if torch.count_nonzero(param.detach()):
+            weight = param.detach()
+            if hasattr(weight, "full_tensor"):  # FSDP2 shard: every rank must see (and decide on) all of it
+                weight = weight.full_tensor()
+            if torch.count_nonzero(weight):
                 return False
     return found and hasattr(model, "disable_adapter")
 
