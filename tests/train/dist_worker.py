@@ -50,12 +50,19 @@ def count_collectives() -> dict:
     return counts
 
 
+def run(cfg):
+    """`tunelab train`'s choice: the preference stages through their objective, the rest plain."""
+    from tunelab.train.preference import PreferenceObjective
+
+    return loop.train(cfg, objective_factory=PreferenceObjective if cfg.stage not in ("sft", "pt") else None)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     counts = count_collectives()
     jobs = Path(sys.argv[1])
     for values in json.loads(jobs.read_text(encoding="utf-8")):
-        loop.train(load_config(None, values))
+        run(load_config(None, values))
     (jobs.parent / f"collectives-{torch.distributed.get_rank()}.json").write_text(json.dumps(counts))
     torch.distributed.destroy_process_group()

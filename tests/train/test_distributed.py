@@ -4,6 +4,7 @@ The two-process jobs run once per session (`two_process_runs`); the tests compar
 weights and checkpoints against one-process runs with the same global batch.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_worker import run
 from test_loop import config, losses
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
@@ -22,6 +24,7 @@ from tunelab.train.distributed import init_distributed, launcher_env, rank_share
 from tunelab.train.tracking import read_log
 
 REPO = Path(__file__).resolve().parents[2]
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 # Global batch 4 either way: one process 2 x 2 accumulation, two processes 2 x 1 each. The fast
 # path (padding-free stream, chunked LM head + loss) runs under both engines, as on GPUs.
 COMMON = dict(max_steps=4, per_device_train_batch_size=2, lora_dropout=0.0, save_steps=2, eval_steps=2,
@@ -62,6 +65,10 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
     jobs["fsdp_resume"] = dict(jobs["fsdp_full"], output_dir=str(tmp / "fsdp_resume"),
                                resume_from_checkpoint=str(tmp / "fsdp_full/checkpoints/checkpoint-2"))
     pairs = [str(pairs_file(tmp))]
+    if DEEPSPEED:  # last: accelerate's DeepSpeed state stays in the process
+        for stage in ("zero2", "zero3"):
+            jobs[f"ds_{stage}_lora"] = values(tmp, tiny_model_dir, f"ds_{stage}_lora", deepspeed=stage,
+                                              save_strategy="no", **TWO)
     for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
         jobs[name] = values(tmp, tiny_model_dir, name, distributed_strategy="fsdp", dataset=pairs, save_strategy="no",
                             **dict(TWO, **keys))
@@ -150,13 +157,25 @@ def test_no_collective_call_inside_an_optimizer_step(two_process_runs):
         assert counts["outside_step"] > 0  # the counting sees tunelab's calls (validation, logging)
 
 
+@pytest.mark.skipif(not DEEPSPEED, reason="deepspeed is not installed (pip install 'tunelab[deepspeed]')")
+def test_deepspeed_zero2_and_zero3_lora_train_the_one_process_math(two_process_runs, tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    runs, _ = two_process_runs
+    single = Path(loop.train(load_config(None, values(tmp_path, tiny_model_dir, "one", save_strategy="no",
+                                                      **ONE))).output_dir)
+    for name in ("ds_zero2_lora", "ds_zero3_lora"):
+        close_losses(runs[name], single)
+        assert eval_losses(runs[name]) == pytest.approx(eval_losses(single), abs=2e-4)
+        close_weights(runs[name], single, "adapter_model.safetensors")  # ZeRO-3: gathered on rank 0
+
+
 def test_dpo_under_fsdp_trains_the_one_process_math(two_process_runs, tmp_path, tiny_model_dir):
     torch.set_num_threads(1)
     runs, tmp = two_process_runs
     pairs = [str(tmp / "pairs.jsonl")]
     for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
-        single = Path(loop.train(load_config(None, values(tmp_path, tiny_model_dir, name, dataset=pairs,
-                                                          save_strategy="no", **dict(ONE, **keys)))).output_dir)
+        single = Path(run(load_config(None, values(tmp_path, tiny_model_dir, name, dataset=pairs, save_strategy="no",
+                                                   **dict(ONE, **keys)))).output_dir)
         close_losses(runs[name], single)
         got, want = (read_log(run / "trainer_log.jsonl") for run in (runs[name], single))
         for key in ("rewards/margins", "rewards/accuracies", "eval_loss"):
@@ -235,9 +254,55 @@ def test_foreign_or_broken_launchers_fail_at_once(monkeypatch):
         launcher_env()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(TunelabError, match="DeepSpeed"):
-        launcher_env()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate config'd for DeepSpeed, no key in ours
+    with pytest.raises(TunelabError, match="no deepspeed key"):
+        init_distributed(load_config(None, {}))
+
+
+def test_deepspeed_key_becomes_a_deepspeed_config_or_a_clear_refusal(monkeypatch, tmp_path):
+    import importlib.util
+
+    from tunelab.train.deepspeed import ds_config
+
+    made = ds_config(load_config(None, {"deepspeed": "zero3", "per_device_train_batch_size": 4, "max_grad_norm": 0.5,
+                                        "bf16": True}))
+    assert made["zero_optimization"]["stage"] == 3 and made["train_micro_batch_size_per_gpu"] == 4
+    assert made["gradient_clipping"] == 0.5 and made["bf16"] == {"enabled": True} and made["fp16"] == {"enabled": False}
+    assert made["gradient_accumulation_steps"] == 1  # the loop marks each step's boundary itself
+    user = tmp_path / "ds.json"  # a LLaMA-Factory-style file: its own settings kept, "auto" filled
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto",
+                                                      "offload_optimizer": {"device": "cpu"}},
+                                "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 2.0,
+                                "bf16": {"enabled": "auto"}, "train_batch_size": "auto"}))
+    made = ds_config(load_config(None, {"deepspeed": str(user), "per_device_train_batch_size": 3}))
+    assert made["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert made["train_micro_batch_size_per_gpu"] == 3 and made["gradient_clipping"] == 2.0
+    assert "train_batch_size" not in made
+    for content, message in ((json.dumps({"zero_optimization": {"stage": 1}}), "stage 1"),
+                             (json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {}}), "its own optimizer"),
+                             (json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 8}),
+                              "gradient_accumulation_steps=8"),
+                             ("{not json", "not valid JSON")):
+        user.write_text(content)
+        with pytest.raises(TunelabError, match=message):
+            ds_config(load_config(None, {"deepspeed": str(user)}))
+    with pytest.raises(TunelabError, match="neither zero2"):
+        ds_config(load_config(None, {"deepspeed": "zero4"}))
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(TunelabError, match="one process"):  # the key is never silently ignored
+        init_distributed(load_config(None, {"deepspeed": "zero2"}))
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    for keys, message in (({"distributed_strategy": "fsdp"}, "two engines"), ({}, "checkpoints"),
+                          ({"save_strategy": "no", "quantization_bit": 4}, "QLoRA")):
+        with pytest.raises(TunelabError, match=message):
+            init_distributed(load_config(None, {"deepspeed": "zero2", **keys}))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed"
+                        else real_find_spec(name, *a))
+    with pytest.raises(TunelabError, match="pip install 'tunelab\\[deepspeed\\]'"):
+        init_distributed(load_config(None, {"deepspeed": "zero2", "save_strategy": "no"}))
 
 
 def test_settings_one_process_cannot_honour_are_refused(monkeypatch):

@@ -111,16 +111,21 @@ def launcher_env() -> dict[str, int] | None:
     if env["RANK"] >= env["WORLD_SIZE"]:
         raise TunelabError(f"RANK={env['RANK']} but WORLD_SIZE={env['WORLD_SIZE']}", where="launcher",
                            fix="start through torchrun or accelerate launch")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise TunelabError("accelerate launch was configured for DeepSpeed, which tunelab's loop does not drive",
-                           where="launcher", fix="answer `no` to DeepSpeed in `accelerate config` (tunelab shards "
-                                                 "with FSDP2: distributed_strategy=fsdp), or use torchrun")
     return env
 
 
 def choose_strategy(cfg: TunelabConfig) -> str:
     """auto: DDP when the trainable part is small (LoRA/QLoRA), FSDP2 when every weight trains;
-    `accelerate launch` configured for FSDP asks for FSDP."""
+    `accelerate launch` configured for FSDP asks for FSDP; the deepspeed key for DeepSpeed."""
+    if cfg.deepspeed:
+        if cfg.distributed_strategy != "auto":
+            raise TunelabError(f"deepspeed={cfg.deepspeed} and distributed_strategy={cfg.distributed_strategy} "
+                               "name two engines", where="config", fix="drop one of the two keys")
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise TunelabError("accelerate launch was configured for DeepSpeed, but the config has no deepspeed key",
+                           where="launcher", fix="set deepspeed: zero2, zero3 or path/to/ds_config.json in the config "
+                                                 "(tunelab hands it to accelerate's DeepSpeed plugin)")
     if cfg.distributed_strategy != "auto":
         return cfg.distributed_strategy
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
@@ -141,7 +146,13 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
                            where="config", fix="start with `tunelab train cfg.yaml` (it launches torchrun itself) or "
                                                "torchrun --nproc-per-node N -m tunelab.cli train cfg.yaml")
     single = env is None or env["WORLD_SIZE"] == 1
+    if single and cfg.deepspeed:
+        raise TunelabError(f"deepspeed={cfg.deepspeed} on one process: ZeRO shards across several", where="config",
+                           fix="start several processes (tunelab train cfg.yaml --nproc N, torchrun or accelerate "
+                               "launch), or drop the deepspeed key")
     strategy = "none" if single else choose_strategy(cfg)
+    if strategy == "deepspeed":
+        _check_deepspeed(cfg)
     if cfg.fsdp_cpu_offload and strategy != "fsdp":
         raise TunelabError("fsdp_cpu_offload=true but this run does not shard with FSDP "
                            f"({'one process' if single else 'distributed_strategy resolves to ' + strategy})",
@@ -167,6 +178,21 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
         torch.distributed.init_process_group("nccl" if _wants_cuda(cfg) else "gloo")
         dist.owns_group = True
     return dist
+
+
+def _check_deepspeed(cfg: TunelabConfig) -> None:
+    from tunelab.train.deepspeed import ds_config, require_deepspeed
+
+    require_deepspeed()
+    ds_config(cfg)  # a bad JSON or stage fails here, before the model loads
+    if cfg.quantization_bit:
+        raise TunelabError("QLoRA (quantization_bit) with DeepSpeed is not supported", where="config",
+                           fix="use distributed_strategy=ddp for QLoRA (drop the deepspeed key)")
+    if cfg.save_strategy != "no" or cfg.resume_from_checkpoint or cfg.load_best_model_at_end:
+        raise TunelabError("checkpoints are not written under DeepSpeed yet (save_strategy, resume_from_checkpoint, "
+                           "load_best_model_at_end)", where="config",
+                           fix="set save_strategy=no (the final weights are still saved), or use "
+                               "distributed_strategy=fsdp for resumable sharded checkpoints")
 
 
 def _wants_cuda(cfg: TunelabConfig) -> bool:
@@ -328,6 +354,10 @@ def wrap(model, objective, cfg: TunelabConfig, dist: Dist, device: torch.device)
     if not dist.enabled:
         return objective
     holder = _LossModule(model, objective)
+    if dist.strategy == "deepspeed":  # DeepSpeed takes model and optimizer together: `prepare` comes later
+        from tunelab.train.deepspeed import DeepSpeedObjective
+
+        return DeepSpeedObjective(objective, holder, cfg)
     if dist.strategy == "ddp":
         engine = _ddp(holder, device)
     else:

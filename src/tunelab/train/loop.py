@@ -128,6 +128,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, cfg, device)
+    if hasattr(objective, "prepare"):  # DeepSpeed takes model and optimizer together (train/deepspeed.py)
+        objective.prepare(optimizer)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
 
@@ -194,9 +196,12 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         _settle_window(window, pending, device, dist, run_dir)
 
     def checkpoint() -> Path:
+        if dist.strategy == "deepspeed":  # refused at start for saves; an interrupt ends without one
+            raise TunelabError("interrupted: DeepSpeed runs write no checkpoint yet", where=str(run_dir),
+                               fix="rerun, or use distributed_strategy=fsdp for resumable sharded checkpoints")
         settle()
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
-        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist))
+        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist, objective))
                  if cfg.finetuning_type == "lora" else None)
         state.log_window = dict(window)  # a resumed curve equals this one
         if dist.strategy == "fsdp":
@@ -323,7 +328,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         if dist.is_main:
             print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
                   f"{state.best_checkpoint}", file=sys.stderr)
-    save_final_weights(model, tokenizer, run_dir, cfg, dist)
+    save_final_weights(model, tokenizer, run_dir, cfg, dist, objective)
     if cfg.plot_loss and dist.is_main:
         plot_loss(run_dir)
     dist.barrier()
@@ -429,11 +434,15 @@ def _load_best(path: Path, model) -> None:
         load_trainable_state(model, load_file(path / "trainable.safetensors"))
 
 
-def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE) -> None:
-    """The adapter or full weights as one loadable folder, written by rank 0. Under FSDP every
-    rank first sends its shards to rank 0 (a collective call: every rank makes it)."""
+def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE,
+                       objective=None) -> None:
+    """The adapter or full weights as one loadable folder, written by rank 0. Under FSDP (and
+    DeepSpeed ZeRO-3) every rank first sends its shards to rank 0 (a collective call: every rank
+    makes it)."""
     state = None
-    if dist.strategy == "fsdp":
+    if hasattr(objective, "consolidated_state"):
+        state = objective.consolidated_state(model, dist.is_main, trainable_only=cfg.finetuning_type == "lora")
+    elif dist.strategy == "fsdp":
         from tunelab.train.sharded_checkpoint import consolidated_state
 
         state = consolidated_state(model, dist, trainable_only=cfg.finetuning_type == "lora")
@@ -505,7 +514,10 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
             with _autocast(cfg, device):
                 loss_sum, batch_metrics = objective.loss(model, batch)
             loss = loss_sum * (scale if counts else 0.0)
-            (scaler.scale(loss) if scaler else loss).backward()
+            if hasattr(objective, "backward"):  # DeepSpeed: its engine reduces at the step's last micro-batch
+                objective.backward(loss, last=i == len(passes) - 1)
+            else:
+                (scaler.scale(loss) if scaler else loss).backward()
         for key, value in batch_metrics.items():
             values = metrics.setdefault(key, [])  # a padding pass still names its keys: ranks settle alike
             if counts:
@@ -513,6 +525,10 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
         if counts:
             losses.append(loss_sum.detach())
     try:
+        if hasattr(objective, "engine_step"):  # DeepSpeed clips, steps and zeroes the gradients itself
+            grad_norm = objective.engine_step()
+            scheduler.step()
+            return StepStats(losses, metrics, int(totals.weight), int(totals.real_tokens), grad_norm)
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = distributed.grad_norm_tensor(torch.nn.utils.clip_grad_norm_(
