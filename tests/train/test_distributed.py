@@ -65,13 +65,15 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
     jobs["fsdp_resume"] = dict(jobs["fsdp_full"], output_dir=str(tmp / "fsdp_resume"),
                                resume_from_checkpoint=str(tmp / "fsdp_full/checkpoints/checkpoint-2"))
     pairs = [str(pairs_file(tmp))]
-    if DEEPSPEED:  # last: accelerate's DeepSpeed state stays in the process
-        for stage in ("zero2", "zero3"):
-            jobs[f"ds_{stage}_lora"] = values(tmp, tiny_model_dir, f"ds_{stage}_lora", deepspeed=stage,
-                                              save_strategy="no", **TWO)
     for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
         jobs[name] = values(tmp, tiny_model_dir, name, distributed_strategy="fsdp", dataset=pairs, save_strategy="no",
                             **dict(TWO, **keys))
+    if DEEPSPEED:
+        for stage in ("zero2", "zero3"):
+            jobs[f"ds_{stage}_lora"] = values(tmp, tiny_model_dir, f"ds_{stage}_lora", deepspeed=stage,
+                                              save_strategy="no", **TWO)
+    jobs["ddp_after_deepspeed"] = dict(jobs["ddp_lora"], output_dir=str(tmp / "ddp_after_deepspeed"), max_steps=1,
+                                       eval_strategy="no", save_strategy="no")  # accelerate's marks are undone
     jobs_file = tmp / "jobs.json"
     jobs_file.write_text(json.dumps(list(jobs.values())))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")

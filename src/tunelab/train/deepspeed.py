@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -111,8 +112,19 @@ class DeepSpeedObjective:
         from accelerate.utils import DeepSpeedPlugin
 
         AcceleratorState._reset_state()  # accelerate keeps one plugin a process: a second run brings its own
-        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(self.cfg)))
-        self.engine, _ = accelerator.prepare(self.holder, optimizer)
+        launcher_env = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+        try:
+            accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(self.cfg)))
+            self.engine, _ = accelerator.prepare(self.holder, optimizer)
+        finally:  # the plugin marks the process for DeepSpeed: a later run in it (a `stages:` chain) has its own key
+            for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+                if key not in launcher_env:
+                    del os.environ[key]
+            os.environ.update(launcher_env)
+            # ... and tells transformers that ZeRO-3 is on, which would partition the next model it loads
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
         if self.engine.zero_optimization_partition_weights():
             import deepspeed
 

@@ -304,8 +304,10 @@ class _LossModule(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict):
-        return self.objective.loss(self.model, batch)
+    def forward(self, batch: dict | None, run=None):
+        """The loss of `batch`, or `run()`: work that calls the model outside the loss (a reference's
+        log-probs) with the engine's weights gathered as for a forward."""
+        return run() if run is not None else self.objective.loss(self.model, batch)
 
 
 class DistributedObjective:
@@ -323,19 +325,17 @@ class DistributedObjective:
         return self.engine(batch)
 
     def setup(self, model, device) -> None:
-        """The stage's set-up (a preference stage's reference) on the wrapped model. FSDP: the root's
-        weights (embeddings, LM head) are gathered for the calls that bypass its forward (reference
-        log-probs); the layers gather their own. A full fine-tuning reference is precomputed there
-        rather than copied: a copy of sharded weights would be no model."""
+        """The stage's set-up (a preference stage's reference) on the wrapped model. FSDP: it runs
+        inside the root's forward, so the root's weights (embeddings, LM head) are gathered for the
+        calls it makes (reference log-probs) and the layers gather their own. A full fine-tuning
+        reference is precomputed there rather than copied: a copy of sharded weights is no model."""
         if self.dist.strategy != "fsdp":
             return self.inner.setup(model, device)
-        if self.inner.cfg.finetuning_type != "lora" and hasattr(self.inner.cfg, "precompute_ref_log_probs"):
+        if self.inner.cfg.finetuning_type != "lora":
             self.inner.cfg = replace(self.inner.cfg, precompute_ref_log_probs=True)
-        self.engine.unshard()
-        try:
-            self.inner.setup(model, device)
-        finally:
-            self.engine.reshard()
+        with torch.no_grad():
+            self.engine(None, run=lambda: self.inner.setup(model, device))
+        self.engine.reshard()  # the root keeps its weights gathered after a forward: the optimizer wants shards
 
     def grad_sync(self, last: bool):
         """DDP all-reduces once per optimizer step (the last micro-batch); FSDP reduce-scatters every

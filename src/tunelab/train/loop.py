@@ -606,8 +606,8 @@ def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
             if counts:
                 sums["loss"] += float(loss_sum)
                 sums["weight"] += objective.weight(batch)
-                for key, value in batch_metrics.items():
-                    sums["metrics"][key] = sums["metrics"].get(key, 0.0) + value
+            for key, value in batch_metrics.items():  # a padding pass names its keys: ranks all-reduce alike
+                sums["metrics"][key] = sums["metrics"].get(key, 0.0) + (value if counts else 0.0)
         if oom:  # outside the except block, so the failed try's tensors are freed first
             del batch
             torch.cuda.empty_cache()
