@@ -335,7 +335,11 @@ class DistributedObjective:
             self.inner.cfg = replace(self.inner.cfg, precompute_ref_log_probs=True)
         with torch.no_grad():
             self.engine(None, run=lambda: self.inner.setup(model, device))
-        self.engine.reshard()  # the root keeps its weights gathered after a forward: the optimizer wants shards
+        # The root and the last layer keep their weights gathered after a forward (reshard_after_forward
+        # off); the optimizer, built next, must hold the shards or it updates copies FSDP discards.
+        for module in self.engine.modules():
+            if hasattr(module, "reshard") and hasattr(module, "unshard"):  # FSDPModule
+                module.reshard()
 
     def grad_sync(self, last: bool):
         """DDP all-reduces once per optimizer step (the last micro-batch); FSDP reduce-scatters every
