@@ -22,6 +22,8 @@ Weights are random (speed does not depend on their values) in the real Qwen2.5-7
   bf16 compute, fp32 gradient reduction), gradient checkpointing, 64 samples per step
   (2 GPUs x 2 micro-batches of 16). MFU counts 6N FLOPs per token (forward + both
   backward matmuls; recomputation not counted) + attention, against the measured peak.
+- lora_ds_zero2_2gpu, lora_ds_zero3_2gpu, full_ds_zero3_2gpu (asked for by name; need deepspeed):
+  the LoRA 2-GPU run and the full fine-tuning run through DeepSpeed ZeRO-2/3 instead of DDP/FSDP2.
 - lora_fsdp_32b_2gpu (asked for by name): the 32B model is built on the meta device, sharded,
   and only each GPU's shards are allocated and filled with random values.
 """
@@ -50,6 +52,11 @@ MODES = {  # name -> (processes, shape, config keys, samples per micro-batch, sa
     "lora_4gpu": (4, "qwen2.5-7b", LORA, 8, 32),  # the same 32-sample global step, 8 a GPU
     "full_fsdp_2gpu": (2, "qwen2.5-7b", dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True),
                        16, 64),
+    # DeepSpeed (pip install 'tunelab[deepspeed]'): the same runs through accelerate's DeepSpeed plugin.
+    "lora_ds_zero2_2gpu": (2, "qwen2.5-7b", dict(LORA, deepspeed="zero2"), 16, 32),
+    "lora_ds_zero3_2gpu": (2, "qwen2.5-7b", dict(LORA, deepspeed="zero3"), 16, 32),
+    "full_ds_zero3_2gpu": (2, "qwen2.5-7b", dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True,
+                                                 deepspeed="zero3"), 16, 64),
     # Not in the default set: LoRA on a model whose bf16 weights (65 GB) exceed one card.
     "lora_fsdp_32b_2gpu": (2, "qwen2.5-32b", dict(LORA, distributed_strategy="fsdp", gradient_checkpointing=True),
                            16, 32),
@@ -72,9 +79,9 @@ def worker(args) -> None:
     from tunelab.model.adapters import prepare_for_training
     from tunelab.train import distributed
     from tunelab.train.fast import apply_speed_levers
-    from tunelab.train.optim import build_optimizer, build_scheduler
-    from tunelab.train.step import optimizer_step
     from tunelab.train.objectives.sft import SFTObjective
+    from tunelab.train.optim import build_optimizer, build_scheduler
+    from tunelab.train.step import optimizer_step, settle_steps
     from types import SimpleNamespace
 
     torch._dynamo.config.recompile_limit = 64
@@ -82,7 +89,7 @@ def worker(args) -> None:
     shape = args.model or shape
     cfg = TunelabConfig(bf16=torch.cuda.is_available(), per_device_train_batch_size=micro, lr_scheduler_type="constant",
                         max_grad_norm=1.0, padding_free=True, fused_loss=True, torch_compile=args.compile,
-                        **keys)
+                        save_strategy="no", **keys)
     dist = distributed.init_distributed(cfg)
     assert dist.world == world, f"{args.mode} needs {world} processes, got {dist.world}"
     cuda = torch.cuda.is_available()  # CPU + gloo only to smoke-test this script (--model tiny)
@@ -103,25 +110,31 @@ def worker(args) -> None:
     objective.setup(model, device)
     model.train()
     optimizer = build_optimizer(model, cfg, device)
+    if hasattr(objective, "prepare"):  # DeepSpeed: model and optimizer to the engine together, as the loop does
+        objective.prepare(optimizer)
     scheduler = build_scheduler(optimizer, cfg, total_steps=10**6)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, seconds, tokens, lengths = [], 0.0, 0, []
+    row_totals = distributed.RowTotals(objective, samples)  # the global step's weight, on the host as the loop does
+    steps, seconds, tokens, lengths = [], 0.0, 0, []
     for i in range(args.steps + args.warmup):
         # The global step: `per_step` samples as micro-batches of `micro`, split by rank as the loop does.
         ids = list(range(i * per_step, (i + 1) * per_step))
         step_ids = [ids[j:j + micro] for j in range(0, len(ids), micro)]
         batches = [objective.collate([samples[k] for k in share])
                    for share in distributed.rank_share(step_ids, dist.rank, dist.world)]
+        totals = distributed.step_totals(step_ids, dist.world, lambda share: share, row_totals)
         sync()
         start = time.perf_counter()
-        stats = optimizer_step(model, objective, batches, optimizer, scheduler, None, cfg, device, dist)
+        stats = optimizer_step(model, objective, batches, optimizer, scheduler, None, cfg, device, dist,
+                               totals=totals)
         sync()
-        losses.append(stats.loss_sum / stats.weight)
+        steps.append(stats)
         if i >= args.warmup:
             seconds += time.perf_counter() - start
             tokens += stats.real_tokens
             lengths += [len(samples[k]) for k in ids]
+    losses = [loss / stats.weight for (loss, _, _), stats in zip(settle_steps(steps, device, dist), steps)]
     flops = flops_per_step(model.config, n_params, lengths)
     if cfg.finetuning_type == "full":
         flops += 2 * n_params * sum(lengths)  # weight gradients: 6N instead of LoRA's 4N

@@ -285,9 +285,9 @@ def run_tunelab(model, samples, warmup: int, name: str, lora_init: dict, micro: 
     from tunelab.config import TunelabConfig
     from tunelab.model.adapters import prepare_for_training
     from tunelab.train.fast import apply_speed_levers
-    from tunelab.train.optim import build_optimizer, build_scheduler
-    from tunelab.train.step import optimizer_step
     from tunelab.train.objectives.sft import SFTObjective
+    from tunelab.train.optim import build_optimizer, build_scheduler
+    from tunelab.train.step import optimizer_step, settle_steps
 
     levers = dict(padding_free=False, fused_loss=False, torch_compile=False, gradient_checkpointing=False) | levers
     cfg = TunelabConfig(bf16=True, per_device_train_batch_size=micro, lr_scheduler_type="constant",
@@ -310,7 +310,7 @@ def run_tunelab(model, samples, warmup: int, name: str, lora_init: dict, micro: 
         with profiled(os.environ.get("BENCH_PROFILE") == name and i == warmup):
             stats = optimizer_step(peft_model, objective, batches, optimizer, scheduler, None, cfg, device)
             torch.cuda.synchronize()
-        result.losses.append(stats.loss_sum / stats.weight)
+        result.losses.append(settle_steps([stats], device)[0][0] / stats.weight)
         if i >= warmup:
             result.seconds += time.perf_counter() - start
             result.real_tokens += stats.real_tokens

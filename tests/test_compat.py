@@ -89,7 +89,6 @@ def test_trl_and_peft_names_are_translated():
 
 
 @pytest.mark.parametrize("key,value,fix", [
-    ("deepspeed", "ds_z3.json", "nproc_per_node"),  # was: "did you mean 'seed'?"
     ("completion_only_loss", False, "trains only the answers"),
     ("max_prompt_length", 256, "cutoff_len"),
     ("modules_to_save", ["lm_head"], "finetuning_type=freeze"),

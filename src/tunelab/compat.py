@@ -22,7 +22,7 @@ log = logging.getLogger("tunelab.config")
 SOURCES = ("llamafactory", "trl", "peft", "transformers")
 TOOL_NAMES = {"llamafactory": "LLaMA-Factory", "trl": "TRL", "peft": "PEFT", "transformers": "transformers"}
 
-MULTI_GPU = ("tunelab runs several GPUs through torch.distributed, not DeepSpeed: set nproc_per_node=N "
+MULTI_GPU = ("tunelab runs several GPUs through torch.distributed (or deepspeed: zero2|zero3): set nproc_per_node=N "
              "(or `tunelab train CFG --nproc N`); distributed_strategy=fsdp shards weights, gradients and "
              "optimizer state like ZeRO-3, fsdp_cpu_offload=true offloads them (docs/distributed.md)")
 ANSWER_ONLY = ("tunelab trains only the answers (assistant turns / the completion), never the prompt; "
@@ -111,7 +111,7 @@ TABLE: dict[str, Rule] = {
                                 "train SFT first, then the preference stage from its adapter")),
     "kto_chosen_weight": Rule(L, rename("kto_desirable_weight")),
     "kto_rejected_weight": Rule(L, rename("kto_undesirable_weight")),
-    "deepspeed": Rule(L + H, refused(MULTI_GPU)),
+    # deepspeed: the same key in tunelab (zero2 | zero3 | ds.json, train/deepspeed.py), so not translated.
     "fsdp": Rule(H, refused(MULTI_GPU)),
     "fsdp_config": Rule(H, refused(MULTI_GPU)),
     "flash_attn": Rule(L, refused("tunelab picks the attention kernel itself; padding_free=true uses varlen "

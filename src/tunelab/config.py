@@ -119,6 +119,7 @@ class TunelabConfig:
     nproc_per_node: int = 1  # > 1: `tunelab train` starts itself through torchrun with this many processes
     distributed_strategy: str = "auto"  # auto (ddp for lora, fsdp otherwise) | ddp | fsdp
     fsdp_cpu_offload: bool = False  # fsdp: keep sharded weights, gradients and optimizer state in CPU memory
+    deepspeed: str | None = None  # zero2 | zero3 | path/to/ds_config.json: DeepSpeed ZeRO instead of DDP / FSDP2
 
     # --- speed (train/fast; each lever keeps the math, see docs/benchmarks.md) -----------
     # A lever left unset (auto) is chosen by `speed`: on CUDA the fastest correct path, on CPU the

@@ -4,6 +4,7 @@ The two-process jobs run once per session (`two_process_runs`); the tests compar
 weights and checkpoints against one-process runs with the same global batch.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_worker import run
 from test_loop import config, losses
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
@@ -22,6 +24,7 @@ from tunelab.train.distributed import init_distributed, launcher_env, rank_share
 from tunelab.train.tracking import read_log
 
 REPO = Path(__file__).resolve().parents[2]
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 # Global batch 4 either way: one process 2 x 2 accumulation, two processes 2 x 1 each. The fast
 # path (padding-free stream, chunked LM head + loss) runs under both engines, as on GPUs.
 COMMON = dict(max_steps=4, per_device_train_batch_size=2, lora_dropout=0.0, save_steps=2, eval_steps=2,
@@ -29,6 +32,20 @@ COMMON = dict(max_steps=4, per_device_train_batch_size=2, lora_dropout=0.0, save
 ONE = dict(COMMON, gradient_accumulation_steps=2)
 FULL = dict(finetuning_type="full", learning_rate=1e-3, eval_strategy="no")  # the LoRA runs check validation
 TWO = dict(COMMON, gradient_accumulation_steps=1)
+# DPO under FSDP2: LoRA scores its reference with the adapter disabled inside the sharded forward; full
+# fine-tuning precomputes it (one process: a frozen copy). Logged every 2 steps: sums of several steps
+# and their reward metrics are read and all-reduced at once.
+DPO = dict(stage="dpo", logging_steps=2, val_size=2, fused_loss=False, padding_free=False)
+DPO_FULL = dict(DPO, finetuning_type="full", learning_rate=1e-4)
+
+
+def pairs_file(folder: Path) -> Path:
+    questions = [("What is 2+2?", "4.", "5."), ("Capital of France?", "Paris.", "Rome."),
+                 ("Legs of a spider?", "Eight.", "Six."), ("Frozen water?", "Ice.", "Steam.")]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r}) + "\n"
+                            for q, c, r in questions * 5), encoding="utf-8")
+    return path
 
 
 def values(tmp_path, model_dir, out, **overrides) -> dict:
@@ -47,6 +64,16 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
     }
     jobs["fsdp_resume"] = dict(jobs["fsdp_full"], output_dir=str(tmp / "fsdp_resume"),
                                resume_from_checkpoint=str(tmp / "fsdp_full/checkpoints/checkpoint-2"))
+    pairs = [str(pairs_file(tmp))]
+    for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
+        jobs[name] = values(tmp, tiny_model_dir, name, distributed_strategy="fsdp", dataset=pairs, save_strategy="no",
+                            **dict(TWO, **keys))
+    if DEEPSPEED:
+        for stage in ("zero2", "zero3"):
+            jobs[f"ds_{stage}_lora"] = values(tmp, tiny_model_dir, f"ds_{stage}_lora", deepspeed=stage,
+                                              save_strategy="no", **TWO)
+    jobs["ddp_after_deepspeed"] = dict(jobs["ddp_lora"], output_dir=str(tmp / "ddp_after_deepspeed"), max_steps=1,
+                                       eval_strategy="no", save_strategy="no")  # accelerate's marks are undone
     jobs_file = tmp / "jobs.json"
     jobs_file.write_text(json.dumps(list(jobs.values())))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
@@ -122,7 +149,91 @@ def test_one_process_resumes_a_two_process_checkpoint(two_process_runs, tmp_path
     close_weights(run, runs["fsdp_full"], "model.safetensors")
 
 
+def test_no_collective_call_inside_an_optimizer_step(two_process_runs):
+    """Every rank computes the global step's weight and micro-batch count on the host; the
+    logged sums are all-reduced at logging and checkpoint steps only (dist_worker counts)."""
+    _, tmp = two_process_runs
+    for rank in (0, 1):
+        counts = json.loads((tmp / f"collectives-{rank}.json").read_text())
+        assert counts["inside_step"] == []
+        assert counts["outside_step"] > 0  # the counting sees tunelab's calls (validation, logging)
+
+
+@pytest.mark.skipif(not DEEPSPEED, reason="deepspeed is not installed (pip install 'tunelab[deepspeed]')")
+def test_deepspeed_zero2_and_zero3_lora_train_the_one_process_math(two_process_runs, tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    runs, _ = two_process_runs
+    single = Path(loop.train(load_config(None, values(tmp_path, tiny_model_dir, "one", save_strategy="no",
+                                                      **ONE))).output_dir)
+    for name in ("ds_zero2_lora", "ds_zero3_lora"):
+        close_losses(runs[name], single)
+        assert eval_losses(runs[name]) == pytest.approx(eval_losses(single), abs=2e-4)
+        close_weights(runs[name], single, "adapter_model.safetensors")  # ZeRO-3: gathered on rank 0
+
+
+def test_dpo_under_fsdp_trains_the_one_process_math(two_process_runs, tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    runs, tmp = two_process_runs
+    pairs = [str(tmp / "pairs.jsonl")]
+    for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
+        single = Path(run(load_config(None, values(tmp_path, tiny_model_dir, name, dataset=pairs, save_strategy="no",
+                                                   **dict(ONE, **keys)))).output_dir)
+        close_losses(runs[name], single)
+        got, want = (read_log(run / "trainer_log.jsonl") for run in (runs[name], single))
+        for key in ("rewards/margins", "rewards/accuracies", "eval_loss"):
+            assert [r[key] for r in got if key in r] == pytest.approx([r[key] for r in want if key in r], abs=2e-4)
+
+
 # --- launch and data split (no processes started) --------------------------------------------
+
+def test_every_rank_computes_the_global_step_totals_on_the_host():
+    """step_totals equals what each rank would count on its own share, summed (weight, tokens)
+    and maxed (micro-batches) over ranks: the all-reduces it replaces."""
+    import random
+    from types import SimpleNamespace
+
+    from tunelab.data.collate import IGNORE_INDEX, Sample, split_by_tokens
+    from tunelab.train.distributed import RowTotals, step_totals
+    from tunelab.train.objectives.sft import SFTObjective
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(11):
+        n = rng.randint(3, 30)
+        prompt = rng.randint(1, n - 1)
+        rows.append(Sample(list(range(1, n + 1)), [IGNORE_INDEX] * prompt + list(range(prompt, n))))
+    objective = SFTObjective(load_config(None, {}), SimpleNamespace(pad_token_id=0, eos_token_id=0))
+    lengths = [len(r) for r in rows]
+    splits = {"as batched": lambda share: share,
+              "by 40 tokens": lambda share: split_by_tokens([i for ids in share for i in ids], lengths, 40, True)}
+    for world in (1, 2, 3):
+        for step_ids in ([[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]], [[3, 7]], [[10]]):
+            for name, split in splits.items():
+                per_rank = [[objective.collate([rows[i] for i in ids]) for ids in split(rank_share(step_ids, r, world))]
+                            for r in range(world)]
+                want = (sum(objective.weight(b) for batches in per_rank for b in batches),
+                        sum(int(b["attention_mask"].sum()) for batches in per_rank for b in batches),
+                        max(len(batches) for batches in per_rank))
+                got = step_totals(step_ids, world, split, RowTotals(objective, rows))
+                assert (got.weight, got.real_tokens, got.passes) == want, (world, step_ids, name)
+
+
+def test_logged_sums_are_read_once_and_a_non_finite_loss_names_its_step(tmp_path):
+    from tunelab.train.loop import _settle_window, new_window
+    from tunelab.train.step import StepStats, settle_steps
+
+    def step(losses, accuracy):
+        return StepStats([torch.tensor(v) for v in losses], {"acc": [torch.tensor(accuracy)], "n": [1.0]},
+                         weight=4, real_tokens=9, grad_norm=torch.tensor(0.5))
+
+    steps = [step([0.1, 0.2], 1.0), step([0.3], 0.0)]
+    settled = settle_steps(steps, "cpu")
+    assert settled[0][0] == float(torch.tensor(0.1)) + float(torch.tensor(0.2))  # float64 sums, in order
+    assert settled[1] == (float(torch.tensor(0.3)), {"acc": 0.0, "n": 1.0}, 0.5)
+    window, pending = new_window(), [(7, steps[0]), (8, step([float("nan")], 0.0)), (9, steps[1])]
+    with pytest.raises(TunelabError, match="loss became nan at step 8"):
+        _settle_window(window, pending, "cpu", loop.SINGLE, tmp_path)
+
 
 def test_rank_share_keeps_the_global_order_and_balances_ranks():
     step = [[5, 1], [7, 3], [0, 2], [6, 4]]
@@ -146,9 +257,55 @@ def test_foreign_or_broken_launchers_fail_at_once(monkeypatch):
         launcher_env()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(TunelabError, match="DeepSpeed"):
-        launcher_env()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate config'd for DeepSpeed, no key in ours
+    with pytest.raises(TunelabError, match="no deepspeed key"):
+        init_distributed(load_config(None, {}))
+
+
+def test_deepspeed_key_becomes_a_deepspeed_config_or_a_clear_refusal(monkeypatch, tmp_path):
+    import importlib.util
+
+    from tunelab.train.deepspeed import ds_config
+
+    made = ds_config(load_config(None, {"deepspeed": "zero3", "per_device_train_batch_size": 4, "max_grad_norm": 0.5,
+                                        "bf16": True}))
+    assert made["zero_optimization"]["stage"] == 3 and made["train_micro_batch_size_per_gpu"] == 4
+    assert made["gradient_clipping"] == 0.5 and made["bf16"] == {"enabled": True} and made["fp16"] == {"enabled": False}
+    assert made["gradient_accumulation_steps"] == 1  # the loop marks each step's boundary itself
+    user = tmp_path / "ds.json"  # a LLaMA-Factory-style file: its own settings kept, "auto" filled
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto",
+                                                      "offload_optimizer": {"device": "cpu"}},
+                                "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 2.0,
+                                "bf16": {"enabled": "auto"}, "train_batch_size": "auto"}))
+    made = ds_config(load_config(None, {"deepspeed": str(user), "per_device_train_batch_size": 3}))
+    assert made["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert made["train_micro_batch_size_per_gpu"] == 3 and made["gradient_clipping"] == 2.0
+    assert "train_batch_size" not in made
+    for content, message in ((json.dumps({"zero_optimization": {"stage": 1}}), "stage 1"),
+                             (json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {}}), "its own optimizer"),
+                             (json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 8}),
+                              "gradient_accumulation_steps=8"),
+                             ("{not json", "not valid JSON")):
+        user.write_text(content)
+        with pytest.raises(TunelabError, match=message):
+            ds_config(load_config(None, {"deepspeed": str(user)}))
+    with pytest.raises(TunelabError, match="neither zero2"):
+        ds_config(load_config(None, {"deepspeed": "zero4"}))
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(TunelabError, match="one process"):  # the key is never silently ignored
+        init_distributed(load_config(None, {"deepspeed": "zero2"}))
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    for keys, message in (({"distributed_strategy": "fsdp"}, "two engines"), ({}, "checkpoints"),
+                          ({"save_strategy": "no", "quantization_bit": 4}, "QLoRA")):
+        with pytest.raises(TunelabError, match=message):
+            init_distributed(load_config(None, {"deepspeed": "zero2", **keys}))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed"
+                        else real_find_spec(name, *a))
+    with pytest.raises(TunelabError, match="pip install 'tunelab\\[deepspeed\\]'"):
+        init_distributed(load_config(None, {"deepspeed": "zero2", "save_strategy": "no"}))
 
 
 def test_settings_one_process_cannot_honour_are_refused(monkeypatch):

@@ -8,7 +8,8 @@
            fsdp  full fine-tuning (or LoRA on models one card cannot hold): FSDP2 `fully_shard`
                  per decoder layer, then the root; bf16 compute, fp32 reduce, optional CPU offload
       -> every optimizer step: the global list of sample ids split by `rank_share`,
-         the loss divided by the target tokens of the whole global step (all ranks)
+         the loss divided by the target tokens of the whole global step (all ranks),
+         which every rank computes on the host (`step_totals`): no collective call per step
 
 The math is the one-process math: a global step is the same samples in the same order
 whatever the number of processes, each rank's summed loss is divided by the global
@@ -26,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,11 +74,12 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def all_max(self, value: int, device) -> int:
+    def all_min(self, value: int, device) -> int:
+        """The smallest of the ranks' values: for settings each rank sized from its own memory."""
         if not self.enabled:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return int(t.item())
 
 
@@ -109,16 +111,21 @@ def launcher_env() -> dict[str, int] | None:
     if env["RANK"] >= env["WORLD_SIZE"]:
         raise TunelabError(f"RANK={env['RANK']} but WORLD_SIZE={env['WORLD_SIZE']}", where="launcher",
                            fix="start through torchrun or accelerate launch")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise TunelabError("accelerate launch was configured for DeepSpeed, which tunelab's loop does not drive",
-                           where="launcher", fix="answer `no` to DeepSpeed in `accelerate config` (tunelab shards "
-                                                 "with FSDP2: distributed_strategy=fsdp), or use torchrun")
     return env
 
 
 def choose_strategy(cfg: TunelabConfig) -> str:
     """auto: DDP when the trainable part is small (LoRA/QLoRA), FSDP2 when every weight trains;
-    `accelerate launch` configured for FSDP asks for FSDP."""
+    `accelerate launch` configured for FSDP asks for FSDP; the deepspeed key for DeepSpeed."""
+    if cfg.deepspeed:
+        if cfg.distributed_strategy != "auto":
+            raise TunelabError(f"deepspeed={cfg.deepspeed} and distributed_strategy={cfg.distributed_strategy} "
+                               "name two engines", where="config", fix="drop one of the two keys")
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise TunelabError("accelerate launch was configured for DeepSpeed, but the config has no deepspeed key",
+                           where="launcher", fix="set deepspeed: zero2, zero3 or path/to/ds_config.json in the config "
+                                                 "(tunelab hands it to accelerate's DeepSpeed plugin)")
     if cfg.distributed_strategy != "auto":
         return cfg.distributed_strategy
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
@@ -139,7 +146,13 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
                            where="config", fix="start with `tunelab train cfg.yaml` (it launches torchrun itself) or "
                                                "torchrun --nproc-per-node N -m tunelab.cli train cfg.yaml")
     single = env is None or env["WORLD_SIZE"] == 1
+    if single and cfg.deepspeed:
+        raise TunelabError(f"deepspeed={cfg.deepspeed} on one process: ZeRO shards across several", where="config",
+                           fix="start several processes (tunelab train cfg.yaml --nproc N, torchrun or accelerate "
+                               "launch), or drop the deepspeed key")
     strategy = "none" if single else choose_strategy(cfg)
+    if strategy == "deepspeed":
+        _check_deepspeed(cfg)
     if cfg.fsdp_cpu_offload and strategy != "fsdp":
         raise TunelabError("fsdp_cpu_offload=true but this run does not shard with FSDP "
                            f"({'one process' if single else 'distributed_strategy resolves to ' + strategy})",
@@ -174,6 +187,21 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
         torch.distributed.init_process_group("nccl" if _wants_cuda(cfg) else "gloo")
         dist.owns_group = True
     return dist
+
+
+def _check_deepspeed(cfg: TunelabConfig) -> None:
+    from tunelab.train.deepspeed import ds_config, require_deepspeed
+
+    require_deepspeed()
+    ds_config(cfg)  # a bad JSON or stage fails here, before the model loads
+    if cfg.quantization_bit:
+        raise TunelabError("QLoRA (quantization_bit) with DeepSpeed is not supported", where="config",
+                           fix="use distributed_strategy=ddp for QLoRA (drop the deepspeed key)")
+    if cfg.save_strategy != "no" or cfg.resume_from_checkpoint or cfg.load_best_model_at_end:
+        raise TunelabError("checkpoints are not written under DeepSpeed yet (save_strategy, resume_from_checkpoint, "
+                           "load_best_model_at_end)", where="config",
+                           fix="set save_strategy=no (the final weights are still saved), or use "
+                               "distributed_strategy=fsdp for resumable sharded checkpoints")
 
 
 def _wants_cuda(cfg: TunelabConfig) -> bool:
@@ -229,14 +257,50 @@ def rank_share(step_ids: list[list[int]], rank: int, world: int) -> list[list[in
     return [share[i:i + size] for i in range(0, len(share), size)]
 
 
-def padded_passes(micro_batches: list, dist: Dist, device, filler) -> list[tuple[object, bool]]:
-    """(batch, counts) pairs, as many on every rank: sharded weights are gathered by collective
-    calls in each forward, so a rank with fewer micro-batches repeats one at zero weight."""
-    passes = [(b, True) for b in micro_batches]
-    target = dist.all_max(len(passes), device)
-    while len(passes) < target:
-        passes.append((micro_batches[0] if micro_batches else filler(), False))
-    return passes
+@dataclass
+class StepTotals:
+    """What the loop must know of a whole optimizer step before and after running it."""
+
+    weight: int  # the objective's weight (target tokens, pairs) of the global step: the loss divisor
+    real_tokens: int  # non-pad tokens of the global step (logged tokens/s)
+    passes: int  # micro-batches each rank runs: the most any rank's share is cut into
+
+
+class RowTotals:
+    """Each training row's objective weight and real tokens, from the row collated alone, cached.
+
+    Both are sums over rows (target tokens or examples; attention-mask ones), so any rank totals
+    any micro-batch, another rank's included, on the host: every rank builds the same global
+    step plan from the same data, seed and token budget, and no rank has to ask the others.
+    """
+
+    def __init__(self, objective, rows: list):
+        self.objective = objective
+        self.rows = rows
+        self.cache: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, i: int) -> tuple[int, int]:
+        if i not in self.cache:
+            batch = self.objective.collate([self.rows[i]])
+            self.cache[i] = (int(self.objective.weight(batch)), int(batch["attention_mask"].sum()))
+        return self.cache[i]
+
+
+def step_totals(step_ids: list[list[int]], world: int, split, row_totals: RowTotals) -> StepTotals:
+    """The global step's totals as every rank computes them alike; `split(share)` cuts a rank's
+    share into its micro-batches (by token budget or as they come)."""
+    weight, real = map(sum, zip(*(row_totals(i) for ids in step_ids for i in ids)))
+    passes = max(len(split(rank_share(step_ids, r, world))) for r in range(world))
+    return StepTotals(weight, real, passes)
+
+
+def padded_passes(micro_batches: list, passes: int, filler) -> list[tuple[object, bool]]:
+    """(batch, counts) pairs, `passes` of them on every rank: sharded weights are gathered by
+    collective calls in each forward, so a rank with fewer micro-batches repeats one at zero weight."""
+    padded = [(b, True) for b in micro_batches]
+    while len(padded) < passes:
+        padded.append((micro_batches[0] if micro_batches else filler(), False))
+    return padded
 
 
 # --- engines ------------------------------------------------------------------------------------
@@ -249,8 +313,10 @@ class _LossModule(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict):
-        return self.objective.loss(self.model, batch)
+    def forward(self, batch: dict | None, run=None):
+        """The loss of `batch`, or `run()`: work that calls the model outside the loss (a reference's
+        log-probs) with the engine's weights gathered as for a forward."""
+        return run() if run is not None else self.objective.loss(self.model, batch)
 
 
 class DistributedObjective:
@@ -266,6 +332,23 @@ class DistributedObjective:
 
     def loss(self, model, batch: dict):
         return self.engine(batch)
+
+    def setup(self, model, device) -> None:
+        """The stage's set-up (a preference stage's reference) on the wrapped model. FSDP: it runs
+        inside the root's forward, so the root's weights (embeddings, LM head) are gathered for the
+        calls it makes (reference log-probs) and the layers gather their own. A full fine-tuning
+        reference is precomputed there rather than copied: a copy of sharded weights is no model."""
+        if self.dist.strategy != "fsdp":
+            return self.inner.setup(model, device)
+        if self.inner.cfg.finetuning_type != "lora":
+            self.inner.cfg = replace(self.inner.cfg, precompute_ref_log_probs=True)
+        with torch.no_grad():
+            self.engine(None, run=lambda: self.inner.setup(model, device))
+        # The root and the last layer keep their weights gathered after a forward (reshard_after_forward
+        # off); the optimizer, built next, must hold the shards or it updates copies FSDP discards.
+        for module in self.engine.modules():
+            if hasattr(module, "reshard") and hasattr(module, "unshard"):  # FSDPModule
+                module.reshard()
 
     def grad_sync(self, last: bool):
         """DDP all-reduces once per optimizer step (the last micro-batch); FSDP reduce-scatters every
@@ -284,6 +367,10 @@ def wrap(model, objective, cfg: TunelabConfig, dist: Dist, device: torch.device)
     if not dist.enabled:
         return objective
     holder = _LossModule(model, objective)
+    if dist.strategy == "deepspeed":  # DeepSpeed takes model and optimizer together: `prepare` comes later
+        from tunelab.train.deepspeed import DeepSpeedObjective
+
+        return DeepSpeedObjective(objective, holder, cfg)
     if dist.strategy == "ddp":
         engine = _ddp(holder, device)
     else:
@@ -334,9 +421,9 @@ def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
     return holder
 
 
-def grad_norm_value(norm) -> float:
-    """clip_grad_norm_ over sharded (DTensor) gradients returns a DTensor."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def grad_norm_tensor(norm) -> torch.Tensor:
+    """clip_grad_norm_ over sharded (DTensor) gradients returns a DTensor; kept on the device."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from tunelab.train.memory import MemoryBackoff
 from tunelab.train.objectives import check_stage, objective_class, restrict_speed
 from tunelab.train.optim import after_evaluation, build_optimizer, build_scheduler
 from tunelab.train.probes import EvalSets
-from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step
+from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step, settle_steps
 from tunelab.train.trackers import check_installed
 from tunelab.train.tracking import LOG_NAME, Tracker, final_metrics, read_log
 
@@ -118,6 +118,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
     model = prepare_for_training(model, cfg)
     plan = resolve_speed(cfg, model, device)
     cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
+    if dist.enabled and cfg.max_tokens_per_batch is not None:  # sized to each GPU's free memory: agree
+        cfg = objective.cfg = replace(cfg, max_tokens_per_batch=dist.all_min(cfg.max_tokens_per_batch, device))
     if dist.is_main:
         print(plan.describe(), file=sys.stderr)
     trainable, total = count_parameters(model)
@@ -136,6 +138,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
     steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, cfg, device)
+    if hasattr(objective, "prepare"):  # DeepSpeed takes model and optimizer together (train/deepspeed.py)
+        objective.prepare(optimizer)
     # Online stages take num_ppo_epochs optimizer steps per step (one batch of rollouts).
     scheduler = build_scheduler(optimizer, cfg, total_steps * getattr(objective, "updates_per_step", 1))
     scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
@@ -179,6 +183,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
     def micro_tokens(ids: list[int]) -> int:
         return micro_batch_tokens(ids, lengths, padded=not cfg.padding_free)
 
+    row_totals = distributed.RowTotals(objective, train_rows)
+
     def run_step(step_ids: list[list[int]]) -> StepStats:
         """One optimizer step (this process's share of it), retried in smaller pieces if it runs
         out of memory (train/memory.py)."""
@@ -190,7 +196,10 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
 
         def attempt(budget):
             batches = [objective.collate([train_rows[i] for i in ids]) for ids in micro_batches(share, budget)]
-            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare)
+            totals = distributed.step_totals(step_ids, dist.world, lambda ids: micro_batches(ids, budget),
+                                             row_totals) if dist.enabled else None
+            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare,
+                                  totals)
 
         return memory.run(state.global_step + 1, max(lengths[i] for ids in share for i in ids),
                           largest_micro=lambda budget: max(map(micro_tokens, micro_batches(share, budget))),
@@ -198,7 +207,16 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
 
     previous_sigterm = _sigterm_as_ctrl_c()
 
+    pending: list[tuple[int, StepStats]] = []  # steps whose loss sums are still on the device
+
+    def settle() -> None:
+        _settle_window(window, pending, device, dist, run_dir)
+
     def checkpoint() -> Path:
+        if dist.strategy == "deepspeed":  # refused at start for saves; an interrupt ends without one
+            raise TunelabError("interrupted: DeepSpeed runs write no checkpoint yet", where=str(run_dir),
+                               fix="rerun, or use distributed_strategy=fsdp for resumable sharded checkpoints")
+        settle()
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
         extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist, objective))
                  if cfg.finetuning_type == "lora" else None)
@@ -268,7 +286,14 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
                     state.global_step += 1
                     state.batch_in_epoch += len(step_ids)
                     state.tokens_seen += step.real_tokens
-                    _add_to_window(window, step)
+                    window["weight"] += step.weight
+                    window["real_tokens"] += step.real_tokens
+                    pending.append((state.global_step, step))
+                    logs_now = state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps
+                    evals_now = cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0
+                    saves_now = cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0
+                    if logs_now or evals_now or saves_now:
+                        settle()  # the one wait for the device: queued training work is training time
                     window["seconds"] += time.perf_counter() - started  # training only: evaluations, saves excluded
                 tracker.advance()
                 if first_cuda_step:
@@ -278,17 +303,15 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
                     if cfg.max_tokens_per_batch is not None and user_cfg.max_tokens_per_batch is None:
                         memory.calibrate(device, base_bytes, max(map(micro_tokens, micro_batches(
                             rank_share(step_ids, dist.rank, dist.world), memory.budget))))
+                        if dist.enabled:  # every rank cuts every rank's share with one budget
+                            memory.budget = dist.all_min(memory.budget, device)
 
-                if not math.isfinite(window["loss_sum"]):
-                    raise TunelabError(f"the loss became {window['loss_sum']} at step {state.global_step}",
-                                       where=str(run_dir),
-                                       fix="lower learning_rate, use bf16 instead of fp16, or check max_grad_norm")
-                if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
+                if logs_now:
                     _log_window(tracker, window, state, scheduler, micro_per_epoch)
-                if cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0:
+                if evals_now:
                     stopped_early = evaluate_and_track()
                     model.train()
-                if cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0:
+                if saves_now:
                     checkpoint()
                 if stopped_early:
                     break
@@ -435,10 +458,12 @@ def _load_best(path: Path, model) -> None:
 def save_final_weights(model, tokenizer, out_dir: Path, cfg: TunelabConfig, dist: Dist = SINGLE,
                        objective=None) -> None:
     """The adapter or full weights as one loadable folder, written by rank 0, with what the
-    stage adds (the reward model's head). Under FSDP every rank first sends its shards to
-    rank 0 (a collective call: every rank makes it)."""
+    stage adds (the reward model's head). Under FSDP (and DeepSpeed ZeRO-3) every rank first
+    sends its shards to rank 0 (a collective call: every rank makes it)."""
     state = None
-    if dist.strategy == "fsdp":
+    if hasattr(objective, "consolidated_state"):
+        state = objective.consolidated_state(model, dist.is_main, trainable_only=cfg.finetuning_type == "lora")
+    elif dist.strategy == "fsdp":
         from tunelab.train.sharded_checkpoint import consolidated_state
 
         state = consolidated_state(model, dist, trainable_only=cfg.finetuning_type == "lora")
@@ -500,13 +525,19 @@ def new_window() -> dict:
     return {"loss_sum": 0.0, "weight": 0, "real_tokens": 0, "seconds": 0.0, "grad_norms": [], "metrics": {}}
 
 
-def _add_to_window(window: dict, step: StepStats) -> None:
-    window["loss_sum"] += step.loss_sum
-    window["real_tokens"] += step.real_tokens
-    for key, value in step.metrics.items():
-        window["metrics"][key] = window["metrics"].get(key, 0.0) + value
-    window["weight"] += step.weight
-    window["grad_norms"].append(step.grad_norm)
+def _settle_window(window: dict, pending: list[tuple[int, StepStats]], device, dist: Dist, run_dir: Path) -> None:
+    """Add the loss, metric and grad-norm sums of the steps run since the last call (`pending`,
+    their global step numbers and stats) to the window; stop at a loss that is not finite."""
+    settled = settle_steps([step for _, step in pending], device, dist)
+    for (number, _), (loss_sum, metrics, grad_norm) in zip(pending, settled):
+        window["loss_sum"] += loss_sum
+        for key, value in metrics.items():
+            window["metrics"][key] = window["metrics"].get(key, 0.0) + value
+        window["grad_norms"].append(grad_norm)
+        if not math.isfinite(window["loss_sum"]):
+            raise TunelabError(f"the loss became {window['loss_sum']} at step {number}", where=str(run_dir),
+                               fix="lower learning_rate, use bf16 instead of fp16, or check max_grad_norm")
+    pending.clear()
 
 
 def _resume_logging(tracker: Tracker, window: dict, state: TrainerState, scheduler, micro_per_epoch: int,

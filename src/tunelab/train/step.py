@@ -4,7 +4,8 @@ The loop (`loop.py`) decides *when* to step, evaluate and save; this module says
 step is, so objectives (`objectives/`), benchmarks and tests call exactly the code the
 trainer runs:
 
-    optimizer_step(model, objective, micro_batches, ...)   accumulate, clip, step, schedule
+    optimizer_step(model, objective, micro_batches, ...)   accumulate, clip, step, schedule (no device wait)
+    settle_steps(steps, device, dist)                       the steps' loss and metric sums, read at once
     rollout_step(model, objective, micro_rows, ...)        online stages: sample and score, then update
     evaluate(model, objective, rows, cfg, device)           mean validation loss and metrics
     autocast(cfg, device), to_device(batch, device)         the precision and placement of a batch
@@ -26,49 +27,62 @@ from tunelab.train.memory import OptimizerOutOfMemory
 
 @dataclass
 class StepStats:
-    loss_sum: float  # summed loss of the step's target tokens (or pairs)
-    weight: int  # what the loss is averaged over
-    real_tokens: int  # non-pad tokens
-    grad_norm: float
-    metrics: dict
+    """One optimizer step. The loss and metric sums stay on the device, as this rank's per
+    micro-batch values, until `settle_steps` reads them (at logging and checkpoint steps)."""
+
+    losses: list  # summed loss of each counting micro-batch (0-d device tensors)
+    metrics: dict[str, list]  # each metric's sums, per counting micro-batch (tensors or floats)
+    weight: int  # what the loss is averaged over (the global step's)
+    real_tokens: int  # non-pad tokens (the global step's)
+    grad_norm: torch.Tensor | float
 
 
 def optimizer_step(model, objective, micro_batches: list[dict], optimizer, scheduler, scaler,
-                   cfg: TunelabConfig, device, dist: Dist = SINGLE, spare: dict | None = None) -> StepStats:
+                   cfg: TunelabConfig, device, dist: Dist = SINGLE, spare: dict | None = None,
+                   totals: distributed.StepTotals | None = None) -> StepStats:
     """One optimizer step: accumulate the micro-batches' gradients, clip, step, schedule.
 
-    Under several processes `micro_batches` is this rank's share of the global step and
-    `spare` a batch to run at zero weight should the share be short (distributed.padded_passes).
+    Nothing here waits for the device or asks the other ranks (fp16's loss scaler aside): the
+    step's weight comes from the host. Under several processes `micro_batches` is this rank's
+    share of the global step, `totals` the global step's (`distributed.step_totals`, which every
+    rank computes alike) and `spare` a batch to run at zero weight should the share be short.
     A function of its own so benchmarks time exactly the code the trainer runs.
     """
+    if totals is None:
+        if dist.enabled:
+            raise ValueError("several processes: pass the global step's totals (distributed.step_totals)")
+        totals = distributed.StepTotals(sum(objective.weight(b) for b in micro_batches),
+                                        sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                                        len(micro_batches))
     # Divide by the weight of the whole global step (every rank's): the loss one big batch would
     # give. DDP and FSDP average gradients over ranks; multiplying by the world size undoes it.
-    (step_weight,) = dist.all_sum([sum(objective.weight(b) for b in micro_batches)], device)
-    scale = dist.world / max(step_weight, 1)
-    passes = distributed.padded_passes(micro_batches, dist, device, lambda: spare)
-    loss_total, real_tokens, metrics = 0.0, 0, {}
+    scale = dist.world / max(totals.weight, 1)
+    passes = distributed.padded_passes(micro_batches, totals.passes, lambda: spare)
+    losses, metrics = [], {}
     for i, (batch, counts) in enumerate(passes):
         batch = to_device(batch, device)
         with grad_sync(objective, last=i == len(passes) - 1):
             with autocast(cfg, device):
                 loss_sum, batch_metrics = objective.loss(model, batch)
             loss = loss_sum * (scale if counts else 0.0)
-            (scaler.scale(loss) if scaler else loss).backward()
-        if not counts:
-            continue
-        loss_total += float(loss_sum.detach())
-        real_tokens += int(batch["attention_mask"].sum())
+            if hasattr(objective, "backward"):  # DeepSpeed: its engine reduces at the step's last micro-batch
+                objective.backward(loss, last=i == len(passes) - 1)
+            else:
+                (scaler.scale(loss) if scaler else loss).backward()
         for key, value in batch_metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + value
-    if dist.enabled:  # the logged loss, tokens and metrics are the global step's
-        keys = sorted(metrics)
-        loss_total, real_tokens, *values = dist.all_sum([loss_total, real_tokens, *(metrics[k] for k in keys)],
-                                                        device)
-        real_tokens, metrics = int(real_tokens), dict(zip(keys, values))
+            values = metrics.setdefault(key, [])  # a padding pass still names its keys: ranks settle alike
+            if counts:
+                values.append(value)
+        if counts:
+            losses.append(loss_sum.detach())
     try:
+        if hasattr(objective, "engine_step"):  # DeepSpeed clips, steps and zeroes the gradients itself
+            grad_norm = objective.engine_step()
+            scheduler.step()
+            return StepStats(losses, metrics, int(totals.weight), int(totals.real_tokens), grad_norm)
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(
+        grad_norm = distributed.grad_norm_tensor(torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad],
             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         if scaler:
@@ -80,7 +94,30 @@ def optimizer_step(model, objective, micro_batches: list[dict], optimizer, sched
         raise OptimizerOutOfMemory(str(exc)) from None
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_total, int(step_weight), real_tokens, grad_norm, metrics)
+    return StepStats(losses, metrics, int(totals.weight), int(totals.real_tokens), grad_norm)
+
+
+def settle_steps(steps: list[StepStats], device, dist: Dist = SINGLE) -> list[tuple[float, dict[str, float], float]]:
+    """(loss sum, metric sums, grad norm) of each step on the host, the global step's: one copy
+    from the device, and under several processes one all-reduce, for all of them. Each step's
+    micro-batch values are added in order in float64, as a step-by-step read would add them."""
+    keys = sorted({key for step in steps for key in step.metrics})
+    device_values = [v for step in steps for v in (*step.losses, *(x for k in keys for x in step.metrics.get(k, ())),
+                                                   step.grad_norm)]
+    tensors = [v.detach().reshape(()) for v in device_values if isinstance(v, torch.Tensor)]
+    # (grad norms of CPU-offloaded weights live in CPU memory: one stack needs one device)
+    read = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).cpu().tolist() if tensors else [])
+    host = iter([next(read) if isinstance(v, torch.Tensor) else float(v) for v in device_values])
+    sums, norms = [], []
+    for step in steps:
+        loss = sum(next(host) for _ in step.losses)
+        sums.append([loss, *(sum(next(host) for _ in step.metrics.get(k, ())) for k in keys)])
+        norms.append(next(host))
+    if dist.enabled and sums:
+        width = len(keys) + 1
+        flat = dist.all_sum([v for row in sums for v in row], device)
+        sums = [flat[i:i + width] for i in range(0, len(flat), width)]
+    return [(row[0], dict(zip(keys, row[1:])), norm) for row, norm in zip(sums, norms)]
 
 
 def grad_sync(objective, last: bool):
@@ -114,8 +151,8 @@ def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
             if counts:
                 sums["loss"] += float(loss_sum)
                 sums["weight"] += objective.weight(batch)
-                for key, value in batch_metrics.items():
-                    sums["metrics"][key] = sums["metrics"].get(key, 0.0) + value
+            for key, value in batch_metrics.items():  # a padding pass names its keys: ranks all-reduce alike
+                sums["metrics"][key] = sums["metrics"].get(key, 0.0) + (value if counts else 0.0)
         if oom:  # outside the except block, so the failed try's tensors are freed first
             del batch
             torch.cuda.empty_cache()
@@ -125,7 +162,7 @@ def evaluate(model, objective, rows: list, cfg: TunelabConfig, device,
     ordered = sorted(rows, key=len)  # similar lengths: little padding
     size = cfg.per_device_eval_batch_size
     chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
-    for chunk, counts in distributed.padded_passes(chunks[dist.rank::dist.world], dist, device,
+    for chunk, counts in distributed.padded_passes(chunks[dist.rank::dist.world], -(-len(chunks) // dist.world),
                                                    lambda: ordered[:1]):
         score(chunk, counts)
     total, weight, metrics = sums["loss"], sums["weight"], sums["metrics"]
@@ -178,16 +215,16 @@ def rollout_step(model, objective, micro_rows: list[list], optimizer, scheduler,
     seconds = max(time.perf_counter() - started, 1e-9)
     completions = sum(len(rows) for rows in rollouts)
     # Metrics are sums the log divides by the weight: scale these so they average to the step's value.
-    total.metrics["samples_per_second"] = completions / seconds * total.weight
-    total.metrics["generation_share"] = objective.generation_seconds / seconds * total.weight
+    total.metrics["samples_per_second"] = [completions / seconds * total.weight]
+    total.metrics["generation_share"] = [objective.generation_seconds / seconds * total.weight]
     return total
 
 
 def merge_stats(a: StepStats | None, b: StepStats) -> StepStats:
     if a is None:
         return b
-    metrics = dict(a.metrics)
-    for key, value in b.metrics.items():
-        metrics[key] = metrics.get(key, 0.0) + value
-    return StepStats(a.loss_sum + b.loss_sum, a.weight + b.weight, a.real_tokens + b.real_tokens,
-                     (a.grad_norm + b.grad_norm) / 2, metrics)
+    metrics = {key: list(values) for key, values in a.metrics.items()}
+    for key, values in b.metrics.items():
+        metrics.setdefault(key, []).extend(values)
+    return StepStats(a.losses + b.losses, metrics, a.weight + b.weight, a.real_tokens + b.real_tokens,
+                     (a.grad_norm + b.grad_norm) / 2)

@@ -68,7 +68,10 @@ def lora_adds_nothing(model) -> bool:
     for name, param in model.named_parameters():
         if "lora_B" in name:
             found = True
-            if torch.count_nonzero(param.detach()):
+            weight = param.detach()
+            if hasattr(weight, "full_tensor"):  # FSDP2 shard: every rank must see (and decide on) all of it
+                weight = weight.full_tensor()
+            if torch.count_nonzero(weight):
                 return False
     return found and hasattr(model, "disable_adapter")
 
@@ -83,7 +86,7 @@ class PreferenceObjective:
     speed_paths = frozenset({"padding_free", "fused_loss"})  # packing: a row pairs two answers to one prompt
     perplexity = False
     trains_on_conversations = False
-    sharded = False  # the reference model and precomputed log-probs run outside the sharded forward
+    sharded = True  # the reference set-up runs with the root's weights gathered (distributed.DistributedObjective)
     uses_reference = True
     unit = "pairs"
 
