@@ -28,10 +28,8 @@ from dataclasses import dataclass
 import jinja2
 
 from tunelab.data.templates import end_of_turn_markers, fold_system, render
-from tunelab.data.types import STANDARD_ROLES, Conversation, Message
+from tunelab.data.types import IGNORE_INDEX, STANDARD_ROLES, Conversation, Message
 from tunelab.errors import TunelabError
-
-IGNORE_INDEX = -100
 
 log = logging.getLogger(__name__)
 

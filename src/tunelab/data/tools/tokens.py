@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.data.tools.common import Item
-from tunelab.data.types import Conversation, Message, PreferencePair
+from tunelab.data.types import IGNORE_INDEX, Conversation, Message, PreferencePair
 from tunelab.errors import TunelabError
-
-IGNORE_INDEX = -100
 
 
 def load_tokenizer(name_or_path: str):
