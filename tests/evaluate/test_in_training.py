@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.train import loop
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"

@@ -19,7 +19,7 @@ from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train import loop
 from tunelab.train.distributed import init_distributed, launcher_env, rank_share
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 # Global batch 4 either way: one process 2 x 2 accumulation, two processes 2 x 1 each. The fast

@@ -20,7 +20,7 @@ from tunelab.data.types import KTOExample, Message, PreferencePair
 from tunelab.errors import TunelabError
 from tunelab.model.adapters import prepare_for_training
 from tunelab.train.preference import PreferenceObjective, sequence_logps
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 TEMPLATE = "phi3.5"  # the phi3 vocabulary is the smallest shared one: cheap logits
 

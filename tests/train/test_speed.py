@@ -12,7 +12,7 @@ from tunelab.config import describe_keys, load_config
 from tunelab.data.collate import split_by_tokens
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.objective import SFTObjective
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 from test_loop import config, losses
 

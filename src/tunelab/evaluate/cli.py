@@ -84,8 +84,8 @@ def register(subparsers) -> None:
                               description="Draw loss/perplexity curves of RUN_DIR/trainer_log.jsonl and "
                                           "read them: convergence, over-fitting, memorising, divergence.")
     r.add_argument("run_dir", help="a training output folder (holds trainer_log.jsonl)")
-    r.add_argument("--output-dir", help="where to write report.md/json and the PNGs (default: RUN_DIR)")
-    r.set_defaults(func=run_report)
+    r.add_argument("--output-dir", help="where to write report.md/json and the PNGs (default: RUN_DIR/report)")
+    r.set_defaults(func=report_command)
 
 
 # --- tunelab eval ----------------------------------------------------------------------
@@ -290,11 +290,10 @@ def _warn_empty(summary: dict) -> None:
 
 # --- tunelab report --------------------------------------------------------------------
 
-def run_report(args) -> int:
-    from tunelab.evaluate.report import format_findings
-    from tunelab.evaluate.report import run_report as make_report
+def report_command(args) -> int:
+    from tunelab.evaluate.report import format_findings, run_report
 
     out_dir = Path(args.output_dir) if args.output_dir else None
-    result = make_report(Path(args.run_dir), out_dir)
+    result = run_report(Path(args.run_dir), out_dir)
     print(format_findings(result))
     return 0

@@ -39,7 +39,8 @@ from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory
 from tunelab.train.objective import SFTObjective
 from tunelab.train.optim import build_optimizer
-from tunelab.train.tracking import LOG_NAME, Tracker, plot_loss, read_log
+from tunelab.train.runlog import LOG_NAME, perplexity, plot_run, read_log
+from tunelab.train.tracking import Tracker
 
 
 @dataclass
@@ -207,7 +208,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
                "eval_loss": eval_loss}
         if cfg.stage in ("sft", "pt"):
-            row["eval_perplexity"] = _perplexity(eval_loss)
+            row["eval_perplexity"] = perplexity(eval_loss)
         row |= {f"eval_{k}": v for k, v in eval_metrics.items()}
         for callback in eval_callbacks:
             row |= {f"eval_{k}": v for k, v in callback(model, tokenizer, state.global_step).items()}
@@ -291,7 +292,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
         path = checkpoint()
         if not dist.is_main:
             raise
-        plot_loss(run_dir)
+        plot_run(run_dir)
         print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
               file=sys.stderr)
         raise
@@ -307,7 +308,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
                   f"{state.best_checkpoint}", file=sys.stderr)
     save_final_weights(model, tokenizer, run_dir, cfg, dist)
     if cfg.plot_loss and dist.is_main:
-        plot_loss(run_dir)
+        plot_run(run_dir)
     dist.barrier()
     train_losses = [r["loss"] for r in state.log_history if "loss" in r]
     if dist.is_main:
@@ -594,10 +595,6 @@ def _to_device(batch: dict, device) -> dict:
 
 def _epoch_float(state: TrainerState, micro_per_epoch: int) -> float:
     return state.epoch + state.batch_in_epoch / max(micro_per_epoch, 1)
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
 
 
 def new_window() -> dict:

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from tunelab.data.types import Conversation, Message
-from tunelab.evaluate.metrics import perplexity
+from tunelab.train.runlog import perplexity
 
 
 @dataclass
