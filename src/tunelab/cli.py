@@ -64,11 +64,12 @@ def os_error(exc: OSError) -> TunelabError:
 
 
 def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
-    """Two commands of early stages need a later stage: `tunelab train` with eval_task
-    scores the task during training, and `tunelab data mine-pairs` decodes and scores
-    with a model. Their code lives in evaluate, which data and train must not import; this
-    file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
-    between stages"). Imported only when called: the CLI stays quick to start."""
+    """Commands of early stages that need a later stage: `tunelab train` with eval_task
+    scores the task during training, `tunelab data mine-pairs` decodes and scores with a
+    model, and `tunelab data check/stats --model` loads a tokenizer. Their code lives in
+    model and evaluate, which data and train must not import; this file sits above every
+    stage, so it hands them the entry points (DEVELOPERS.md, "Hooks between stages").
+    Imported only when called: the CLI stays quick to start."""
     def eval_callbacks(cfg):
         from tunelab.evaluate.in_training import task_metric_callbacks
 
@@ -79,7 +80,12 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return run_mine_pairs(args)
 
-    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs)
+    def load_tokenizer(name_or_path):
+        from tunelab.model.loader import load_tokenizer
+
+        return load_tokenizer(name_or_path)
+
+    parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, load_tokenizer=load_tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,9 +121,13 @@ def _counter(args):
     chat template is one clear error, not one per record."""
     if not args.model:
         return None
-    from tunelab.data.tools.tokens import TokenCounter, load_tokenizer
+    from tunelab.data.tools.tokens import TokenCounter
 
-    counter = TokenCounter(load_tokenizer(args.model), args.template, args.cutoff_len)
+    # Loading a tokenizer (aliases, model folders, the hub cache) is the model stage's: tunelab/cli.py lends it.
+    if not getattr(args, "load_tokenizer", None):
+        raise TunelabError("--model needs the model stage's tokenizer loader", where="tunelab data",
+                           fix="run it through the `tunelab` command (tunelab.cli.main)")
+    counter = TokenCounter(args.load_tokenizer(args.model), args.template, args.cutoff_len)
     counter.template_src()
     return counter
 

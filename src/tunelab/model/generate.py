@@ -109,14 +109,16 @@ def _forward_parameters(model) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of the rows padded on the left to the longest, so every row ends
+    at the right edge: the next token of each row is at the last position."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 @torch.inference_mode()
@@ -129,7 +131,7 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
     make every row see exactly what it would see alone (batched greedy == single greedy).
     """
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     rows = torch.arange(len(prompts), device=device)  # original row of each live batch slot
     history = ids  # for the repetition penalty (pads are harmless: they rarely repeat)
@@ -190,7 +192,7 @@ class _StaticDecoder:
     def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int):
         self.model, self.device = model, next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        ids, mask = _left_pad(prompts, pad_id, self.device)
+        ids, mask = left_pad(prompts, pad_id, self.device)
         self.batch, self.width = ids.shape
         self.length = self.width + max_new_tokens
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)

@@ -99,7 +99,7 @@ class PreferenceObjective:
     def load_data(self) -> tuple[list, list]:
         from tunelab.data.readers import load_preferences
         from tunelab.data.templates import lock_template
-        from tunelab.train.dataset import split_validation
+        from tunelab.train.dataset import no_validation_data, split_validation
 
         cfg = self.cfg
         if not cfg.dataset:
@@ -113,8 +113,7 @@ class PreferenceObjective:
         else:
             train_items, eval_items = split_validation(items, cfg.val_size, cfg.seed, cfg.val_split_by)
         if cfg.eval_strategy != "no" and not eval_items:
-            raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data",
-                               where="config", fix="set val_size=0.1 or eval_dataset=path/to/pairs.jsonl")
+            raise no_validation_data(cfg, train_items)
         template = lock_template(self.tokenizer, cfg.template)  # the saved tokenizer carries it
         train, _ = encode_preferences(train_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
         evals, _ = encode_preferences(eval_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
