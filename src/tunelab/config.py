@@ -139,11 +139,6 @@ class TunelabConfig:
     def __post_init__(self):
         validate(self)
 
-    # Derived values live here, not in the fields, so they can never disagree.
-    @property
-    def mixed_precision(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -63,3 +63,7 @@ class KTOExample:
     completion: Message
     desirable: bool
     source: str = ""
+
+
+# Any one training record, as the readers return it.
+Item = Conversation | PreferencePair | KTOExample

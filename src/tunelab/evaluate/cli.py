@@ -197,7 +197,7 @@ def run_eval(args) -> int:
     info = {"task": task.name, "metrics": list(metrics), "model": args.model, "data": args.data,
             "template": template, "generation": dataclasses.asdict(options)}
 
-    def evaluate(model, label: str) -> dict:
+    def score_model(model, label: str) -> dict:
         generated = runner.predict(model, tokenizer, samples, template_src, options, task=task.name,
                                    batch_size=args.batch_size, with_ppl="ppl" in metrics,
                                    progress=not args.no_progress, desc=label)
@@ -212,7 +212,7 @@ def run_eval(args) -> int:
         return summary
 
     if args.compare_base:
-        base = evaluate(model, "base")
+        base = score_model(model, "base")
     if args.adapter:
         from tunelab.model.adapters import load_adapter
 
@@ -222,7 +222,7 @@ def run_eval(args) -> int:
             # PEFT's extra matmuls and Python per layer (decoding is launch-bound on small models).
             model = model.merge_and_unload()
         info["adapter"] = args.adapter
-    tuned = evaluate(model, "tuned" if args.compare_base else "eval")
+    tuned = score_model(model, "tuned" if args.compare_base else "eval")
     if args.compare_base:
         print(runner.write_comparison(out_dir, base, tuned, info))
     else:

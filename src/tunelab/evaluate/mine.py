@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from tunelab.data.formats import PREFERENCE_ROLES
 from tunelab.data.types import Message
 from tunelab.evaluate import runner
-from tunelab.evaluate.tasks import Sample, Task
+from tunelab.evaluate.tasks import EvalSample, Task
 from tunelab.evaluate.tasks.hotel import split_role
 
 
@@ -42,7 +42,7 @@ def _turn(m: Message) -> dict:
     return {"role": m.role, "content": m.content}
 
 
-def rejected_turn(task: Task, sample: Sample, prediction: str) -> Message | None:
+def rejected_turn(task: Task, sample: EvalSample, prediction: str) -> Message | None:
     """The wrong answer as a turn. The hotel model writes its role on the first line, so its
     answer is (role, rest); elsewhere the answer has the reference's role."""
     if task.name != "hotel":
@@ -51,7 +51,7 @@ def rejected_turn(task: Task, sample: Sample, prediction: str) -> Message | None
     return Message(role, body) if role in ("search", "assistant") else None
 
 
-def pair_records(task: Task, samples: list[Sample], rows: list[dict], stats: MineStats) -> list[dict]:
+def pair_records(task: Task, samples: list[EvalSample], rows: list[dict], stats: MineStats) -> list[dict]:
     """A preference record for each scored row the task calls a mistake."""
     records = []
     for sample, row in zip(samples, rows):
@@ -73,7 +73,7 @@ def pair_records(task: Task, samples: list[Sample], rows: list[dict], stats: Min
     return records
 
 
-def mine_pairs(model, tokenizer, task: Task, samples: list[Sample], template_src: str, options,
+def mine_pairs(model, tokenizer, task: Task, samples: list[EvalSample], template_src: str, options,
                batch_size: int = 8, progress: bool = True) -> tuple[list[dict], MineStats]:
     generated = runner.predict(model, tokenizer, samples, template_src, options, task=task.name,
                                batch_size=batch_size, progress=progress, desc="mining")

@@ -21,7 +21,7 @@ from tunelab.data.templates import mark_trained
 from tunelab.data.tokenize import encode_conversation, encode_prompt, stop_token_ids
 from tunelab.data.types import IGNORE_INDEX
 from tunelab.errors import TunelabError
-from tunelab.evaluate.tasks import Sample, Task
+from tunelab.evaluate.tasks import EvalSample, Task
 from tunelab.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from tunelab.model.generate import GenerationOptions, generate_batch, left_pad
 
@@ -59,7 +59,7 @@ class Generated:
                 "tokens_per_s": round(self.completion_tokens / max(self.seconds, 1e-9), 1), **self.info}
 
 
-def encode_prompts(samples: Sequence[Sample], tokenizer, template_src: str) -> list[list[int]]:
+def encode_prompts(samples: Sequence[EvalSample], tokenizer, template_src: str) -> list[list[int]]:
     prompts = []
     for sample in samples:
         try:
@@ -69,7 +69,7 @@ def encode_prompts(samples: Sequence[Sample], tokenizer, template_src: str) -> l
     return prompts
 
 
-def describe_prompt(sample: Sample, tokenizer, template_src: str) -> str:
+def describe_prompt(sample: EvalSample, tokenizer, template_src: str) -> str:
     """What `--show-prompt` prints for one sample: the prompt exactly as the model gets it
     (text and token ids) and the whole exchange with the tokens a training run on it
     would learn [[marked]] (the reference turn and its end-of-turn marker)."""
@@ -83,7 +83,7 @@ def describe_prompt(sample: Sample, tokenizer, template_src: str) -> str:
 
 
 @torch.inference_mode()
-def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: str,
+def reference_losses(model, tokenizer, samples: Sequence[EvalSample], template_src: str,
                      batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each sample's reference turn under teacher forcing.
 
@@ -120,7 +120,7 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
     return out
 
 
-def predict(model, tokenizer, samples: Sequence[Sample], template_src: str, options: GenerationOptions,
+def predict(model, tokenizer, samples: Sequence[EvalSample], template_src: str, options: GenerationOptions,
             *, task: str, batch_size: int = 8, with_ppl: bool = False, progress: bool = True,
             desc: str = "generating") -> Generated:
     """Prediction rows (prompt, reference, prediction, meta) for every sample, in order."""
@@ -141,7 +141,7 @@ def predict(model, tokenizer, samples: Sequence[Sample], template_src: str, opti
                                                  "prompt_tokens": sum(len(p) for p in prompts)})
 
 
-def make_row(i: int, task: str, sample: Sample, prompt: str, prediction: str, finish_reason: str,
+def make_row(i: int, task: str, sample: EvalSample, prompt: str, prediction: str, finish_reason: str,
              prompt_tokens: int | None, completion_tokens: int | None) -> dict:
     """One predictions.jsonl row (local and remote generation write the same rows)."""
     return {"id": i, "task": task, "source": sample.source, "prompt": prompt, "reference": sample.reference,

@@ -183,12 +183,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def parameter_summary(model) -> str:
-    trainable, total = count_parameters(model)
-    share = 100 * trainable / total if total else 0.0
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable: {share:.4f}%"
-
-
 # --- adapters on disk -------------------------------------------------------------
 
 def load_adapter(model, adapter_path: str | os.PathLike, *, trainable: bool = False):

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from tunelab.data.formats import RecordError
 from tunelab.data.readers import iter_items, location
-from tunelab.data.tools.common import Item, item_messages, percent, table
+from tunelab.data.tools.common import item_messages, percent, table
+from tunelab.data.types import Item
 from tunelab.data.tools.tokens import TokenCounter
 from tunelab.errors import TunelabError
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunelab.data.tools.common import Item
-from tunelab.data.types import IGNORE_INDEX, Conversation, Message, PreferencePair
+from tunelab.data.types import IGNORE_INDEX, Conversation, Item, Message, PreferencePair
 from tunelab.errors import TunelabError
 
 

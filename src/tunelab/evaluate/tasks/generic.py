@@ -16,7 +16,7 @@ from tunelab.evaluate import breakdown as bd
 from tunelab.evaluate.metrics import (
     corpus_bleu, exact_match, rouge_f1, sentence_bleu4_char, sentence_bleu4_chars,
 )
-from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
+from tunelab.evaluate.tasks.base import EvalSample, Task, is_empty, perplexity_scores
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 MISTAKE_BLEU = 30.0  # below this char BLEU-4 (x100) a text answer counts as wrong for mine-pairs
@@ -43,15 +43,15 @@ class GenericTask(Task):
     default_metrics = ("bleu", "rouge")
     metrics = ("bleu", "rouge", "em", "ppl")
 
-    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[EvalSample]:
         return self.samples_from(load_conversations(path, fmt, max_samples=limit))
 
-    def samples_from(self, convs) -> list[Sample]:
+    def samples_from(self, convs) -> list[EvalSample]:
         samples = []
         for conv in convs:
             last = _reference_turn(conv)
             target = conv.messages[last]
-            samples.append(Sample(source=conv.source, prompt=conv.messages[:last], target=target,
+            samples.append(EvalSample(source=conv.source, prompt=conv.messages[:last], target=target,
                                   reference=target.content, tools=conv.tools))
         return samples
 

@@ -18,7 +18,7 @@ from tunelab.evaluate import breakdown as bd
 from tunelab.evaluate.metrics import (
     SlotCounts, prf, sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores,
 )
-from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
+from tunelab.evaluate.tasks.base import EvalSample, Task, is_empty, perplexity_scores
 
 
 def split_role(text: str) -> tuple[str, str]:
@@ -42,21 +42,21 @@ class HotelTask(Task):
     json_keys = ("type", "price_range_lower", "price_range_upper", "rating_range_lower", "rating_range_upper",
                  "facilities", "name")  # every slot the hotel set uses (shared/README.md)
 
-    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[EvalSample]:
         fmt = "hotel" if fmt == "auto" else fmt
         if fmt != "hotel":
             raise TunelabError(f"the hotel task reads hotel rows, not {fmt}", where=str(path),
                                fix="drop --format, or use --task generic for other formats")
         return self.samples_from(load_conversations(path, "hotel", max_samples=limit))
 
-    def samples_from(self, convs) -> list[Sample]:
+    def samples_from(self, convs) -> list[EvalSample]:
         samples = []
         for conv in convs:
             *context, response = conv.messages
             meta = {"role": response.role}
             if response.role == "search":
                 meta["arguments"] = json.loads(response.content)
-            samples.append(Sample(source=conv.source, prompt=context, target=response,
+            samples.append(EvalSample(source=conv.source, prompt=context, target=response,
                                   reference=f"{response.role}\n{response.content}", meta=meta))
         return samples
 
