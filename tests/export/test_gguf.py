@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import shared_tokenizer, tiny_llama
+from conftest import shared_tokenizer
 from conftest import tiny_lora_adapter as make_adapter
 from tunelab.cli import main
 from tunelab.errors import TunelabError

@@ -35,7 +35,7 @@ from tunelab.data.formats import (
     validate_conversation,
     validate_preference,
 )
-from tunelab.data.types import Conversation, Item, KTOExample, Message, PreferencePair
+from tunelab.data.types import Item, Message
 from tunelab.errors import TunelabError
 
 __all__ = [

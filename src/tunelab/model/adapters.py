@@ -330,7 +330,7 @@ def set_stop_tokens(model, tokenizer, stop_tokens: list[str]) -> None:
 def adapter_tokenizer(model: str, adapter_dir: str | os.PathLike | None):
     """The tokenizer training saved beside the adapter (it carries the trained template and pad
     token), else the base model's. The adapter's template lock is attached either way."""
-    from tunelab.data.templates import attach_lock, read_lock
+    from tunelab.data.templates import attach_lock
     from tunelab.model.loader import ensure_pad_token, load_tokenizer
 
     folder = Path(adapter_dir).expanduser() if adapter_dir else None
