@@ -66,6 +66,8 @@ EXTRA_SHAPES = {  # the real config of Qwen2.5-32B
 # --- one launch (runs under torchrun) -----------------------------------------------------------
 
 def worker(args) -> None:
+    from types import SimpleNamespace
+
     from train_throughput import build_model, flops_per_step, linear_params, load_samples, measured_peak_tflops
 
     from tunelab.config import TunelabConfig
@@ -74,7 +76,6 @@ def worker(args) -> None:
     from tunelab.train.fast import apply_speed_levers
     from tunelab.train.loop import build_optimizer, build_scheduler, optimizer_step
     from tunelab.train.objective import SFTObjective
-    from types import SimpleNamespace
 
     torch._dynamo.config.recompile_limit = 64
     world, shape, keys, micro, per_step = MODES[args.mode]

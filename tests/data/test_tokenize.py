@@ -15,8 +15,8 @@ import pytest
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
 from conftest import HOTEL, shared_tokenizer
-from tunelab.data.templates import render, resolve_template
 from tunelab.config import TunelabConfig
+from tunelab.data.templates import render, resolve_template
 from tunelab.data.tokenize import IGNORE_INDEX, encode_conversation, encode_prompt, encode_text, stop_token_ids
 from tunelab.data.types import Conversation, Message
 from tunelab.errors import TunelabError

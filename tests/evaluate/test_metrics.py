@@ -8,7 +8,13 @@ import random
 import pytest
 
 from tunelab.evaluate.metrics import (
-    corpus_bleu, exact_match, rouge_f1, rouge_scores, sentence_bleu4_char, sentence_bleu4_chars, slot_counts,
+    corpus_bleu,
+    exact_match,
+    rouge_f1,
+    rouge_scores,
+    sentence_bleu4_char,
+    sentence_bleu4_chars,
+    slot_counts,
     slot_scores,
 )
 

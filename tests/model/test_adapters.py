@@ -19,7 +19,6 @@ from tunelab.model.adapters import (
 )
 
 
-
 def tiny_llama(tokenizer, **overrides):
     """The shared tiny Llama with a 1k vocabulary: the 150k-row Qwen embedding would dominate
     every test's time without testing anything more (batches use ids < 1000)."""

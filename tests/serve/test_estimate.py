@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import json
-
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from tunelab.errors import TunelabError
 from tunelab.serve.estimate import (
-    GIB, KNOWN_CONFIGS, Settings, architecture_from_config, architecture_lora_parameters, architecture_parameters,
-    estimate_memory, format_estimate, layer_activation_bytes, load_architecture,
+    GIB,
+    KNOWN_CONFIGS,
+    Settings,
+    architecture_from_config,
+    architecture_lora_parameters,
+    architecture_parameters,
+    estimate_memory,
+    format_estimate,
+    layer_activation_bytes,
+    load_architecture,
 )
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,

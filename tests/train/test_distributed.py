@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_loop import config, losses
+
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train import loop

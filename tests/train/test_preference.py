@@ -13,7 +13,12 @@ from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.data.collate import IGNORE_INDEX
 from tunelab.data.preference_tokenize import (
-    assign_kl_completions, collate_kto, collate_pairs, encode_kto, encode_pair, fit_lengths,
+    assign_kl_completions,
+    collate_kto,
+    collate_pairs,
+    encode_kto,
+    encode_pair,
+    fit_lengths,
 )
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import KTOExample, Message, PreferencePair

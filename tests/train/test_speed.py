@@ -6,6 +6,7 @@ tokens however the step is split, and a retried step draws the same dropout mask
 
 import pytest
 import torch
+from test_loop import config, losses
 
 from tunelab.cli import main
 from tunelab.config import describe_keys, load_config
@@ -13,9 +14,6 @@ from tunelab.data.collate import split_by_tokens
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.objective import SFTObjective
 from tunelab.train.runlog import read_log
-
-from test_loop import config, losses
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin on a shared CPU
 

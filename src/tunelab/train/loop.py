@@ -29,11 +29,16 @@ from tunelab.config import TunelabConfig, save_config
 from tunelab.data.collate import batch_order, micro_batch_tokens, split_by_tokens
 from tunelab.errors import TunelabError
 from tunelab.io import clean_stale_temps, fsync_tree, publish, temp_dir
+from tunelab.train import distributed
 from tunelab.train.checkpoint import (
-    TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
+    TrainerState,
+    checkpoint_path,
+    load_checkpoint,
+    load_trainable_state,
+    resolve_resume,
+    rotate_checkpoints,
     save_checkpoint,
 )
-from tunelab.train import distributed
 from tunelab.train.distributed import SINGLE, Dist, rank_share
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff, OptimizerOutOfMemory

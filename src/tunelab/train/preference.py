@@ -25,13 +25,19 @@ import sys
 import torch
 
 from tunelab.config import TunelabConfig
+from tunelab.data.collate import pad_id_for
 from tunelab.data.preference_tokenize import (
-    KTORow, PairRow, assign_kl_completions, collate_kto, collate_pairs, encode_preferences, unpair,
+    KTORow,
+    PairRow,
+    assign_kl_completions,
+    collate_kto,
+    collate_pairs,
+    encode_preferences,
+    unpair,
 )
 from tunelab.data.types import KTOExample, PreferencePair
 from tunelab.errors import TunelabError
 from tunelab.train.losses import shifted_token_losses
-from tunelab.data.collate import pad_id_for
 from tunelab.train.pref_losses import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
 
 REFERENCE_FREE = ("simpo", "orpo")

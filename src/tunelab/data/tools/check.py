@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from tunelab.data.formats import RecordError
 from tunelab.data.readers import iter_items, location
 from tunelab.data.tools.common import item_messages, percent, table
-from tunelab.data.types import Item
 from tunelab.data.tools.tokens import TokenCounter
+from tunelab.data.types import Item
 from tunelab.errors import TunelabError
 
 # C0 controls except tab / newline / carriage return, DEL, and U+FFFD (the mark a

@@ -10,7 +10,12 @@ from __future__ import annotations
 from tunelab.evaluate.metrics.bleu import corpus_bleu, sentence_bleu4_char, sentence_bleu4_chars
 from tunelab.evaluate.metrics.rouge import rouge_f1, rouge_scores
 from tunelab.evaluate.metrics.slots import (
-    SlotCounts, parse_arguments, prf, slot_counts, slot_counts_by_key, slot_scores,
+    SlotCounts,
+    parse_arguments,
+    prf,
+    slot_counts,
+    slot_counts_by_key,
+    slot_scores,
 )
 from tunelab.evaluate.metrics.text import exact_match, has_cjk, normalize_text
 

@@ -14,7 +14,11 @@ from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
 from tunelab.evaluate import breakdown as bd
 from tunelab.evaluate.metrics import (
-    corpus_bleu, exact_match, rouge_f1, sentence_bleu4_char, sentence_bleu4_chars,
+    corpus_bleu,
+    exact_match,
+    rouge_f1,
+    sentence_bleu4_char,
+    sentence_bleu4_chars,
 )
 from tunelab.evaluate.tasks.base import EvalSample, Task, is_empty, perplexity_scores
 

@@ -16,7 +16,12 @@ from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
 from tunelab.evaluate import breakdown as bd
 from tunelab.evaluate.metrics import (
-    SlotCounts, prf, sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores,
+    SlotCounts,
+    prf,
+    sentence_bleu4_char,
+    sentence_bleu4_chars,
+    slot_counts,
+    slot_scores,
 )
 from tunelab.evaluate.tasks.base import EvalSample, Task, is_empty, perplexity_scores
 
