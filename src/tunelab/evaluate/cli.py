@@ -41,7 +41,11 @@ def register(subparsers) -> None:
                    help="dry run: print the exact prompt of the first rows (--limit, default 1) with the "
                         "reference tokens [[marked]] as training saw them; loads no weights")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base model; print both")
-    p.add_argument("--predictions", help="re-score this predictions.jsonl without generating")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="re-score FILE without generating: JSONL, one object a line, with string `prediction` and "
+                        "`reference` (required; hotel: `role\\nbody`, e.g. `search\\n{...}`), optional `task`, "
+                        "`source` and `meta` (hotel: {role, arguments}, read from the reference when missing); "
+                        "the predictions.jsonl of an earlier `tunelab eval` is one")
     p.add_argument("--limit", type=int, help="use only the first N rows")
     p.add_argument("--output-dir", help="default: ADAPTER/eval, else eval_out")
     p.add_argument("--batch-size", type=int, default=8)

@@ -209,6 +209,7 @@ def _fmt(value) -> str:
 def markdown_table(summary: dict) -> str:
     lines = ["| metric | value |", "| --- | ---: |"]
     lines += [f"| {k} | {_fmt(summary[k])} |" for k in _ordered_keys([summary])]
+    lines += [f"| {k} | {v} |" for k, v in summary.items() if isinstance(v, str)]  # e.g. what bleu4 counts
     return "\n".join(lines) + "\n"
 
 
