@@ -7,7 +7,7 @@ import torch
 
 from conftest import shared_tokenizer, tiny_llama
 from tunelab.errors import TunelabError
-from tunelab.model.generate import GenerationOptions, generate_batch, stream_generate
+from tunelab.model.generate import GenerationOptions, _finish, generate_batch, stream_generate
 
 PROMPTS = [
     "hello",
@@ -123,3 +123,11 @@ def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, p
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=None)
             assert ref[0, len(prompt):].tolist() == ours.token_ids
+
+
+def test_a_completion_cut_inside_a_character_keeps_only_complete_characters(tok):
+    ids = tok.encode("ab𰻞", add_special_tokens=False)  # one rare character spread over 4 byte tokens
+    assert len(ids) == 5 and tok.decode(ids[:4]).endswith("\ufffd")
+    cut = _finish(tok, [1], ids[:4], stop_ids=set())
+    assert cut.text == "ab" and cut.finish_reason == "length" and cut.token_ids == ids[:4]
+    assert _finish(tok, [1], ids, stop_ids=set()).text == "ab𰻞"

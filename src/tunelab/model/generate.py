@@ -329,8 +329,21 @@ def _finish(tokenizer, prompt: Sequence[int], tokens: list[int], stop_ids: set[i
     cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
     kept = tokens if cut is None else tokens[:cut]
     text = tokenizer.decode(kept, skip_special_tokens=True)
+    if cut is None:
+        text = _complete_characters(tokenizer, kept, text)
     return Generation(text=text, token_ids=kept, prompt_tokens=len(prompt),
                       finish_reason="length" if cut is None else "stop")
+
+
+def _complete_characters(tokenizer, tokens: list[int], text: str) -> str:
+    """A completion cut at max_new_tokens can stop inside a character that byte-level
+    tokenizers spread over several tokens: it decodes to U+FFFD. Drop the tokens of that
+    last, incomplete character (a UTF-8 character is at most 4 bytes, so at most 3 tokens)."""
+    end = len(tokens)
+    while text.endswith("\ufffd") and end > 0 and len(tokens) - end < 3:
+        end -= 1
+        text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    return text
 
 
 # --- public API ------------------------------------------------------------------------
