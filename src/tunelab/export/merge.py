@@ -54,19 +54,21 @@ class MergeReport:
                 f"copied from the base: {', '.join(self.copied_files) or 'nothing else'}")
 
 
-def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
+def merge_adapter(model: str | None, adapter: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
                   max_shard_size: str = "2GB", force_base: bool = False, template: str | None = None,
                   force_template: bool = False) -> MergeReport:
     """Fold `adapter` into `model` and write the result to `out_dir` (replaced atomically).
 
     The merged folder keeps the adapter's trained template (tokenizer `chat_template`, lock
     file, stop tokens in generation_config.json); `template` replaces it only where it
-    prompts the same way, or with `force_template`."""
+    prompts the same way, or with `force_template`. `model=None` takes the base the adapter
+    records (`base_model_name_or_path` in adapter_config.json)."""
     from tunelab.model.adapters import adapter_tokenizer, load_adapter, read_adapter_config, set_stop_tokens
     from tunelab.model.loader import load_model, resolve_model_path
 
     adapter_dir = Path(adapter).expanduser()
     adapter_config = read_adapter_config(adapter_dir)
+    model = model or recorded_base(adapter_config, adapter_dir)
     base_dir = resolve_model_path(model)
     check_same_base(model, base_dir, adapter_config, adapter_dir, force_base)
     out_dir = Path(out_dir).expanduser()
@@ -117,6 +119,14 @@ def merged_template(tokenizer, template: str | None, force: bool):
         lock = TemplateLock(source, template, stop_tokens(tokenizer, source), lock.system_prompt if lock else None)
         attach_lock(tokenizer, lock)
     return lock
+
+
+def recorded_base(adapter_config: dict, adapter_dir: Path) -> str:
+    recorded = adapter_config.get("base_model_name_or_path")
+    if not recorded:
+        raise TunelabError("the adapter records no base model", where=str(adapter_dir / "adapter_config.json"),
+                           fix="name the base: --model ALIAS_OR_FOLDER")
+    return str(recorded)
 
 
 def check_same_base(model: str, base_dir: Path, adapter_config: dict, adapter_dir: Path, force: bool) -> None:
