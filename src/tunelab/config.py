@@ -407,19 +407,21 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def build_config(values: dict, where: str = "config") -> TunelabConfig:
-    """Check keys and types of a plain dict and build the config."""
+def build_config(values: dict, where: str = "config", origins: dict[str, str] | None = None) -> TunelabConfig:
+    """Check keys and types of a plain dict and build the config. An error names where the
+    key came from: `origins[key]` when given (the command line for overrides), else `where`."""
     fields = _field_types()
     kwargs = {}
     for key, value in values.items():
+        source = (origins or {}).get(key, where)
         if key not in fields:
             hint = nearest(key, fields)
             raise TunelabError(
                 f"unknown key {key!r}",
-                where=where,
+                where=source,
                 fix=f"did you mean {hint!r}?" if hint else "see `tunelab train --help-config` for every key",
             )
-        kwargs[key] = _coerce(key, value, fields[key], where)
+        kwargs[key] = _coerce(key, value, fields[key], source)
     return TunelabConfig(**kwargs)
 
 
@@ -453,9 +455,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise TunelabError("the config must be a mapping of key: value", where=str(path),
                                fix="write one `key: value` per line")
         values.update(_resolve_relative_paths(loaded, path.parent))
+    origins: dict[str, str] = {}
     if overrides:
-        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return build_config(values, where=where)
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values.update(extra)
+        origins = {key: f"command line ({key}=...)" for key in extra}
+    return build_config(values, where=where, origins=origins)
 
 
 PATH_KEYS = ("dataset", "eval_dataset")
