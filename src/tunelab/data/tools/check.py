@@ -42,7 +42,8 @@ class Problem:
         text = re.sub(r"^turn \d+ \([^)]*\): ", "", self.what)  # "turn 3 (user): two user turns" -> "two user turns"
         text = re.sub(r"\([^)]*\)", "(…)", text)
         text = re.sub(r"'[^']*'", "'…'", text)
-        return re.sub(r"\d+", "N", text)
+        # Counts and positions become N; digits that are part of a name stay (UTF-8, UTF-16, Qwen2).
+        return re.sub(r"(?<!\w)(?<![A-Za-z]-)\d+(?:\.\d+)?", "N", text)
 
 
 @dataclass
