@@ -178,6 +178,40 @@ def check_rope_scaling(value) -> None:
                            fix="e.g. factor: 4.0 trains 4x the model's native context")
 
 
+# Keys only some stages read. Set away from its default for another stage, a key is refused
+# (validate), never accepted and ignored; tests/test_config_keys.py walks every key.
+PREFERENCE_STAGES = ("dpo", "simpo", "orpo", "kto")
+STAGE_KEYS = {
+    "pref_beta": PREFERENCE_STAGES,
+    "pref_loss": ("dpo",),
+    "pref_label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+    "precompute_ref_log_probs": ("dpo", "kto"),  # the stages with a reference model
+    "packing": ("sft", "pt"),
+    "train_on": ("sft",),  # preference stages train on the final answer; pt on every token
+    "truncation": ("sft",),  # preference stages cut prompt and answers their own way; pt cuts chunks
+    "system_prompt": ("sft",),
+    "template": ("sft", *PREFERENCE_STAGES),  # pt renders no template
+}
+
+
+def check_stage_keys(cfg: TunelabConfig) -> None:
+    defaults = TunelabConfig.__dataclass_fields__
+    for key, stages in STAGE_KEYS.items():
+        if cfg.stage not in stages and getattr(cfg, key) != defaults[key].default:
+            raise TunelabError(f"{key}={getattr(cfg, key)!r} has no effect with stage={cfg.stage}", where="config",
+                               fix=f"drop {key} (it applies to stage {' / '.join(stages)})")
+
+
+def check_quantization_bit(bits) -> None:
+    """The one check of a quantization_bit value (config, `tunelab eval/serve`, the loader)."""
+    if bits not in (4, 8):
+        raise TunelabError(f"quantization_bit={bits} is not 4 or 8", where="config",
+                           fix="use quantization_bit=4 (QLoRA NF4) or 8, or leave it unset")
+
+
 def validate(cfg: TunelabConfig) -> None:
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
@@ -193,9 +227,9 @@ def validate(cfg: TunelabConfig) -> None:
         raise TunelabError("output_dir is empty", where="config", fix="set output_dir=runs/NAME")
     if cfg.bf16 and cfg.fp16:
         raise TunelabError("bf16 and fp16 are both on", where="config", fix="set only one of them")
-    if cfg.quantization_bit not in (None, 4, 8):
-        raise TunelabError(f"quantization_bit={cfg.quantization_bit} is not 4 or 8", where="config",
-                           fix="use quantization_bit=4 (QLoRA NF4) or 8, or leave it unset")
+    if cfg.quantization_bit is not None:
+        check_quantization_bit(cfg.quantization_bit)
+    check_stage_keys(cfg)
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
         raise TunelabError("quantized weights can only be trained through LoRA (QLoRA)", where="config",
                            fix="set finetuning_type=lora or drop quantization_bit")

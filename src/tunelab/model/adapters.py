@@ -35,13 +35,10 @@ def prepare_for_training(model, cfg: TunelabConfig):
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        # Freezes the packed weights and puts norms in fp32; does the checkpointing set-up itself.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
+        # Freezes the packed weights and puts norms in fp32; checkpointing is switched on below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:  # the one place it is switched on (the memory back-off may add it later)
         enable_gradient_checkpointing(model)
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
 
     if cfg.finetuning_type == "lora":
         if cfg.adapter_name_or_path:

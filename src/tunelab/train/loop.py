@@ -99,7 +99,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     user_cfg = cfg  # saved as given: `auto` levers are decided anew on whatever device a resume runs on
 
     # 1. Data: read, split, render with the chat template, mask everything but the answers.
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     objective = (objective_factory or SFTObjective)(cfg, tokenizer)
     train_rows, eval_rows = objective.load_data()
 
@@ -109,8 +109,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=())
     # FSDP shards from CPU memory: no GPU ever holds the whole model.
     load_device = torch.device("cpu") if dist.strategy == "fsdp" else device
     model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
-                       quantization_bit=cfg.quantization_bit,
-                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
                        rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
     model = prepare_for_training(model, cfg)
     plan = resolve_speed(cfg, model, device)

@@ -8,7 +8,11 @@ The task code (`evaluate/tasks/`) picks which to report; perplexity lives with t
 from __future__ import annotations
 
 from tunelab.evaluate.metrics.bleu import (
-    bleu_unit, corpus_bleu, sentence_bleu4, sentence_bleu4_char, sentence_bleu4_chars,
+    bleu_unit,
+    corpus_bleu,
+    sentence_bleu4,
+    sentence_bleu4_char,
+    sentence_bleu4_chars,
 )
 from tunelab.evaluate.metrics.rouge import rouge_f1, rouge_scores
 from tunelab.evaluate.metrics.slots import (
