@@ -17,10 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tunelab.data.formats import PREFERENCE_ROLES
+from tunelab.data.templates import resolve_template
+from tunelab.data.tools.common import check_output_path, write_records
 from tunelab.data.types import Message
 from tunelab.evaluate import runner
-from tunelab.evaluate.tasks import EvalSample, Task
+from tunelab.evaluate.tasks import EvalSample, Task, get_task
 from tunelab.evaluate.tasks.hotel import split_role
+from tunelab.model.adapters import load_adapter
+from tunelab.model.generate import GenerationOptions
+from tunelab.model.loader import load_model, load_tokenizer
 
 
 @dataclass
@@ -84,12 +89,6 @@ def mine_pairs(model, tokenizer, task: Task, samples: list[EvalSample], template
 
 def run_mine_pairs(args) -> int:
     """The `tunelab data mine-pairs` handler (lent to the data CLI by tunelab/cli.py)."""
-    from tunelab.data.templates import resolve_template
-    from tunelab.data.tools.common import check_output_path, write_records
-    from tunelab.evaluate.tasks import get_task
-    from tunelab.model.generate import GenerationOptions
-    from tunelab.model.loader import load_model, load_tokenizer
-
     check_output_path(args.output)
     task = get_task(args.task)
     samples = task.load(args.src, args.format, args.limit)
@@ -97,8 +96,6 @@ def run_mine_pairs(args) -> int:
     template_src = resolve_template(args.template or task.default_template or "auto", tokenizer)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
-        from tunelab.model.adapters import load_adapter
-
         model = load_adapter(model, args.adapter).merge_and_unload()
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)
     records, stats = mine_pairs(model, tokenizer, task, samples, template_src, options, args.batch_size,

@@ -13,6 +13,7 @@ two checks pass, so a failed merge leaves nothing half-written:
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.templates import save_lock
+from tunelab.data.templates import TemplateLock, attach_lock, choose_template, save_lock, stop_tokens, template_lock
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_path
+from tunelab.model.adapters import adapter_tokenizer, load_adapter, read_adapter_config, set_stop_tokens
+from tunelab.model.loader import DTYPES, load_model, resolve_model_path
 
 # max |delta logit| <= MERGE_TOLERANCE * max(1, max |logit|): fp32 sums in another order.
 MERGE_TOLERANCE = 1e-4
@@ -63,9 +66,6 @@ def merge_adapter(model: str | None, adapter: str | os.PathLike, out_dir: str | 
     file, stop tokens in generation_config.json); `template` replaces it only where it
     prompts the same way, or with `force_template`. `model=None` takes the base the adapter
     records (`base_model_name_or_path` in adapter_config.json)."""
-    from tunelab.model.adapters import adapter_tokenizer, load_adapter, read_adapter_config, set_stop_tokens
-    from tunelab.model.loader import load_model, resolve_model_path
-
     adapter_dir = Path(adapter).expanduser()
     adapter_config = read_adapter_config(adapter_dir)
     model = model or recorded_base(adapter_config, adapter_dir)
@@ -109,8 +109,6 @@ def merge_adapter(model: str | None, adapter: str | os.PathLike, out_dir: str | 
 def merged_template(tokenizer, template: str | None, force: bool):
     """The lock the merged folder carries: the adapter's, or `--template` where it prompts
     the same way (or is forced, or the adapter has no lock)."""
-    from tunelab.data.templates import TemplateLock, attach_lock, choose_template, stop_tokens, template_lock
-
     lock = template_lock(tokenizer)
     if template is None:
         return lock
@@ -144,11 +142,7 @@ def check_same_base(model: str, base_dir: Path, adapter_config: dict, adapter_di
 
 
 def output_dtype(dtype: str, base_dir: Path) -> torch.dtype:
-    from tunelab.model.loader import DTYPES
-
     if dtype == "auto":
-        import json
-
         config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
         recorded = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
         return DTYPES.get(str(recorded), torch.bfloat16)

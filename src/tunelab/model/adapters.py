@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from tunelab.config import TunelabConfig
+from tunelab.data.templates import attach_lock, find_lock, save_lock, template_lock
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_path
-from tunelab.model.loader import enable_gradient_checkpointing
+from tunelab.model.loader import enable_gradient_checkpointing, ensure_pad_token, load_tokenizer
 
 ALL_LINEAR = "all-linear"
 
@@ -254,8 +255,6 @@ def save_trained(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict 
     those stop tokens as `generation_config.eos_token_id`, where transformers and vLLM stop.
     `state_dict`: the weights to write instead of the model's own (FSDP gathers them from the shards).
     """
-    from tunelab.data.templates import save_lock, template_lock
-
     out_dir = Path(out_dir)
     lock = template_lock(tokenizer)
     if lock is not None and not is_peft_model(model):
@@ -327,9 +326,6 @@ def set_stop_tokens(model, tokenizer, stop_tokens: list[str]) -> None:
 def adapter_tokenizer(model: str, adapter_dir: str | os.PathLike | None):
     """The tokenizer training saved beside the adapter (it carries the trained template and pad
     token), else the base model's. The adapter's template lock is attached either way."""
-    from tunelab.data.templates import attach_lock
-    from tunelab.model.loader import ensure_pad_token, load_tokenizer
-
     folder = Path(adapter_dir).expanduser() if adapter_dir else None
     if folder is None or not (folder / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(model)
@@ -342,6 +338,4 @@ def adapter_tokenizer(model: str, adapter_dir: str | os.PathLike | None):
     model_dir = Path(model).expanduser()
     if model_dir.is_dir():
         lock_dirs.append(model_dir)
-    from tunelab.data.templates import find_lock
-
     return attach_lock(tokenizer, find_lock(lock_dirs))
