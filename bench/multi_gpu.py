@@ -73,6 +73,8 @@ EXTRA_SHAPES = {  # the real config of Qwen2.5-32B
 # --- one launch (runs under torchrun) -----------------------------------------------------------
 
 def worker(args) -> None:
+    from types import SimpleNamespace
+
     from train_throughput import build_model, flops_per_step, linear_params, load_samples, measured_peak_tflops
 
     from tunelab.config import TunelabConfig
@@ -82,7 +84,6 @@ def worker(args) -> None:
     from tunelab.train.objectives.sft import SFTObjective
     from tunelab.train.optim import build_optimizer, build_scheduler
     from tunelab.train.step import optimizer_step, settle_steps
-    from types import SimpleNamespace
 
     torch._dynamo.config.recompile_limit = 64
     world, shape, keys, micro, per_step = MODES[args.mode]

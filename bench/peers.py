@@ -28,7 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import (  # noqa: E402
-    SAMPLES_PER_STEP, build_model, flops_per_step, linear_params, load_samples, run_baseline,
+    SAMPLES_PER_STEP,
+    build_model,
+    flops_per_step,
+    linear_params,
+    load_samples,
+    run_baseline,
 )
 
 PEERS = ("liger", "liger_ckpt", "unsloth", "unsloth_ckpt")

@@ -495,8 +495,8 @@ def table(report: dict) -> str:
              f"{info['peak_tflops']:.0f} TFLOP/s; N = {info['n_params'] / 1e9:.2f}B; "
              f"{info['steps']} steps x {SAMPLES_PER_STEP} samples after {info['warmup']} warm-up; "
              f"varlen kernel rel. err {info['varlen_rel_err']:.1e}",
-             f"| config | real tok/s | x baseline | MFU (measured peak) | MFU (989 TF) | peak GiB | x baseline "
-             f"| estimate GiB | loss step 1 | final loss | max abs loss diff vs baseline |",
+             "| config | real tok/s | x baseline | MFU (measured peak) | MFU (989 TF) | peak GiB | x baseline "
+             "| estimate GiB | loss step 1 | final loss | max abs loss diff vs baseline |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         tps = r["real_tokens"] / r["seconds"] if r["seconds"] else 0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CACHE, shared_tokenizer
 
+from conftest import CACHE, shared_tokenizer
 from tunelab.cli import main
 from tunelab.compat import TABLE, convert_file
 from tunelab.config import load_config

@@ -61,3 +61,18 @@ def test_missing_config_file():
     with pytest.raises(TunelabError) as err:
         load_config("nope.yaml")
     assert "nope.yaml" in str(err.value)
+
+
+def test_override_errors_name_the_command_line_not_the_yaml(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("learning_rate: 1e-4\n")
+    with pytest.raises(TunelabError) as err:
+        load_config(path, ["lora_rnk=8"])
+    assert err.value.where == "command line (lora_rnk=...)"
+    with pytest.raises(TunelabError) as err:
+        load_config(path, ["lora_rank=many"])
+    assert err.value.where == "command line (lora_rank=...)"
+    path.write_text("lora_rank: many\n")
+    with pytest.raises(TunelabError) as err:
+        load_config(path, ["learning_rate=1e-4"])
+    assert err.value.where == str(path)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CACHE, REPO, shared_tokenizer
 
+from conftest import CACHE, REPO, shared_tokenizer
 from tunelab.cli import main
 from tunelab.config import load_config
 

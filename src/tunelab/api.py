@@ -108,7 +108,8 @@ def train(config: str | os.PathLike | dict | TunelabConfig | None = None, data: 
         eval_callbacks = task_metric_callbacks(cfg) if cfg.eval_task else []
     from tunelab.evaluate.tasks import get_task
     from tunelab.train.cli import run_training
-    from tunelab.train.tracking import LOG_NAME, final_metrics, read_log
+    from tunelab.train.runlog import LOG_NAME, read_log
+    from tunelab.train.tracking import final_metrics
 
     run = run_training(cfg, eval_callbacks, lambda name: get_task(name).reward)  # reward: TASK, as the CLI lends it
     log = run.output_dir / LOG_NAME

@@ -142,11 +142,11 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
     """Commands of early stages need a later stage: `tunelab train` with eval_task scores the
     task during training (and with `reward: TASK` optimises the task's score as a reward,
     stages grpo / ppo), `tunelab data mine-pairs` decodes and scores with a model,
-    `tunelab train chain.yaml` runs stages, merges and tabulates (tunelab/chain.py), and
-    `tunelab report A B` compares runs (board/compare.py). Their code lives in later stages,
-    which data, train and evaluate must not import; this
-    file sits above every stage, so it hands them the entry points (DEVELOPERS.md, "Hooks
-    between stages"). Imported only when called: the CLI stays quick to start."""
+    `tunelab data check/stats --model` loads a tokenizer, `tunelab train chain.yaml` runs
+    stages, merges and tabulates (tunelab/chain.py), and `tunelab report A B` compares runs
+    (board/compare.py). Their code lives in later stages, which data, train and evaluate must
+    not import; this file sits above every stage, so it hands them the entry points
+    (DEVELOPERS.md, "Hooks between stages"). Imported only when called: the CLI stays quick to start."""
     def eval_callbacks(cfg):
         from tunelab.evaluate.in_training import task_metric_callbacks
 
@@ -172,8 +172,13 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return compare_report(run_dirs, out_dir, metric)
 
+    def load_tokenizer(name_or_path):
+        from tunelab.model.loader import load_tokenizer
+
+        return load_tokenizer(name_or_path)
+
     parser.set_defaults(eval_callbacks=eval_callbacks, mine_pairs=mine_pairs, run_chain=run_chain,
-                        task_reward=task_reward, compare_runs=compare_runs)
+                        task_reward=task_reward, compare_runs=compare_runs, load_tokenizer=load_tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

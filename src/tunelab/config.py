@@ -165,11 +165,6 @@ class TunelabConfig:
     def __post_init__(self):
         validate(self)
 
-    # Derived values live here, not in the fields, so they can never disagree.
-    @property
-    def mixed_precision(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -364,6 +359,13 @@ def check_report_to(names: list[str]) -> None:
                            fix="use report_to=none alone (the JSONL log is always written), or drop none")
 
 
+def check_quantization_bit(bits) -> None:
+    """The one check of a quantization_bit value (config, `tunelab eval/serve`, the loader)."""
+    if bits not in (4, 8):
+        raise TunelabError(f"quantization_bit={bits} is not 4 or 8", where="config",
+                           fix="use quantization_bit=4 (QLoRA NF4) or 8, or leave it unset")
+
+
 def validate(cfg: TunelabConfig) -> None:
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
@@ -381,9 +383,8 @@ def validate(cfg: TunelabConfig) -> None:
         raise TunelabError("output_dir is empty", where="config", fix="set output_dir=runs/NAME")
     if cfg.bf16 and cfg.fp16:
         raise TunelabError("bf16 and fp16 are both on", where="config", fix="set only one of them")
-    if cfg.quantization_bit not in (None, 4, 8):
-        raise TunelabError(f"quantization_bit={cfg.quantization_bit} is not 4 or 8", where="config",
-                           fix="use quantization_bit=4 (QLoRA NF4) or 8, or leave it unset")
+    if cfg.quantization_bit is not None:
+        check_quantization_bit(cfg.quantization_bit)
     if cfg.quantization_bit and cfg.finetuning_type != "lora":
         raise TunelabError("quantized weights can only be trained through LoRA (QLoRA)", where="config",
                            fix="set finetuning_type=lora or drop quantization_bit")
@@ -603,23 +604,25 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def build_config(values: dict, where: str = "config") -> TunelabConfig:
+def build_config(values: dict, where: str = "config", origins: dict[str, str] | None = None) -> TunelabConfig:
     """Check keys and types of a plain dict and build the config. Keys of LLaMA-Factory, TRL,
-    PEFT and transformers configs are translated first (compat.py)."""
+    PEFT and transformers configs are translated first (compat.py). An error names where the
+    key came from: `origins[key]` when given (the command line for overrides), else `where`."""
     from tunelab.compat import translate
 
     values = translate(values, where=where)
     fields = _field_types()
     kwargs = {}
     for key, value in values.items():
+        source = (origins or {}).get(key, where)
         if key not in fields:
             hint = nearest(key, fields)
             raise TunelabError(
                 f"unknown key {key!r}",
-                where=where,
+                where=source,
                 fix=f"did you mean {hint!r}?" if hint else "see `tunelab train --help-config` for every key",
             )
-        kwargs[key] = _coerce(key, value, fields[key], where)
+        kwargs[key] = _coerce(key, value, fields[key], source)
     try:
         return TunelabConfig(**kwargs)
     except TunelabError as exc:  # the checks know the key, the caller the file: name both
@@ -660,9 +663,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise TunelabError("this file is a chain of stages (it has `stages:`)", where=str(path),
                                fix=f"run it with `tunelab train {path}` (docs/multistage.md)")
         values.update(loaded)
+    origins: dict[str, str] = {}
     if overrides:
-        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return build_config(values, where=where)
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values.update(extra)
+        origins = {key: f"command line ({key}=...)" for key in extra}
+    return build_config(values, where=where, origins=origins)
 
 
 def read_yaml_file(path: Path) -> dict:

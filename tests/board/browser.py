@@ -13,7 +13,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "serve")]  # also when run as a script (screenshots.py)
-from serving import running
+from serving import running  # noqa: E402 - after the path set-up above
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 

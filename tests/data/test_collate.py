@@ -5,7 +5,13 @@ import torch
 
 from conftest import tiny_llama
 from tunelab.data.collate import (
-    IGNORE_INDEX, Sample, batch_order, collate_packed, count_label_tokens, pack_samples, pad_batch,
+    IGNORE_INDEX,
+    Sample,
+    batch_order,
+    collate_packed,
+    count_label_tokens,
+    pack_samples,
+    pad_batch,
 )
 from tunelab.train.losses import causal_lm_loss_sum
 

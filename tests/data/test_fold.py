@@ -48,6 +48,7 @@ def test_grouped_validation_split_then_folding_never_mixes_sides(hotel_dir):
 
 def test_folded_per_token_losses_equal_the_unfolded_rows(hotel_dir, qwen2_tokenizer):
     from tests.conftest import tiny_llama
+
     from tunelab.data.templates import resolve_template
 
     torch.manual_seed(0)

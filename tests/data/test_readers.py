@@ -10,9 +10,9 @@ import pytest
 from tunelab.data.readers import (
     FORMATS,
     detect_format,
-    iter_records,
     load_conversations,
     load_preferences,
+    read_records,
     to_record,
 )
 from tunelab.data.types import KTOExample, Message, PreferencePair
@@ -115,7 +115,7 @@ def test_parquet_with_nested_message_lists(tmp_path):
     ("kto.jsonl", "kto"),
 ])
 def test_detect_format_of_each_fixture(name, fmt):
-    (_, record), *_ = iter_records(FIXTURES / name)
+    _, _, record = next(read_records(FIXTURES / name))
     assert detect_format(record) == fmt
 
 
@@ -340,8 +340,8 @@ def test_ten_megabyte_single_line(tmp_path):
 
 def test_jsonl_streams(tmp_path):
     path = jsonl(tmp_path, [{"text": "a"}, {"text": "b"}])
-    records = iter_records(path)
-    assert next(records) == (f"{path}:1", {"text": "a"})  # a generator: nothing read ahead of need
+    records = read_records(path)
+    assert next(records)[1:] == (1, {"text": "a"})  # a generator: nothing read ahead of need
 
 
 # --- to_record: the inverse, refusing what would be lost ---------------------------------------
@@ -349,7 +349,7 @@ def test_jsonl_streams(tmp_path):
 @pytest.mark.parametrize("name", ["alpaca.json", "sharegpt.jsonl", "messages.jsonl", "conversation.jsonl", "text.jsonl"])
 def test_conversations_round_trip_through_their_own_format(tmp_path, name):
     convs = load_conversations(FIXTURES / name)
-    fmt = detect_format(next(iter_records(FIXTURES / name))[1])
+    fmt = detect_format(next(read_records(FIXTURES / name))[2])
     again = load_conversations(jsonl(tmp_path, [to_record(c, fmt) for c in convs]))
     assert [(c.messages, c.tools) for c in again] == [(c.messages, c.tools) for c in convs]
 

@@ -12,7 +12,14 @@ import torch
 
 from tunelab.cli import main
 from tunelab.data.templates import (
-    LOCK_FILE, as_dicts, choose_template, find_lock, lock_template, read_lock, resolve_template, same_prompts,
+    LOCK_FILE,
+    as_dicts,
+    choose_template,
+    find_lock,
+    lock_template,
+    read_lock,
+    resolve_template,
+    same_prompts,
 )
 from tunelab.errors import TunelabError
 

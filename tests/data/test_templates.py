@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import TEMPLATES
-from tunelab.data.templates import (builtin_templates, end_of_turn_markers, fold_system, render,
-                                    resolve_template)
+from tunelab.data.templates import builtin_templates, end_of_turn_markers, fold_system, render, resolve_template
 from tunelab.data.types import Message
 from tunelab.errors import TunelabError
 

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import dataclass, field
 
 import pytest
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
 from conftest import HOTEL, shared_tokenizer
+from tunelab.config import TunelabConfig
 from tunelab.data.templates import render, resolve_template
-from tunelab.data.tokenize import (IGNORE_INDEX, encode_all, encode_conversation, encode_prompt, encode_text,
-                                   stop_token_ids)
+from tunelab.data.tokenize import IGNORE_INDEX, encode_conversation, encode_prompt, encode_text, stop_token_ids
 from tunelab.data.types import Conversation, Message
 from tunelab.errors import TunelabError
+from tunelab.train.dataset import encode_samples
 
 SYSTEM = "You answer in one short sentence."
 USER_1, REPLY_1 = "Which city is the capital of France?", "Paris is the capital of France."
 USER_2, REPLY_2 = "And of Italy, please?", "Rome is the capital of Italy."
+
+
+def train_encode(convs: list[Conversation], tokenizer, template_src: str, cutoff_len: int, **cfg) -> list:
+    """The samples training builds (train/dataset.py: context-keeping truncation, skip_invalid)."""
+    samples, _ = encode_samples(convs, tokenizer, template_src, TunelabConfig(cutoff_len=cutoff_len, **cfg))
+    return samples
 
 
 def chat(system: bool = True) -> Conversation:
@@ -274,7 +280,7 @@ def test_hotel_labels_are_the_response_with_its_role(vocabs):
     tok = family_tokenizer(vocabs, FAMILIES["qwen2.5"])
     src = resolve_template("hotel", tok)
     convs = hotel_rows(80)
-    examples = encode_all(convs, tok, src, cutoff_len=8192)
+    examples = train_encode(convs, tok, src, cutoff_len=8192)
     assert {c.messages[-1].role for c in convs} == {"search", "assistant"}
     for conv, example in zip(convs, examples):
         response = conv.messages[-1]
@@ -344,15 +350,15 @@ def test_cutoff_smaller_than_the_prompt_is_a_clear_error(qwen):
     assert "raise cutoff_len" in err.value.fix
 
 
-def test_encode_all_raises_or_skips_bad_records(qwen, caplog):
+def test_training_raises_or_skips_bad_records(qwen, capsys):
     tok, src = qwen
     bad = Conversation([Message("user", "no reply here")], source="bad.jsonl:3")
     with pytest.raises(TunelabError, match="no turn to learn from"):
-        encode_all([chat(), bad], tok, src, 4096)
-    with caplog.at_level(logging.WARNING):
-        examples = encode_all([chat(), bad, chat()], tok, src, 4096, skip_invalid=True)
+        train_encode([chat(), bad], tok, src, 4096)
+    examples = train_encode([chat(), bad, chat()], tok, src, 4096, skip_invalid=True)
     assert len(examples) == 2
-    assert "skipped 1 of 3 records" in caplog.text and "bad.jsonl:3" in caplog.text
+    err = capsys.readouterr().err
+    assert "skipped 1 of 3 record(s)" in err and "bad.jsonl:3" in err
 
 
 def test_plain_text_is_chunked_with_every_token_a_label(qwen):
@@ -362,8 +368,9 @@ def test_plain_text_is_chunked_with_every_token_a_label(qwen):
     ids = [t for chunk in chunks for t in chunk.input_ids]
     assert ids == tok(text)["input_ids"] + [tok.eos_token_id]
     assert all(len(c.input_ids) <= 64 and c.labels == c.input_ids for c in chunks)
-    mixed = encode_all([Conversation([Message("text", text)], source="doc.txt:1"), chat()], tok, src, 64)
-    assert [e.source for e in mixed] == ["doc.txt:1"] * len(chunks) + ["chat.jsonl:1"]
+    mixed = train_encode([Conversation([Message("text", text)], source="doc.txt:1"), chat()], tok, src, 64)
+    assert [s.input_ids for s in mixed[:len(chunks)]] == [c.input_ids for c in chunks]
+    assert len(mixed) == len(chunks) + 1
 
 
 def test_plain_text_given_to_the_chat_encoder_is_refused(qwen):

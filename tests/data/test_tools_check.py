@@ -73,3 +73,17 @@ def test_over_long_records_share_of_records_and_answer_tokens(qwen2_tokenizer, t
     (warning,) = [p for p in report.problems if p.severity == "warning"]
     assert warning.where.endswith("d.jsonl:2: record 2") and "over cutoff_len=64" in warning.what
     assert report.errors == 0
+
+
+def test_summary_kinds_keep_digits_that_are_part_of_a_name(tmp_path, capsys):
+    from tunelab.data.tools.check import Problem
+
+    problem = Problem("x.jsonl:3", "error", "bytes that are not UTF-8 (b'\\xff') at column 12")
+    assert problem.kind == "bytes that are not UTF-8 (…) at column N"
+    assert Problem("x:1", "warning", "turn 3 (user): 2 user turns in a row, Qwen2 template").kind \
+        == "N user turns in a row, Qwen2 template"
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"instruction": "hi", "output": "ok"}\n{"instruction": "\xff", "output": "x"}\n')
+    main(["data", "check", str(path)])
+    out = capsys.readouterr().out
+    assert "not UTF-8 (…) at column N" in out and "UTF-N" not in out

@@ -85,7 +85,18 @@ def test_exchange_mode_keeps_rows_that_only_share_a_dialogue_prefix(tmp_path, ho
     rows = (hotel_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()[:8]
     src = tmp_path / "dialogue.jsonl"
     src.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    by_record = dedup_file(src, tmp_path / "a.jsonl", near=0.8)
+    by_record = dedup_file(src, tmp_path / "a.jsonl", near=0.8, compare="record")
     by_exchange = dedup_file(src, tmp_path / "b.jsonl", near=0.8, compare="exchange")
     assert by_record.count("near") > 0
     assert by_exchange.count("near") == 0 and by_exchange.written == 8
+
+
+def test_rows_sharing_dialogue_prefixes_are_compared_by_exchange_automatically(tmp_path, hotel_dir):
+    result = dedup_file(hotel_dir / "train.jsonl", tmp_path / "out.jsonl")
+    assert result.compare == "exchange" and "compared by the last exchange" in result.summary()
+    assert result.records - result.written < 0.05 * result.records  # whole rows: 235 of 1054 removed
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) + "\n"
+                             for i in range(20)))
+    result = dedup_file(plain, tmp_path / "plain_out.jsonl")
+    assert result.compare == "record" and "exchange" not in result.summary()

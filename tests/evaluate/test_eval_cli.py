@@ -95,6 +95,16 @@ def test_rescoring_counts_empty_predictions(tmp_path):
     assert summary["empty_predictions"] == 1 and summary["exact_match"] == 50.0
 
 
+def test_rescoring_hotel_predictions_written_without_meta(tmp_path):
+    rows = [{"reference": 'search\n{"type": "经济型"}', "prediction": 'search\n{"type": "经济型"}'},
+            {"reference": "assistant\n好的。", "prediction": "assistant\n"}]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert cli("eval", "--task", "hotel", "--predictions", path) == 0
+    summary = scores_of(tmp_path)
+    assert summary["slot_f1"] == 100.0 and summary["empty_predictions"] == 1
+
+
 def test_rescoring_with_an_llm_judge(tmp_path, monkeypatch):
     from test_judge import FakeJudge
 

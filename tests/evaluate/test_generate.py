@@ -7,7 +7,7 @@ import torch
 
 from conftest import shared_tokenizer, tiny_llama
 from tunelab.errors import TunelabError
-from tunelab.model.generate import GenerationOptions, generate_batch, stream_generate
+from tunelab.model.generate import GenerationOptions, _finish, generate_batch, stream_generate
 
 PROMPTS = [
     "hello",
@@ -162,3 +162,11 @@ def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model,
     assert [g.token_ids for g in static] == [g.token_ids for g in expected]
     assert 1 in calls and max(calls) > 1  # decode steps and the prefill went through it
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_completion_cut_inside_a_character_keeps_only_complete_characters(tok):
+    ids = tok.encode("ab𰻞", add_special_tokens=False)  # one rare character spread over 4 byte tokens
+    assert len(ids) == 5 and tok.decode(ids[:4]).endswith("\ufffd")
+    cut = _finish(tok, [1], ids[:4], stop_ids=set())
+    assert cut.text == "ab" and cut.finish_reason == "length" and cut.token_ids == ids[:4]
+    assert _finish(tok, [1], ids, stop_ids=set()).text == "ab𰻞"

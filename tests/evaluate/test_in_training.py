@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.train import loop
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"
@@ -93,7 +93,6 @@ def test_the_train_stage_still_never_imports_evaluate():
 
 def test_generation_switches_a_padding_free_model_to_sdpa_and_back(qwen2_tokenizer):
     from conftest import tiny_llama
-
     from tunelab.evaluate.in_training import plain_attention
     from tunelab.model.generate import generate_batch
     from tunelab.train.fast.varlen import ATTN_NAME, use_varlen_attention

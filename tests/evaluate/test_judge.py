@@ -10,8 +10,14 @@ import pytest
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.judge import (
-    DEFAULT_DIMENSIONS, Dimension, JudgeEndpointError, JudgeItem, JudgeSettings, judge,
-    parse_dimensions, parse_judgement,
+    DEFAULT_DIMENSIONS,
+    Dimension,
+    JudgeEndpointError,
+    JudgeItem,
+    JudgeSettings,
+    judge,
+    parse_dimensions,
+    parse_judgement,
 )
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import pytest
-import torch
 
 from tunelab.evaluate.metrics import (
-    corpus_bleu, exact_match, perplexity, rouge_f1, rouge_scores, sentence_bleu4_char,
-    sentence_bleu4_chars, slot_counts, slot_scores, text_scores, token_accuracy,
-    token_accuracy_from_logits,
+    corpus_bleu,
+    exact_match,
+    rouge_f1,
+    rouge_scores,
+    sentence_bleu4_char,
+    sentence_bleu4_chars,
+    slot_counts,
+    slot_scores,
 )
 
 
@@ -181,33 +184,3 @@ def test_exact_match_normalisation():
     assert exact_match(preds, refs) == 0.0
     assert exact_match(preds, refs, ignore_space=True) == 50.0
     assert exact_match(preds, refs, ignore_space=True, ignore_case=True) == 100.0
-
-
-def test_token_accuracy_ignores_unlabelled_positions():
-    labels = torch.tensor([[-100, 5, 6, -100], [7, 8, -100, -100]])
-    predicted = torch.tensor([[1, 5, 0, 9], [7, 0, 3, 3]])
-    assert token_accuracy(predicted, labels) == pytest.approx(2 / 4)
-    assert math.isnan(token_accuracy(predicted, torch.full_like(labels, -100)))
-
-
-def test_token_accuracy_from_logits_shifts_like_the_loss():
-    labels = torch.tensor([[-100, 3, 1, 2]])
-    logits = torch.zeros(1, 4, 5)
-    for pos, tok in enumerate([3, 1, 4, 0]):  # position t guesses token t+1: right, right, wrong
-        logits[0, pos, tok] = 1.0
-    assert token_accuracy_from_logits(logits, labels) == pytest.approx(2 / 3)
-    assert token_accuracy_from_logits(logits, labels, shift=False) == pytest.approx(0.0)
-
-
-def test_perplexity_guards_overflow():
-    assert perplexity(math.log(12.5)) == pytest.approx(12.5)
-    assert perplexity(0.0) == 1.0
-    assert perplexity(1e4) == math.inf
-    assert math.isnan(perplexity(math.nan))
-
-
-def test_text_scores_counts_empty_predictions_and_keeps_them():
-    out = text_scores(["好的，没问题。", "  ", None], ["好的，没问题。", "你好", "再见"])
-    assert out["empty_predictions"] == 2 and out["samples"] == 3
-    assert out["bleu4"] == pytest.approx(100 / 3)
-    assert out["rouge1"] == pytest.approx(100 / 3) and out["exact_match"] == pytest.approx(100 / 3)

@@ -13,7 +13,7 @@ from tunelab.cli import main
 from tunelab.data.readers import load_preferences
 from tunelab.data.types import Message
 from tunelab.evaluate.mine import MineStats, pair_records
-from tunelab.evaluate.tasks import Sample, get_task
+from tunelab.evaluate.tasks import EvalSample, get_task
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "data" / "quickstart.jsonl"
 
@@ -24,7 +24,7 @@ def _hotel_samples(rows):
     samples = []
     for row in rows:
         role, _, body = row["reference"].partition("\n")
-        samples.append(Sample(row["source"], prompt, Message(role, body), row["reference"], row["meta"]))
+        samples.append(EvalSample(row["source"], prompt, Message(role, body), row["reference"], row["meta"]))
     return samples
 
 

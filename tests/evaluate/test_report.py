@@ -187,3 +187,31 @@ def test_task_metrics_in_the_log_get_a_table_a_plot_and_a_terminal_line(tmp_path
     assert "| slot_f1 | 10 | 70 | 150 | 62 |" in (result.out_dir / "report.md").read_text()
     assert json.loads((result.out_dir / "report.json").read_text())["eval_metrics"]["slot_f1"]["best"] == 70.0
     assert "slot_f1: 10 -> 62 (best 70 at step 150)" in format_findings(result)
+
+
+def test_a_run_too_short_for_trends_still_says_what_it_shows(tmp_path):
+    # The quickstart logs 6 losses: no trend can be read, but the numbers can.
+    run = write_log(tmp_path / "run", [2.0, 1.8, 1.7, 1.5, 1.45, 1.4], [1.9, 1.6], steps=np.arange(1, 7),
+                    eval_steps=[3, 6])
+    finding = codes(run)["too_short"]
+    assert "train loss 2 at step 1 -> 1.4 at step 6 (-30.0%)" in finding.detail
+    assert "eval loss 1.9 at step 3 -> 1.6 at step 6" in finding.detail
+
+
+def test_throughput_is_the_median_so_a_window_holding_an_evaluation_does_not_drag_it(tmp_path):
+    run = write_log(tmp_path / "run", healthy_loss(), healthy_eval())
+    log = run / "trainer_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    for row in rows[1:]:
+        if "loss" in row and row["step"] % 50 == 5:  # the window right after each evaluation
+            row["tokens_per_second"] = 10.0
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert run_report(run).summary["median_tokens_per_second"] == 1000.0
+
+
+def test_report_help_names_the_folder_it_writes_to(capsys):
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "(default: RUN_DIR/report)" in " ".join(capsys.readouterr().out.split())

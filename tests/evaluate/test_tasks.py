@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate.metrics import sentence_bleu4_char
+from tunelab.evaluate.metrics import sentence_bleu4, sentence_bleu4_char
 from tunelab.evaluate.runner import parse_metrics, score
 from tunelab.evaluate.tasks import get_task
 from tunelab.evaluate.tasks.hotel import split_role
@@ -80,6 +80,48 @@ def test_hotel_scoring_follows_the_recipe():
     assert split_role("search\n{}") == ("search", "{}") and split_role("no role line") == ("no role line", "")
 
 
+def test_hotel_role_line_with_nothing_after_it_is_an_empty_answer():
+    task = get_task("hotel")
+    rows = [{"reference": "assistant\n有的。", "meta": {"role": "assistant"}, "prediction": "assistant\n"},
+            {"reference": "assistant\n有的。", "meta": {"role": "assistant"}, "prediction": "assistant\n  \n"},
+            {"reference": "assistant\n有的。", "meta": {"role": "assistant"}, "prediction": "assistant\n有"}]
+    summary = score(task, rows, ("bleu",))
+    assert [r["scores"]["empty"] for r in rows] == [True, True, False]
+    assert summary["empty_predictions"] == 2
+
+
+def test_hotel_rows_without_meta_take_the_role_and_arguments_from_the_reference():
+    task = get_task("hotel")
+    ref_args = {"type": "经济型", "rating_range_lower": 4.0}
+    rows = [{"reference": "search\n" + json.dumps(ref_args, ensure_ascii=False),
+             "prediction": 'search\n{"type": "经济型"}'},
+            {"reference": "assistant\n好的。", "prediction": "assistant\n好的。", "meta": {}}]
+    summary = score(task, rows, ("slots", "bleu"))
+    assert rows[0]["meta"] == {"role": "search", "arguments": ref_args}
+    assert (summary["slot_correct"], summary["slot_expected"]) == (1, 2) and summary["role_accuracy"] == 100.0
+    with pytest.raises(TunelabError, match="not JSON"):
+        score(task, [{"reference": "search\n{oops", "prediction": "search\n{}", "source": "p.jsonl:3"}], ("slots",))
+
+
+def test_generic_bleu_counts_words_for_english_and_characters_for_cjk():
+    import nltk.translate.bleu_score as nltk_bleu
+
+    task = get_task("generic")
+    english = ("the cat sat on the mat today", "the cat sat on a mat today")
+    rows = [{"reference": english[1], "prediction": english[0], "meta": {}}]
+    summary = score(task, rows, ("bleu",))
+    words = nltk_bleu.sentence_bleu([english[1].split()], english[0].split(),
+                                    smoothing_function=nltk_bleu.SmoothingFunction().method3)
+    assert summary["bleu4"] == pytest.approx(100 * words)
+    assert words != pytest.approx(sentence_bleu4_char(*english))  # what it used to report
+    assert summary["bleu4_unit"] == "words"
+    cjk = [{"reference": "天气很好", "prediction": "天气不错", "meta": {}}]
+    summary = score(task, cjk, ("bleu",))
+    assert summary["bleu4"] == pytest.approx(100 * sentence_bleu4_char("天气不错", "天气很好"))
+    assert summary["bleu4_unit"] == "characters (CJK text)"
+    assert sentence_bleu4("a b c d", "a b c d", unit="word") == pytest.approx(1.0)
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
@@ -149,4 +191,5 @@ def test_hotel_reward_is_the_task_score_of_one_completion():
     assert reward("", "search\n{not json", search) == pytest.approx(0.2)  # right role only
     assert reward("", "assistant\n好的", search) == 0.0  # wrong role
     assert reward("", "assistant\n好的，推荐这家。", "assistant\n好的，推荐这家。") == pytest.approx(1.0)
-    assert get_task("generic").reward("", "same words", "same words") == pytest.approx(1.0)
+    same = "the very same words again"  # word-level BLEU-4 for English text, as the generic headline bleu4
+    assert get_task("generic").reward("", same, same) == pytest.approx(1.0)

@@ -125,3 +125,15 @@ def test_merge_round_trips_on_the_embedded_model(tmp_path):
     with torch.no_grad():
         got = merged(PROBE).logits
     torch.testing.assert_close(got, base_plus_adapter_logits(base_dir, adapter), atol=1e-3, rtol=1e-4)
+
+
+def test_merge_takes_the_base_the_adapter_records(tmp_path, tiny_model_dir, capsys):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded).resolve() == Path(tiny_model_dir).resolve()
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "again")]) == 2
+    assert "records no base model" in capsys.readouterr().err

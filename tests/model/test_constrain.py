@@ -84,7 +84,6 @@ def test_processor_leaves_other_roles_and_hopeless_rows_alone(constrained):
 
 def test_generation_applies_the_constraint_only_when_asked(qwen2_tokenizer, monkeypatch):
     from conftest import tiny_llama
-
     from tunelab.model import constrain
     from tunelab.model.generate import GenerationOptions, generate_batch
 

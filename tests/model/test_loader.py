@@ -138,8 +138,13 @@ def test_model_loads_in_the_asked_dtype(tiny_folder):
     assert load_model(str(tiny_folder), device="cpu").dtype == torch.float32  # auto on CPU
 
 
-def test_gradient_checkpointing_option_turns_off_the_kv_cache(tiny_folder):
-    model = load_model(str(tiny_folder), device="cpu", gradient_checkpointing=True)
+def test_gradient_checkpointing_is_switched_on_in_one_place_and_turns_off_the_kv_cache(tiny_folder):
+    from tunelab.config import TunelabConfig
+    from tunelab.model.adapters import prepare_for_training
+
+    model = load_model(str(tiny_folder), device="cpu")
+    assert not model.is_gradient_checkpointing  # loading never does it
+    model = prepare_for_training(model, TunelabConfig(gradient_checkpointing=True))
     assert model.is_gradient_checkpointing and model.config.use_cache is False
 
 

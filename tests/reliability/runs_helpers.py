@@ -5,7 +5,7 @@ Not named conftest.py: the other test folders import `conftest` (the top-level o
 from pathlib import Path
 
 from tunelab.config import load_config
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from runs_helpers import config_maker, eval_steps, train_rows
+from safetensors.torch import load_file
 
 from tunelab.train import loop
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import json
-
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from tunelab.errors import TunelabError
 from tunelab.serve.estimate import (
-    GIB, KNOWN_CONFIGS, Settings, architecture_from_config, count_lora_parameters, count_parameters,
-    estimate_memory, format_estimate, layer_activation_bytes, load_architecture,
+    GIB,
+    KNOWN_CONFIGS,
+    Settings,
+    architecture_from_config,
+    architecture_lora_parameters,
+    architecture_parameters,
+    estimate_memory,
+    format_estimate,
+    layer_activation_bytes,
+    load_architecture,
 )
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -37,13 +44,13 @@ def test_parameter_count_equals_transformers(model_type, extra):
     cfg = {**TINY, **extra}
     model = meta_model(model_type, **cfg)
     arch = architecture_from_config({"model_type": model_type, **cfg})
-    assert count_parameters(arch).total == sum(p.numel() for p in model.parameters())
+    assert architecture_parameters(arch).total == sum(p.numel() for p in model.parameters())
 
 
 def test_known_7b_config_counts_exactly():
     cfg = dict(KNOWN_CONFIGS["qwen2.5-7b-instruct"])
     model = meta_model(cfg.pop("model_type"), **cfg)
-    assert count_parameters(load_architecture("Qwen/Qwen2.5-7B-Instruct")).total == sum(
+    assert architecture_parameters(load_architecture("Qwen/Qwen2.5-7B-Instruct")).total == sum(
         p.numel() for p in model.parameters()) == 7_615_616_512
 
 
@@ -55,7 +62,7 @@ def test_lora_count_equals_peft():
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     arch = architecture_from_config({"model_type": "llama", **TINY})
-    assert count_lora_parameters(arch, 4, ["q_proj", "down_proj"]) == trainable
+    assert architecture_lora_parameters(arch, 4, ["q_proj", "down_proj"]) == trainable
 
 
 def saved_bytes_per_layer_token(method: str, padded: bool, b: int = 2, s: int = 24, tiled: bool = False) -> float:

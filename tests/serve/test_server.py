@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from serving import CONTEXT, HELLO, KEY, alone, engine, free_port, running  # noqa: F401 (engine is a fixture)
 
-from serving import CONTEXT, KEY, alone, free_port, running
-from serving import HELLO, engine  # noqa: F401 (engine is a fixture)
 from tunelab.data.types import Message
 from tunelab.errors import TunelabError
 from tunelab.model.generate import GenerationOptions, generate_batch
 from tunelab.serve.server import StopMatcher, check_port_free, create_app
+
 
 @pytest.fixture(scope="module")
 def base_url(engine):

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 import torch
-
 from serving import KEY, alone, running, tiny_engine
+
 from tunelab.data.types import Message
 from tunelab.model.generate import GenerationOptions
 from tunelab.serve.batching import Batcher, Job, QueueFull

@@ -9,9 +9,8 @@ import threading
 import httpx
 import openai
 import pytest
+from serving import CONTEXT, HELLO, KEY, engine, running  # noqa: F401 (engine is a fixture)
 
-from serving import CONTEXT, KEY, running
-from serving import HELLO, engine  # noqa: F401 (engine is a fixture)
 from tunelab.data.types import Message
 from tunelab.errors import TunelabError
 from tunelab.serve.cli import read_api_key

@@ -11,7 +11,7 @@ from tunelab.chain import load_chain, run_chain
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.evaluate.chain_report import forgetting
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"

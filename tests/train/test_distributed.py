@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from dist_worker import run
+from safetensors.torch import load_file
 from test_loop import config, losses
+
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train import loop
 from tunelab.train.distributed import init_distributed, launcher_env, rank_share
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None

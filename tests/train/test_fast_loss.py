@@ -7,8 +7,7 @@ import torch
 
 from tunelab.config import TunelabConfig
 from tunelab.data.collate import IGNORE_INDEX, Sample
-from tunelab.train.fast import compile_decoder_layers
-from tunelab.train.fast import apply_speed_levers
+from tunelab.train.fast import apply_speed_levers, compile_decoder_layers
 from tunelab.train.objectives.sft import SFTObjective
 
 VOCAB = 97

@@ -4,16 +4,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from memory_case import assert_same, loss_and_grads, samples, tiny_lora_model
 
 from tunelab.config import TunelabConfig
 from tunelab.train.fast import compile_decoder_layers
 from tunelab.train.fast.offload import (
-    enable_activation_offload, install_activation_offload, offload_active, remove_activation_offload,
+    enable_activation_offload,
+    install_activation_offload,
+    offload_active,
+    remove_activation_offload,
 )
 from tunelab.train.objectives.sft import SFTObjective
 
-
-from memory_case import assert_same, loss_and_grads, samples, tiny_lora_model
 
 @pytest.mark.parametrize("cfg", [TunelabConfig(), TunelabConfig(padding_free=True, fused_loss=True)],
                          ids=["padded", "padding_free"])

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from memory_case import assert_same, loss_and_grads, samples, tiny_lora_model
 
 from tunelab.config import TunelabConfig
 from tunelab.train.fast import compile_decoder_layers
 from tunelab.train.fast.offload import install_activation_offload
 from tunelab.train.fast.tiled_mlp import mlps_tiled, tile_mlps, untile_mlps
-
-from memory_case import assert_same, loss_and_grads, samples, tiny_lora_model
 
 
 @pytest.mark.parametrize("cfg", [TunelabConfig(), TunelabConfig(padding_free=True, fused_loss=True)],

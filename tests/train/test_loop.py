@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.train import loop
-from tunelab.train.tracking import Tracker, read_log
+from tunelab.train.runlog import read_log
+from tunelab.train.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"

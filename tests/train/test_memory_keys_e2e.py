@@ -4,10 +4,9 @@ import math
 from pathlib import Path
 
 import yaml
+from test_loop import config, losses
 
 from tunelab.train import loop
-
-from test_loop import config, losses
 
 
 def test_training_with_memory_keys(tmp_path, tiny_model_dir, capsys):

@@ -13,7 +13,12 @@ from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.data.collate import IGNORE_INDEX
 from tunelab.data.preference_tokenize import (
-    assign_kl_completions, collate_kto, collate_pairs, encode_kto, encode_pair, fit_lengths,
+    assign_kl_completions,
+    collate_kto,
+    collate_pairs,
+    encode_kto,
+    encode_pair,
+    fit_lengths,
 )
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import KTOExample, Message, PreferencePair
@@ -21,7 +26,7 @@ from tunelab.errors import TunelabError
 from tunelab.model.adapters import prepare_for_training
 from tunelab.train.objectives import check_stage, objective_class
 from tunelab.train.objectives.preference import KTOObjective, sequence_logps
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 TEMPLATE = "phi3.5"  # the phi3 vocabulary is the smallest shared one: cheap logits
 

@@ -6,7 +6,7 @@ import pytest
 
 from tunelab.config import load_config
 from tunelab.train.loop import train
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 

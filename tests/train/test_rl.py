@@ -11,7 +11,7 @@ from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train.loop import train
-from tunelab.train.tracking import read_log
+from tunelab.train.runlog import read_log
 
 TEMPLATE = "phi3.5"
 # The toy verifiable task: answer in capitals (the reward is the share of upper-case letters).

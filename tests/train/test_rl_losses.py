@@ -7,7 +7,14 @@ import torch
 
 from tunelab.train.objectives.rm import bradley_terry_loss
 from tunelab.train.rl_losses import (
-    clipped_policy_loss, gae, group_advantages, grpo_loss, kl_k3, ppo_token_rewards, value_loss, whiten,
+    clipped_policy_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    ppo_token_rewards,
+    value_loss,
+    whiten,
 )
 
 

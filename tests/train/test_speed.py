@@ -6,16 +6,14 @@ tokens however the step is split, and a retried step draws the same dropout mask
 
 import pytest
 import torch
+from test_loop import config, losses
 
 from tunelab.cli import main
 from tunelab.config import describe_keys, load_config
 from tunelab.data.collate import split_by_tokens
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.objectives.sft import SFTObjective
-from tunelab.train.tracking import read_log
-
-from test_loop import config, losses
-
+from tunelab.train.runlog import read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin on a shared CPU
 

@@ -23,7 +23,7 @@ import yaml
 
 from tunelab.errors import TunelabError
 from tunelab.io import _alive as pid_alive
-from tunelab.train.tracking import LOG_NAME, read_log
+from tunelab.train.runlog import LOG_NAME, read_log
 
 FINAL_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 RECENT_SECONDS = 600  # an evaluation with generation can keep the log quiet for minutes

@@ -263,7 +263,7 @@ def _ended(trial: dict, returncode: int, sweep_dir: Path) -> None:
 
 def _finish(record: dict, sweep_dir: Path, metric: str) -> int:
     from tunelab.board.compare import compare_runs, format_ranking
-    from tunelab.train.tracking import LOG_NAME
+    from tunelab.train.runlog import LOG_NAME
 
     done = [sweep_dir / t["name"] for t in record["trials"] if (sweep_dir / t["name"] / LOG_NAME).is_file()]
     failed = [t["name"] for t in record["trials"] if t["status"] != "finished"]

@@ -56,9 +56,10 @@ def register(subparsers) -> None:
     p.add_argument("dst", metavar="OUT", help="output .jsonl or .json")
     p.add_argument("--near", type=float, default=0.9,
                    help="Jaccard similarity of character n-grams counted as a near duplicate (0: exact only)")
-    p.add_argument("--compare", choices=("record", "exchange"), default="record",
+    p.add_argument("--compare", choices=("auto", "record", "exchange"), default="auto",
                    help="near-duplicates by whole record, or by the last exchange only (the turn before the "
-                        "answer + the answer): use exchange for rows that share dialogue prefixes, like the hotel set")
+                        "answer + the answer), for rows that share dialogue prefixes like the hotel set; auto "
+                        "(default): exchange when 10%% of the rows are earlier turns of a longer row, and says so")
     p.add_argument("--ngram", type=int, default=5, help="characters per n-gram (default 5)")
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
     p.add_argument("--report", help="also write every removed group to this JSON file")
@@ -121,9 +122,13 @@ def _counter(args):
     chat template is one clear error, not one per record."""
     if not args.model:
         return None
-    from tunelab.data.tools.tokens import TokenCounter, load_tokenizer
+    from tunelab.data.tools.tokens import TokenCounter
 
-    counter = TokenCounter(load_tokenizer(args.model), args.template, args.cutoff_len)
+    # Loading a tokenizer (aliases, model folders, the hub cache) is the model stage's: tunelab/cli.py lends it.
+    if not getattr(args, "load_tokenizer", None):
+        raise TunelabError("--model needs the model stage's tokenizer loader", where="tunelab data",
+                           fix="run it through the `tunelab` command (tunelab.cli.main)")
+    counter = TokenCounter(args.load_tokenizer(args.model), args.template, args.cutoff_len)
     counter.template_src()
     return counter
 

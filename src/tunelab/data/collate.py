@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from tunelab.data.types import IGNORE_INDEX
 
 
 @dataclass

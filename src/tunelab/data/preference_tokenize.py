@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data.collate import IGNORE_INDEX, Sample, pad_batch
-from tunelab.data.types import Conversation, KTOExample, Message, PreferencePair
+from tunelab.data.collate import Sample, pad_batch
+from tunelab.data.tokenize import encode_conversation, encode_each
+from tunelab.data.types import IGNORE_INDEX, Conversation, KTOExample, Message, PreferencePair
 from tunelab.errors import TunelabError
 
 NO_CUTOFF = sys.maxsize
@@ -79,8 +80,6 @@ def fit_lengths(prompt_len: int, answer_len: int, cutoff_len: int) -> tuple[int,
 
 
 def _encode_answer(prompt: list[Message], answer: Message, source: str, tokenizer, template: str):
-    from tunelab.data.tokenize import encode_conversation
-
     # Only the final answer is labelled, whatever earlier assistant turns the prompt holds;
     # it is the target whatever its role (a hotel `search` call too).
     conv = Conversation(list(prompt) + [Message(answer.role, answer.content, train=True)], source=source)
@@ -148,19 +147,10 @@ def encode_preferences(items: list, tokenizer, template: str, cutoff_len: int,
                        skip_invalid: bool = False) -> tuple[list, int]:
     """Encode pairs / KTO examples; a record that cannot be encoded raises, or with
     `skip_invalid` is dropped and counted. Returns (rows, number skipped)."""
-    rows, errors = [], []
-    for item in items:
-        try:
-            encode = encode_kto if isinstance(item, KTOExample) else encode_pair
-            rows.append(encode(item, tokenizer, template, cutoff_len))
-        except TunelabError as exc:
-            if not skip_invalid:
-                raise
-            errors.append(exc)
-    if errors:
-        print(f"tunelab: skipped {len(errors)} of {len(items)} preference record(s) that could not be "
-              f"tokenized; first: {errors[0].message()}", file=sys.stderr)
-    return rows, len(errors)
+    def encode(item) -> list:
+        return [(encode_kto if isinstance(item, KTOExample) else encode_pair)(item, tokenizer, template, cutoff_len)]
+
+    return encode_each(items, encode, skip_invalid, what="preference record(s)")
 
 
 def unpair(pairs: list[PreferencePair]) -> list[KTOExample]:

@@ -1,7 +1,7 @@
 """Read data files (JSONL, JSON, Parquet, CSV) into `Conversation` / preference items.
 
 Three layers, each usable alone:
-- `iter_records(path)`: raw dicts with their location, streamed (JSONL, Parquet, CSV).
+- `read_records(path)`: raw dicts with their location, streamed (JSONL, Parquet, CSV).
 - `iter_items(path, fmt)`: each record normalised and validated, or the `RecordError`
   that says why it cannot be used (the `tunelab data` tools report them all).
 - `load_conversations` / `load_preferences`: lists for training; stop at the first bad
@@ -36,11 +36,11 @@ from tunelab.data.formats import (
     validate_conversation,
     validate_preference,
 )
-from tunelab.data.types import Conversation, KTOExample, Message, PreferencePair
+from tunelab.data.types import Item, Message
 from tunelab.errors import TunelabError
 
 __all__ = [
-    "iter_records", "read_records", "iter_items", "load_conversations", "load_preferences",
+    "read_records", "iter_items", "load_conversations", "load_preferences",
     "detect_format", "to_record", "Loaded", "RecordError", "FORMATS", "location", "HubOptions", "hub_options",
 ]
 
@@ -358,18 +358,7 @@ def read_records(path: str | os.PathLike, hub: HubOptions | None = None
         raise TunelabError("the file holds no records", where=str(path), fix="write records into it, or drop it")
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Yield `(source, record)` for every record of a file; raise TunelabError at the first bad one."""
-    for source, number, record in read_records(path):
-        if isinstance(record, RecordError):
-            raise TunelabError(record.what, where=location(source, number), fix=record.fix)
-        yield source, record
-
-
 # --- normalised items --------------------------------------------------------------------
-
-Item = Conversation | PreferencePair | KTOExample
-
 
 def parse_record(record: dict, fmt: str | Format, source: str = "", system_prompt: str | None = None) -> Item:
     """One record of a known format -> a validated item (RecordError if it cannot be trained on)."""

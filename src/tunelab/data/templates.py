@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from tunelab.data.types import Message
+from tunelab.data.types import IGNORE_INDEX, Message
 from tunelab.errors import TunelabError, nearest
 
 BUILTIN_DIR = resources.files("tunelab") / "templates"
@@ -269,7 +269,7 @@ def choose_template(requested: str | None, tokenizer, lock: TemplateLock | None,
                            "in another format anyway (answers usually get worse)")
 
 
-def mark_trained(ids: list[int], labels: list[int], tokenizer, ignore: int = -100,
+def mark_trained(ids: list[int], labels: list[int], tokenizer, ignore: int = IGNORE_INDEX,
                  open_mark: str = "[[", close_mark: str = "]]") -> str:
     """The rendered tokens as text with each run of trained-on tokens (label != ignore)
     wrapped in [[ ]], special tokens shown as they are."""

@@ -21,19 +21,15 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import logging
 import re
+import sys
 from dataclasses import dataclass
 
 import jinja2
 
 from tunelab.data.templates import end_of_turn_markers, fold_system, render
-from tunelab.data.types import STANDARD_ROLES, Conversation, Message
+from tunelab.data.types import IGNORE_INDEX, STANDARD_ROLES, Conversation, Message
 from tunelab.errors import TunelabError
-
-IGNORE_INDEX = -100
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,26 +77,22 @@ def encode_text(text: str, tokenizer, cutoff_len: int, source: str = "") -> list
     return [EncodedExample(chunk, list(chunk), source) for chunk in chunks if len(chunk) > 1]
 
 
-def encode_all(convs: list[Conversation], tokenizer, template_src: str, cutoff_len: int,
-               train_on: str = "all", skip_invalid: bool = False) -> list[EncodedExample]:
-    """Encode every record (plain text split into chunks). A bad record raises its
-    `TunelabError` unless `skip_invalid`, which drops it and logs one warning with the count."""
-    out: list[EncodedExample] = []
-    errors: list[TunelabError] = []
-    for conv in convs:
+def encode_each(items: list, encode, skip_invalid: bool, what: str = "record(s)") -> tuple[list, int]:
+    """`encode(item)` -> a list of encoded rows, for every item in order. A record that cannot be
+    encoded raises its `TunelabError`, or with `skip_invalid` is left out and counted; the count
+    and the first error are printed once. Returns (rows, number skipped)."""
+    rows, errors = [], []
+    for item in items:
         try:
-            if conv.is_plain_text:
-                out.extend(encode_text(conv.messages[0].content, tokenizer, cutoff_len, conv.source))
-            else:
-                out.append(encode_conversation(conv, tokenizer, template_src, cutoff_len, train_on))
+            rows.extend(encode(item))
         except TunelabError as exc:
             if not skip_invalid:
                 raise
             errors.append(exc)
     if errors:
-        log.warning("skipped %d of %d records that could not be encoded; the first: %s",
-                    len(errors), len(convs), errors[0].message())
-    return out
+        print(f"tunelab: skipped {len(errors)} of {len(items)} {what} that could not be tokenized; "
+              f"first: {errors[0].message()}", file=sys.stderr)
+    return rows, len(errors)
 
 
 def encode_prompt(messages: list[Message], tokenizer, template_src: str, tools: list | None = None) -> list[int]:

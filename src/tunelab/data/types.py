@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The label of a token no loss is computed on (prompt, padding): the index torch's
+# cross_entropy ignores by default.
+IGNORE_INDEX = -100
+
 # Roles a chat template understands. Other roles (the hotel set's `search` and
 # `return`) are allowed; templates that cannot render them say so.
 STANDARD_ROLES = ("system", "user", "assistant", "tool")
@@ -59,3 +63,7 @@ class KTOExample:
     completion: Message
     desirable: bool
     source: str = ""
+
+
+# Any one training record, as the readers return it.
+Item = Conversation | PreferencePair | KTOExample

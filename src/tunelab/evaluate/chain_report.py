@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tunelab.evaluate.report import _figure, _g, _save
 from tunelab.io import write_json_atomic, write_text_atomic
-from tunelab.train.tracking import LOG_NAME, read_log
+from tunelab.train.runlog import LOG_NAME, read_log
 
 CHAIN_FILE = "chain.json"
 

@@ -43,7 +43,11 @@ def register(subparsers) -> None:
                    help="dry run: print the exact prompt of the first rows (--limit, default 1) with the "
                         "reference tokens [[marked]] as training saw them; loads no weights")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base model; print both")
-    p.add_argument("--predictions", help="re-score this predictions.jsonl without generating")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="re-score FILE without generating: JSONL, one object a line, with string `prediction` and "
+                        "`reference` (required; hotel: `role\\nbody`, e.g. `search\\n{...}`), optional `task`, "
+                        "`source` and `meta` (hotel: {role, arguments}, read from the reference when missing); "
+                        "the predictions.jsonl of an earlier `tunelab eval` is one")
     p.add_argument("--limit", type=int, help="use only the first N rows")
     p.add_argument("--output-dir", help="default: ADAPTER/eval, else eval_out")
     p.add_argument("--batch-size", type=int, default=None,
@@ -96,11 +100,11 @@ def register(subparsers) -> None:
                                           "metrics side by side, each run's diagnosis, the same examples answered.")
     r.add_argument("run_dir", nargs="+", help="a training output folder (holds trainer_log.jsonl); several, or a "
                                               "sweep folder, to compare them")
-    r.add_argument("--output-dir", help="where to write the report (default: RUN_DIR/report; comparisons: the "
-                                        "sweep folder, else a compare/ folder beside the runs)")
+    r.add_argument("--output-dir", help="where to write report.md/json and the PNGs (default: RUN_DIR/report); "
+                                        "comparisons: the sweep folder, else a compare/ folder beside the runs")
     r.add_argument("--metric", default="eval_loss", help="comparisons: what ranks the runs (default eval_loss; "
                                                          "e.g. eval_slot_f1)")
-    r.set_defaults(func=run_report)
+    r.set_defaults(func=report_command)
 
 
 # --- tunelab eval ----------------------------------------------------------------------
@@ -231,7 +235,7 @@ def run_eval(args) -> int:
         rm = load_reward_model(args.reward_model, device=args.device, dtype=args.dtype)
         info |= {"reward_model": args.reward_model, "rerank": args.rerank}
 
-    def evaluate(model, label: str) -> dict:
+    def score_model(model, label: str) -> dict:
         if rm is not None:
             from tunelab.evaluate.rerank import rerank_predict
 
@@ -253,7 +257,7 @@ def run_eval(args) -> int:
         return summary
 
     if args.compare_base:
-        base = evaluate(model, "base")
+        base = score_model(model, "base")
     if args.adapter:
         from tunelab.model.adapters import load_adapter
 
@@ -263,7 +267,7 @@ def run_eval(args) -> int:
             # PEFT's extra matmuls and Python per layer (decoding is launch-bound on small models).
             model = model.merge_and_unload()
         info["adapter"] = args.adapter
-    tuned = evaluate(model, "tuned" if args.compare_base else "eval")
+    tuned = score_model(model, "tuned" if args.compare_base else "eval")
     if args.compare_base:
         print(runner.write_comparison(out_dir, base, tuned, info))
     else:
@@ -352,9 +356,9 @@ def _warn_empty(summary: dict) -> None:
 
 # --- tunelab report --------------------------------------------------------------------
 
-def run_report(args) -> int:
-    from tunelab.evaluate.report import LOG_NAME, format_findings
-    from tunelab.evaluate.report import run_report as make_report
+def report_command(args) -> int:
+    from tunelab.evaluate.report import format_findings, run_report
+    from tunelab.train.runlog import LOG_NAME
 
     [run_dir, *others] = args.run_dir
     path = Path(run_dir)
@@ -369,6 +373,6 @@ def run_report(args) -> int:
     holds_runs = path.is_dir() and not (path / LOG_NAME).is_file() and not (path.parent / LOG_NAME).is_file()
     if (others or holds_runs) and getattr(args, "compare_runs", None):
         return args.compare_runs(args.run_dir, args.output_dir, args.metric)
-    result = make_report(path, out_dir)
+    result = run_report(path, out_dir)
     print(format_findings(result))
     return 0

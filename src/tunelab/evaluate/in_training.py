@@ -18,10 +18,16 @@ import random
 from pathlib import Path
 
 from tunelab.config import TunelabConfig
+from tunelab.data.readers import load_conversations
+from tunelab.data.templates import resolve_template
 from tunelab.errors import TunelabError
 from tunelab.evaluate import runner
 from tunelab.evaluate.tasks import get_task
 from tunelab.io import write_jsonl_atomic
+from tunelab.model.generate import GenerationOptions
+from tunelab.train.dataset import read_conversations
+from tunelab.train.fast import eager_layers
+from tunelab.train.fast.varlen import ATTN_NAME, base_model
 from tunelab.train.objectives import objective_class
 from tunelab.train.tracking import TASK_EVAL_DIR
 
@@ -53,10 +59,6 @@ class TaskMetrics:
                                                    "(rows of the task, e.g. hotel context/response rows)")
 
     def _prepare(self, tokenizer) -> None:
-        from tunelab.data.readers import load_conversations
-        from tunelab.data.templates import resolve_template
-        from tunelab.train.dataset import read_conversations
-
         if self.eval_set:
             from tunelab.train.dataset import earlier_conversations
 
@@ -72,8 +74,6 @@ class TaskMetrics:
         self.template_src = resolve_template(self.cfg.template, tokenizer)
 
     def __call__(self, model, tokenizer, step: int) -> dict[str, float]:
-        from tunelab.model.generate import GenerationOptions
-
         if self.samples is None:
             self._prepare(tokenizer)
         if not self.samples:
@@ -96,9 +96,6 @@ def plain_attention(model):
     """Generate with SDPA and uncompiled layers while training runs padding-free and compiled: the
     varlen kernel takes only flattened batches, not a padded batch with a KV cache
     (`padding_free=true`), and a KV cache would make compiled layers recompile every token."""
-    from tunelab.train.fast import eager_layers
-    from tunelab.train.fast.varlen import ATTN_NAME, base_model
-
     inner = base_model(model)
     current = getattr(inner.config, "_attn_implementation", None)
     with eager_layers(model):

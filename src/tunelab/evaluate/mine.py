@@ -17,10 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tunelab.data.formats import PREFERENCE_ROLES
+from tunelab.data.templates import resolve_template
+from tunelab.data.tools.common import check_output_path, write_records
 from tunelab.data.types import Message
 from tunelab.evaluate import runner
-from tunelab.evaluate.tasks import Sample, Task
+from tunelab.evaluate.tasks import EvalSample, Task, get_task
 from tunelab.evaluate.tasks.hotel import split_role
+from tunelab.model.adapters import load_adapter
+from tunelab.model.generate import GenerationOptions
+from tunelab.model.loader import load_model, load_tokenizer
 
 
 @dataclass
@@ -42,7 +47,7 @@ def _turn(m: Message) -> dict:
     return {"role": m.role, "content": m.content}
 
 
-def rejected_turn(task: Task, sample: Sample, prediction: str) -> Message | None:
+def rejected_turn(task: Task, sample: EvalSample, prediction: str) -> Message | None:
     """The wrong answer as a turn. The hotel model writes its role on the first line, so its
     answer is (role, rest); elsewhere the answer has the reference's role."""
     if task.name != "hotel":
@@ -51,7 +56,7 @@ def rejected_turn(task: Task, sample: Sample, prediction: str) -> Message | None
     return Message(role, body) if role in ("search", "assistant") else None
 
 
-def pair_records(task: Task, samples: list[Sample], rows: list[dict], stats: MineStats) -> list[dict]:
+def pair_records(task: Task, samples: list[EvalSample], rows: list[dict], stats: MineStats) -> list[dict]:
     """A preference record for each scored row the task calls a mistake."""
     records = []
     for sample, row in zip(samples, rows):
@@ -73,7 +78,7 @@ def pair_records(task: Task, samples: list[Sample], rows: list[dict], stats: Min
     return records
 
 
-def mine_pairs(model, tokenizer, task: Task, samples: list[Sample], template_src: str, options,
+def mine_pairs(model, tokenizer, task: Task, samples: list[EvalSample], template_src: str, options,
                batch_size: int = 8, progress: bool = True) -> tuple[list[dict], MineStats]:
     generated = runner.predict(model, tokenizer, samples, template_src, options, task=task.name,
                                batch_size=batch_size, progress=progress, desc="mining")
@@ -84,12 +89,6 @@ def mine_pairs(model, tokenizer, task: Task, samples: list[Sample], template_src
 
 def run_mine_pairs(args) -> int:
     """The `tunelab data mine-pairs` handler (lent to the data CLI by tunelab/cli.py)."""
-    from tunelab.data.templates import resolve_template
-    from tunelab.data.tools.common import check_output_path, write_records
-    from tunelab.evaluate.tasks import get_task
-    from tunelab.model.generate import GenerationOptions
-    from tunelab.model.loader import load_model, load_tokenizer
-
     check_output_path(args.output)
     task = get_task(args.task)
     samples = task.load(args.src, args.format, args.limit)
@@ -97,8 +96,6 @@ def run_mine_pairs(args) -> int:
     template_src = resolve_template(args.template or task.default_template or "auto", tokenizer)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
-        from tunelab.model.adapters import load_adapter
-
         model = load_adapter(model, args.adapter).merge_and_unload()
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)
     records, stats = mine_pairs(model, tokenizer, task, samples, template_src, options, args.batch_size,

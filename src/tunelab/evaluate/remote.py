@@ -26,7 +26,7 @@ import httpx
 from tunelab.errors import TunelabError
 from tunelab.evaluate.judge import EndpointFailure, RateLimiter, post_with_retries
 from tunelab.evaluate.runner import Generated, make_row
-from tunelab.evaluate.tasks import Sample
+from tunelab.evaluate.tasks import EvalSample
 from tunelab.model.generate import GenerationOptions
 
 APIS = ("completions", "chat")
@@ -80,7 +80,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def predict_remote(endpoint: Endpoint, samples: Sequence[Sample], options: GenerationOptions, *, task: str,
+def predict_remote(endpoint: Endpoint, samples: Sequence[EvalSample], options: GenerationOptions, *, task: str,
                    prompts: Sequence[str] | None = None, stop: Sequence[str] = (), progress: bool = True,
                    desc: str = "asking", client: httpx.Client | None = None) -> Generated:
     """Prediction rows for `samples` from the endpoint. `prompts`: the rendered prompt texts

@@ -12,7 +12,6 @@ deliberately conservative: a report that cries wolf on every run gets ignored.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from tunelab.errors import TunelabError
-from tunelab.io import atomic_path, write_json_atomic, write_text_atomic
-
-LOG_NAME = "trainer_log.jsonl"
+from tunelab.io import write_json_atomic, write_text_atomic
+from tunelab.train.runlog import LOG_NAME, draw_loss, ema, new_figure, perplexity, read_log, save_figure, window_size
 
 # Not converged: over the last TAIL_FRACTION of logged steps, a straight line fitted to the
 # loss falls by more than STILL_FALLING_REL of its value, or by more than TAIL_SHARE of the
@@ -131,18 +129,9 @@ def read_curves(log: Path) -> Curves:
     """Train and eval series from the log, sorted by step, the last row per step kept."""
     train: dict[float, dict] = {}
     evals: dict[float, dict] = {}
-    skipped, last_step = 0, 0.0
-    for line in log.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            skipped += 1
-            continue
-        if not isinstance(row, dict):
-            skipped += 1
-            continue
+    rows = read_log(log)
+    last_step = 0.0
+    for row in rows:
         is_eval = "eval_loss" in row or "eval_perplexity" in row
         if not is_eval and "loss" not in row:
             continue  # e.g. a final summary row (train_runtime, ...)
@@ -162,14 +151,14 @@ def read_curves(log: Path) -> Curves:
     names = dict.fromkeys(k for r in evals.values() for k in r
                           if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity"))
     eval_ppl = column(evals, "eval_perplexity")
-    derived = np.exp(np.minimum(eval_loss, 700))  # rows that logged only eval_loss
+    derived = np.array([perplexity(v) for v in eval_loss])  # rows that logged only eval_loss
     eval_ppl = np.where(np.isnan(eval_ppl), derived, eval_ppl)
     return Curves(
         steps=np.array(sorted(train), dtype=float), epochs=column(train, "epoch"), loss=column(train, "loss"),
         lr=column(train, "learning_rate"), grad_norm=column(train, "grad_norm"),
         tokens_per_second=column(train, "tokens_per_second"),
         eval_steps=np.array(sorted(evals), dtype=float), eval_epochs=column(evals, "epoch"),
-        eval_loss=eval_loss, eval_ppl=eval_ppl, skipped_lines=skipped,
+        eval_loss=eval_loss, eval_ppl=eval_ppl, skipped_lines=rows.skipped,
         eval_metrics={name: column(evals, name) for name in names},
         train_metrics={name: column(train, name) for name in ONLINE_METRICS
                        if any(name in r for r in train.values())})
@@ -177,23 +166,9 @@ def read_curves(log: Path) -> Curves:
 
 # --- numeric helpers -----------------------------------------------------------------
 
-def window_size(n: int) -> int:
-    """Smoothing window: ~5 % of the points, at least 3 (noise) and at most 50 (lag)."""
-    return int(min(50, max(3, n // 20)))
-
-
 def rolling_median(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing median (robust to the odd spike), shorter at the start."""
     return np.array([np.nanmedian(values[max(0, i - window + 1): i + 1]) for i in range(len(values))])
-
-
-def ema(values: np.ndarray, window: int) -> np.ndarray:
-    """Debiased exponential moving average (TensorBoard's smoothing), for plots."""
-    alpha, out, acc, norm = 2.0 / (window + 1), np.empty(len(values)), 0.0, 0.0
-    for i, v in enumerate(values):
-        acc, norm = (1 - alpha) * acc + alpha * v, (1 - alpha) * norm + alpha
-        out[i] = acc / norm
-    return out
 
 
 def linear_trend(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -336,11 +311,11 @@ def check_memorizing(c: Curves) -> list[Finding]:
     eval_note = ""
     if np.isfinite(c.eval_loss).any():
         eval_min = float(np.nanmin(c.eval_loss))
-        eval_note = (f"; eval loss never went below {_g(eval_min)} (perplexity {_g(math.exp(min(eval_min, 700)))}), "
+        eval_note = (f"; eval loss never went below {_g(eval_min)} (perplexity {_g(perplexity(eval_min))}), "
                      "so the model learned the training answers, not the task" if eval_min > 2 * MEMORIZE_LOSS else "")
     return [Finding(
         "memorizing", "warning", "Memorising the training set",
-        f"smoothed train loss {_g(smooth[index])} (perplexity {_g(math.exp(smooth[index]))}) already at step "
+        f"smoothed train loss {_g(smooth[index])} (perplexity {_g(perplexity(smooth[index]))}) already at step "
         f"{_step(c.steps[index])}{_epoch_note(c.epochs, index)} of {_step(last_step)}{eval_note}.",
         "train fewer epochs (num_train_epochs), add more or more varied data (deduplicate near-copies), "
         "lower the learning rate, and hold out data (val_size=0.1) to watch eval loss.",
@@ -384,7 +359,8 @@ def check_healthy(c: Curves, problems: list[Finding]) -> list[Finding]:
     ok = np.isfinite(c.loss)
     if ok.sum() < MIN_POINTS:
         notes.append(Finding("too_short", "info", "Too few logged steps to read trends",
-                             f"{int(ok.sum())} train loss value(s) logged (at least {MIN_POINTS} are needed).",
+                             f"{int(ok.sum())} train loss value(s) logged (at least {MIN_POINTS} are needed for "
+                             f"trends){_short_run_numbers(c)}.",
                              "lower logging_steps or train longer.", {"points": int(ok.sum())}))
     if not np.isfinite(c.eval_loss).any():
         notes.append(Finding("no_eval", "info", "No evaluation rows",
@@ -412,6 +388,21 @@ def check_healthy(c: Curves, problems: list[Finding]) -> list[Finding]:
     return notes
 
 
+def _short_run_numbers(c: Curves) -> str:
+    """What a run too short for trends still shows: where the losses started and ended."""
+    parts = []
+    for name, steps, values in (("train loss", c.steps, c.loss), ("eval loss", c.eval_steps, c.eval_loss)):
+        ok = np.isfinite(values)
+        if ok.sum() >= 2:
+            first, last = float(values[ok][0]), float(values[ok][-1])
+            parts.append(f"{name} {_g(first)} at step {_step(steps[ok][0])} -> {_g(last)} at step "
+                         f"{_step(steps[ok][-1])} ({100 * (last / first - 1):+.1f}%)" if first else "")
+        elif ok.sum() == 1:
+            parts.append(f"{name} {_g(float(values[ok][0]))} at step {_step(steps[ok][0])}")
+    parts = [p for p in parts if p]
+    return "; what it shows: " + "; ".join(parts) if parts else ""
+
+
 def diagnose(c: Curves) -> list[Finding]:
     """Every finding for these curves, most severe first."""
     findings = check_divergence(c)
@@ -426,31 +417,14 @@ def diagnose(c: Curves) -> list[Finding]:
 # --- plots ---------------------------------------------------------------------------
 
 def _figure():
-    # Figure + Agg canvas, not pyplot: no global state, no display needed, thread-safe.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    fig, (ax,) = new_figure()
+    return fig, ax
 
-    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
 
 
 def plot_loss(c: Curves, findings: list[Finding], path: Path) -> Path:
     fig, ax = _figure()
-    ok = np.isfinite(c.loss)
-    if ok.any():
-        ax.plot(c.steps[ok], c.loss[ok], color="tab:blue", alpha=0.25, linewidth=1, label="train loss")
-        smooth = ema(c.loss[ok], window_size(int(ok.sum())))
-        ax.plot(c.steps[ok], smooth, color="tab:blue", label="train loss (smoothed)")
-    ev = np.isfinite(c.eval_loss)
-    if ev.any():
-        ax.plot(c.eval_steps[ev], c.eval_loss[ev], "o-", color="tab:orange", label="eval loss")
+    draw_loss(ax, c.steps, c.loss, c.eval_steps, c.eval_loss)
     for f in findings:
         if f.code == "overfitting":
             ax.axvline(f.evidence["best_step"], color="tab:red", linestyle="--", label="eval minimum")
@@ -459,10 +433,9 @@ def plot_loss(c: Curves, findings: list[Finding], path: Path) -> Path:
         if f.code == "loss_spikes":
             spikes = np.isin(c.steps, f.evidence["steps"])
             ax.plot(c.steps[spikes], c.loss[spikes], "x", color="tab:red", label="spike")
-    ax.set(xlabel="step", ylabel="loss", title="Loss")
-    ax.grid(alpha=0.3)
+    ax.set(title="Loss")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_perplexity(c: Curves, path: Path) -> Path:
@@ -470,7 +443,7 @@ def plot_perplexity(c: Curves, path: Path) -> Path:
     ok = np.isfinite(c.loss)
     if ok.any():
         smooth = ema(c.loss[ok], window_size(int(ok.sum())))
-        ax.plot(c.steps[ok], np.exp(np.minimum(smooth, 50)), color="tab:blue", label="train perplexity (smoothed)")
+        ax.plot(c.steps[ok], [perplexity(v) for v in smooth], color="tab:blue", label="train perplexity (smoothed)")
     ev = np.isfinite(c.eval_ppl)
     if ev.any():
         ax.plot(c.eval_steps[ev], c.eval_ppl[ev], "o-", color="tab:orange", label="eval perplexity")
@@ -478,7 +451,7 @@ def plot_perplexity(c: Curves, path: Path) -> Path:
     ax.set(xlabel="step", ylabel="perplexity (log scale)", title="Perplexity")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_learning_rate(c: Curves, path: Path) -> Path | None:
@@ -494,7 +467,7 @@ def plot_learning_rate(c: Curves, path: Path) -> Path | None:
         twin.set_ylabel("grad norm")
         twin.legend(loc="upper center")
     ax.legend(loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_eval_metrics(c: Curves, path: Path) -> Path | None:
@@ -509,7 +482,7 @@ def plot_eval_metrics(c: Curves, path: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="value", title="Evaluation metrics")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reward(c: Curves, path: Path) -> Path | None:
@@ -522,7 +495,7 @@ def plot_reward(c: Curves, path: Path) -> Path | None:
     ax.plot(c.steps[ok], reward[ok], "-", label="reward")
     ax.set(xlabel="step", ylabel="mean reward", title="Reward")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_table(c: Curves) -> dict[str, dict]:
@@ -562,7 +535,9 @@ def summarize(c: Curves) -> dict:
         "best_eval_step": float(c.eval_steps[best]) if best is not None else None,
         "last_eval_loss": last(c.eval_loss), "last_eval_perplexity": last(c.eval_ppl),
         "last_learning_rate": last(c.lr),
-        "mean_tokens_per_second": float(tps.mean()) if len(tps) else None,
+        # The median: a window that held an evaluation or a checkpoint (logs written before the
+        # loop excluded them) or the first, compiling, step must not drag the figure down.
+        "median_tokens_per_second": float(np.median(tps)) if len(tps) else None,
     } | {f"{edge}_{name}": value for name, values in c.train_metrics.items()
          for edge, value in (("first", _first(values)), ("last", last(values)))}
 

@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 
 from tunelab.data.collate import pad_id_for
+from tunelab.data.templates import mark_trained
+from tunelab.data.tokenize import encode_conversation, encode_prompt, stop_token_ids
+from tunelab.data.types import IGNORE_INDEX
 from tunelab.errors import TunelabError
-from tunelab.evaluate.tasks import Sample, Task
+from tunelab.evaluate.tasks import EvalSample, Task
 from tunelab.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from tunelab.model.generate import GenerationOptions, generate_batch
+from tunelab.model.generate import GenerationOptions, auto_batch_size, generate_batch, left_pad
 
 # Summary keys shown first in tables, in this order; other keys follow alphabetically.
 HEADLINE = ("slot_precision", "slot_recall", "slot_f1", "bleu4", "corpus_bleu", "rouge1", "rouge2",
@@ -56,9 +59,7 @@ class Generated:
                 "tokens_per_s": round(self.completion_tokens / max(self.seconds, 1e-9), 1), **self.info}
 
 
-def encode_prompts(samples: Sequence[Sample], tokenizer, template_src: str) -> list[list[int]]:
-    from tunelab.data.tokenize import encode_prompt
-
+def encode_prompts(samples: Sequence[EvalSample], tokenizer, template_src: str) -> list[list[int]]:
     prompts = []
     for sample in samples:
         try:
@@ -68,13 +69,10 @@ def encode_prompts(samples: Sequence[Sample], tokenizer, template_src: str) -> l
     return prompts
 
 
-def describe_prompt(sample: Sample, tokenizer, template_src: str) -> str:
+def describe_prompt(sample: EvalSample, tokenizer, template_src: str) -> str:
     """What `--show-prompt` prints for one sample: the prompt exactly as the model gets it
     (text and token ids) and the whole exchange with the tokens a training run on it
     would learn [[marked]] (the reference turn and its end-of-turn marker)."""
-    from tunelab.data.templates import mark_trained
-    from tunelab.data.tokenize import encode_conversation
-
     prompt = encode_prompts([sample], tokenizer, template_src)[0]
     full = encode_conversation(sample.conversation(), tokenizer, template_src, 1 << 30, train_on="last")
     return (f"=== {sample.source}: prompt of {len(prompt)} tokens ===\n"
@@ -85,7 +83,7 @@ def describe_prompt(sample: Sample, tokenizer, template_src: str) -> str:
 
 
 @torch.inference_mode()
-def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: str,
+def reference_losses(model, tokenizer, samples: Sequence[EvalSample], template_src: str,
                      batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each sample's reference turn under teacher forcing.
 
@@ -95,8 +93,6 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
     logits (`logits_to_keep`), not the whole prompt (a 2k-token prompt x 150k vocabulary
     would be a gigabyte of logits per row).
     """
-    from tunelab.data.tokenize import IGNORE_INDEX, encode_conversation
-
     limit = getattr(model.config, "max_position_embeddings", None) or 1 << 20
     encoded = [encode_conversation(s.conversation(), tokenizer, template_src, limit, train_on="last")
                for s in samples]
@@ -106,16 +102,11 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in range(0, len(order), batch_size):
         chunk = [encoded[i] for i in order[start:start + batch_size]]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        keep = 2
-        for row, e in enumerate(chunk):
+        ids, mask = left_pad([e.input_ids for e in chunk], pad)
+        labels, _ = left_pad([e.labels for e in chunk], IGNORE_INDEX)
+        width, keep = ids.shape[1], 2
+        for e in chunk:
             n = len(e.input_ids)
-            ids[row, width - n:] = torch.tensor(e.input_ids)
-            labels[row, width - n:] = torch.tensor(e.labels)
-            mask[row, width - n:] = 1
             first = next((j for j, label in enumerate(e.labels) if label != IGNORE_INDEX), n)
             keep = max(keep, n - first + 1)  # the position before the first label predicts it
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -129,14 +120,10 @@ def reference_losses(model, tokenizer, samples: Sequence[Sample], template_src: 
     return out
 
 
-def predict(model, tokenizer, samples: Sequence[Sample], template_src: str, options: GenerationOptions,
+def predict(model, tokenizer, samples: Sequence[EvalSample], template_src: str, options: GenerationOptions,
             *, task: str, batch_size: int | None = None, with_ppl: bool = False, progress: bool = True,
             desc: str = "generating") -> Generated:
     """Prediction rows (prompt, reference, prediction, meta) for every sample, in order."""
-    from tunelab.data.tokenize import stop_token_ids
-
-    from tunelab.model.generate import auto_batch_size
-
     prompts = encode_prompts(samples, tokenizer, template_src)
     stops = stop_token_ids(tokenizer, template_src)
     if batch_size is None:
@@ -156,7 +143,7 @@ def predict(model, tokenizer, samples: Sequence[Sample], template_src: str, opti
                                                  "prompt_tokens": sum(len(p) for p in prompts)})
 
 
-def make_row(i: int, task: str, sample: Sample, prompt: str, prediction: str, finish_reason: str,
+def make_row(i: int, task: str, sample: EvalSample, prompt: str, prediction: str, finish_reason: str,
              prompt_tokens: int | None, completion_tokens: int | None) -> dict:
     """One predictions.jsonl row (local and remote generation write the same rows)."""
     return {"id": i, "task": task, "source": sample.source, "prompt": prompt, "reference": sample.reference,
@@ -224,6 +211,7 @@ def _fmt(value) -> str:
 def markdown_table(summary: dict) -> str:
     lines = ["| metric | value |", "| --- | ---: |"]
     lines += [f"| {k} | {_fmt(summary[k])} |" for k in _ordered_keys([summary])]
+    lines += [f"| {k} | {v} |" for k, v in summary.items() if isinstance(v, str)]  # e.g. what bleu4 counts
     return "\n".join(lines) + "\n"
 
 

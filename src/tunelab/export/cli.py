@@ -12,9 +12,10 @@ def register(subparsers) -> None:
         description="Fold a LoRA / rsLoRA / DoRA adapter into the base weights and write sharded safetensors "
                     "with the tokenizer, chat template and every other file of the base. The merged logits are "
                     "checked against base + adapter before anything is written.",
-        epilog="example: tunelab merge --model smollm2-135m-instruct --adapter runs/hotel --out merged/hotel",
+        epilog="example: tunelab merge --adapter runs/hotel --out merged/hotel",
     )
-    p.add_argument("--model", required=True, help="the base model: alias, folder or hub id in the local cache")
+    p.add_argument("--model", help="the base model: alias, folder or hub id in the local cache "
+                                    "(default: the base the adapter records in adapter_config.json)")
     p.add_argument("--adapter", required=True, help="the adapter folder (adapter_config.json + weights)")
     p.add_argument("--out", required=True, help="where the merged model goes (replaced atomically)")
     p.add_argument("--dtype", default="auto", help="auto (the base's own), bf16, fp16 or fp32")

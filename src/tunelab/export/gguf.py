@@ -24,8 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunelab.data.templates import read_lock
 from tunelab.errors import TunelabError
+from tunelab.export.merge import compare_logits, merge_adapter, probe_logits
 from tunelab.io import atomic_path
+from tunelab.model.loader import resolve_model_path
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -77,8 +80,6 @@ def qtype_of(outtype: str):
 def export_gguf(model: str, out_file: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
                 outtype: str = "q8_0", verify: bool = True, force_base: bool = False) -> GGUFReport:
     """Write `model` (+ `adapter`, merged first) as a GGUF file at `out_file`."""
-    from tunelab.model.loader import resolve_model_path
-
     qtype_of(outtype)  # a bad type fails before any work
     out_file = Path(out_file).expanduser()
     if out_file.suffix != ".gguf":
@@ -87,7 +88,6 @@ def export_gguf(model: str, out_file: str | os.PathLike, *, adapter: str | os.Pa
     out_file.parent.mkdir(parents=True, exist_ok=True)
     if adapter is None:
         return convert_folder(resolve_model_path(model), out_file, outtype, verify)
-    from tunelab.export.merge import merge_adapter
 
     # fp32 merge: the one rounding happens when the GGUF type is applied.
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=out_file.parent) as tmp:
@@ -257,8 +257,6 @@ def _regexes(node) -> list[str]:
 
 def trained_end_of_turn(tokenizer, folder: Path) -> int | None:
     """The trained template's end-of-turn token (`<|im_end|>`...), where it is not EOS."""
-    from tunelab.data.templates import read_lock
-
     lock = read_lock(folder)
     if lock is None or not lock.stop_tokens:
         return None
@@ -272,8 +270,6 @@ def trained_end_of_turn(tokenizer, folder: Path) -> int | None:
 def verify_file(path: Path, model, stored: dict, tokenizer, report: GGUFReport) -> None:
     """Load `path` with transformers' GGUF loader; compare logits (see the module doc)."""
     from transformers import AutoModelForCausalLM
-
-    from tunelab.export.merge import compare_logits, probe_logits
 
     probe = tokenizer(PROBE_TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     original = probe_logits(model, probe)

@@ -13,6 +13,7 @@ two checks pass, so a failed merge leaves nothing half-written:
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.templates import save_lock
+from tunelab.data.templates import TemplateLock, attach_lock, choose_template, save_lock, stop_tokens, template_lock
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_path
+from tunelab.model.adapters import adapter_tokenizer, load_adapter, read_adapter_config, set_stop_tokens
+from tunelab.model.loader import DTYPES, load_model, resolve_model_path
 
 # max |delta logit| <= MERGE_TOLERANCE * max(1, max |logit|): fp32 sums in another order.
 MERGE_TOLERANCE = 1e-4
@@ -54,19 +57,18 @@ class MergeReport:
                 f"copied from the base: {', '.join(self.copied_files) or 'nothing else'}")
 
 
-def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
+def merge_adapter(model: str | None, adapter: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
                   max_shard_size: str = "2GB", force_base: bool = False, template: str | None = None,
                   force_template: bool = False) -> MergeReport:
     """Fold `adapter` into `model` and write the result to `out_dir` (replaced atomically).
 
     The merged folder keeps the adapter's trained template (tokenizer `chat_template`, lock
     file, stop tokens in generation_config.json); `template` replaces it only where it
-    prompts the same way, or with `force_template`."""
-    from tunelab.model.adapters import adapter_tokenizer, load_adapter, read_adapter_config, set_stop_tokens
-    from tunelab.model.loader import load_model, resolve_model_path
-
+    prompts the same way, or with `force_template`. `model=None` takes the base the adapter
+    records (`base_model_name_or_path` in adapter_config.json)."""
     adapter_dir = Path(adapter).expanduser()
     adapter_config = read_adapter_config(adapter_dir)
+    model = model or recorded_base(adapter_config, adapter_dir)
     base_dir = resolve_model_path(model)
     check_same_base(model, base_dir, adapter_config, adapter_dir, force_base)
     out_dir = Path(out_dir).expanduser()
@@ -108,8 +110,6 @@ def merge_adapter(model: str, adapter: str | os.PathLike, out_dir: str | os.Path
 def merged_template(tokenizer, template: str | None, force: bool):
     """The lock the merged folder carries: the adapter's, or `--template` where it prompts
     the same way (or is forced, or the adapter has no lock)."""
-    from tunelab.data.templates import TemplateLock, attach_lock, choose_template, stop_tokens, template_lock
-
     lock = template_lock(tokenizer)
     if template is None:
         return lock
@@ -127,12 +127,21 @@ def write_merged_card(folder: Path, out_dir: Path, model: str, base_dir: Path, a
 
     from tunelab.model.card import write_model_card
     from tunelab.model.loader import loadable_name
-    from tunelab.train.tracking import LOG_NAME, final_metrics, read_log
+    from tunelab.train.runlog import LOG_NAME, read_log
+    from tunelab.train.tracking import final_metrics
 
     config_file, log = adapter_dir / "config.yaml", adapter_dir / LOG_NAME
     write_model_card(folder, path=out_dir, kind="full", base_model=model, base_model_path=loadable_name(model, base_dir),
                      config=yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None,
                      metrics=final_metrics(read_log(log)) if log.is_file() else None, lock=lock)
+
+
+def recorded_base(adapter_config: dict, adapter_dir: Path) -> str:
+    recorded = adapter_config.get("base_model_name_or_path")
+    if not recorded:
+        raise TunelabError("the adapter records no base model", where=str(adapter_dir / "adapter_config.json"),
+                           fix="name the base: --model ALIAS_OR_FOLDER")
+    return str(recorded)
 
 
 def check_same_base(model: str, base_dir: Path, adapter_config: dict, adapter_dir: Path, force: bool) -> None:
@@ -152,11 +161,7 @@ def check_same_base(model: str, base_dir: Path, adapter_config: dict, adapter_di
 
 
 def output_dtype(dtype: str, base_dir: Path) -> torch.dtype:
-    from tunelab.model.loader import DTYPES
-
     if dtype == "auto":
-        import json
-
         config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
         recorded = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
         return DTYPES.get(str(recorded), torch.bfloat16)

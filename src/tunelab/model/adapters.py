@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from tunelab.config import TunelabConfig
+from tunelab.data.templates import attach_lock, find_lock, save_lock, template_lock
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_path, write_json_atomic
-from tunelab.model.loader import enable_gradient_checkpointing
+from tunelab.model.loader import enable_gradient_checkpointing, ensure_pad_token, load_tokenizer
 
 ALL_LINEAR = "all-linear"
 
@@ -35,13 +36,10 @@ def prepare_for_training(model, cfg: TunelabConfig):
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        # Freezes the packed weights and puts norms in fp32; does the checkpointing set-up itself.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
+        # Freezes the packed weights and puts norms in fp32; checkpointing is switched on below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:  # the one place it is switched on (the memory back-off may add it later)
         enable_gradient_checkpointing(model)
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
 
     if cfg.finetuning_type == "lora":
         if cfg.adapter_name_or_path:
@@ -183,12 +181,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def parameter_summary(model) -> str:
-    trainable, total = count_parameters(model)
-    share = 100 * trainable / total if total else 0.0
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable: {share:.4f}%"
-
-
 # --- adapters on disk -------------------------------------------------------------
 
 def load_adapter(model, adapter_path: str | os.PathLike, *, trainable: bool = False):
@@ -263,8 +255,6 @@ def save_trained(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict 
     those stop tokens as `generation_config.eos_token_id`, where transformers and vLLM stop.
     `state_dict`: the weights to write instead of the model's own (FSDP gathers them from the shards).
     """
-    from tunelab.data.templates import save_lock, template_lock
-
     out_dir = Path(out_dir)
     lock = template_lock(tokenizer)
     if lock is not None and not is_peft_model(model):
@@ -355,9 +345,6 @@ def set_stop_tokens(model, tokenizer, stop_tokens: list[str]) -> None:
 def adapter_tokenizer(model: str, adapter_dir: str | os.PathLike | None):
     """The tokenizer training saved beside the adapter (it carries the trained template and pad
     token), else the base model's. The adapter's template lock is attached either way."""
-    from tunelab.data.templates import attach_lock
-    from tunelab.model.loader import ensure_pad_token, load_tokenizer
-
     folder = Path(adapter_dir).expanduser() if adapter_dir else None
     if folder is None or not (folder / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(model)
@@ -370,6 +357,4 @@ def adapter_tokenizer(model: str, adapter_dir: str | os.PathLike | None):
     model_dir = Path(model).expanduser()
     if model_dir.is_dir():
         lock_dirs.append(model_dir)
-    from tunelab.data.templates import find_lock
-
     return attach_lock(tokenizer, find_lock(lock_dirs))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
 def varlen_kernel():
     """torch's varlen_attn and the keyword it takes for causality, or None where unusable."""
     try:

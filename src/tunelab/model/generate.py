@@ -33,8 +33,8 @@ from transformers.generation.logits_process import (
 )
 
 from tunelab.data.collate import pad_id_for
-from tunelab.model.attention import PrefillLayout, grouped_query_decode, prefill_layout
 from tunelab.errors import TunelabError
+from tunelab.model.attention import PrefillLayout, grouped_query_decode, prefill_layout
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,16 @@ def _forward_parameters(model) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of the rows padded on the left to the longest, so every row ends
+    at the right edge: the next token of each row is at the last position."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 @torch.inference_mode()
@@ -130,7 +132,7 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
     make every row see exactly what it would see alone (batched greedy == single greedy).
     """
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     rows = torch.arange(len(prompts), device=device)  # original row of each live batch slot
     history = ids  # for the repetition penalty (pads are harmless: they rarely repeat)
@@ -193,7 +195,7 @@ class _StaticDecoder:
         self.model, self.device = model, next(model.parameters()).device
         self.varlen_prefill = varlen_prefill  # model/attention.decode_attention is active
         self.dtype = next(model.parameters()).dtype
-        ids, mask = _left_pad(prompts, pad_id, self.device)
+        ids, mask = left_pad(prompts, pad_id, self.device)
         self.batch, self.width = ids.shape
         self.length = self.width + max_new_tokens
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)
@@ -341,8 +343,21 @@ def _finish(tokenizer, prompt: Sequence[int], tokens: list[int], stop_ids: set[i
     cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
     kept = tokens if cut is None else tokens[:cut]
     text = tokenizer.decode(kept, skip_special_tokens=True)
+    if cut is None:
+        text = _complete_characters(tokenizer, kept, text)
     return Generation(text=text, token_ids=kept, prompt_tokens=len(prompt),
                       finish_reason="length" if cut is None else "stop")
+
+
+def _complete_characters(tokenizer, tokens: list[int], text: str) -> str:
+    """A completion cut at max_new_tokens can stop inside a character that byte-level
+    tokenizers spread over several tokens: it decodes to U+FFFD. Drop the tokens of that
+    last, incomplete character (a UTF-8 character is at most 4 bytes, so at most 3 tokens)."""
+    end = len(tokens)
+    while text.endswith("\ufffd") and end > 0 and len(tokens) - end < 3:
+        end -= 1
+        text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    return text
 
 
 # --- public API ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tunelab import hub
+from tunelab.config import check_quantization_bit
 from tunelab.errors import TunelabError, nearest
 from tunelab.model.embedded import EMBEDDED, ensure_embedded_model, is_embedded_alias
 
@@ -189,13 +190,13 @@ def load_model(
     device: str | torch.device = "auto",
     quantization_bit: int | None = None,
     attn_implementation: str | None = None,
-    gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
     rope_scaling: dict | str | None = None,
     cutoff_len: int = 0,
 ):
     """A causal LM on `device` in `dtype`; 4/8-bit through bitsandbytes (CUDA only) for QLoRA;
-    `rope_scaling` (see model/rope.py) rescales positions for `cutoff_len` tokens."""
+    `rope_scaling` (see model/rope.py) rescales positions for `cutoff_len` tokens. Gradient
+    checkpointing is training's to switch on (`adapters.prepare_for_training`)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
@@ -223,8 +224,6 @@ def load_model(
     # The name the user gave (e.g. the alias) goes to tunelab's own metadata (adapters.BASE_FILE).
     model.name_or_path = model.config.name_or_path = loadable_name(name_or_path, path)
     model.tunelab_base_model = str(name_or_path)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     return model
 
 
@@ -242,9 +241,7 @@ def _scaled_config(path: Path, rope_scaling, cutoff_len: int, trust_remote_code:
 
 def bitsandbytes_config(bits: int, device: torch.device):
     """NF4 with double quantization and bf16 compute (QLoRA's recipe), or LLM.int8."""
-    if bits not in (4, 8):
-        raise TunelabError(f"quantization_bit={bits} is not 4 or 8", where="config",
-                           fix="use quantization_bit=4 (QLoRA NF4) or 8")
+    check_quantization_bit(bits)
     if device.type != "cuda":
         raise TunelabError(f"quantization_bit={bits} needs a CUDA GPU (bitsandbytes), but the device is {device}",
                            where="config", fix="run on an NVIDIA GPU, or drop quantization_bit to train plain LoRA")

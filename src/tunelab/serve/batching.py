@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from tunelab.model.generate import GenerationOptions, _logits_processors, cache_keyword
+from tunelab.model.generate import GenerationOptions, _logits_processors, cache_keyword, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -258,17 +258,7 @@ class Batcher:
             job.emit(("error", message))
 
 
-# --- batch surgery: left padding, selecting rows, joining two batches ----------------------
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
-
+# --- batch surgery: selecting rows, joining two left-padded batches -------------------------
 
 def select(b: Batch, rows: list[int]) -> Batch | None:
     """The batch with only `rows`, its cache trimmed of columns no remaining row attends to."""

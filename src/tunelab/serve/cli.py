@@ -124,12 +124,12 @@ def show_chat_prompt(args, adapters) -> str:
     """`chat --show-prompt`: the prompt of the system prompt + MESSAGE, and a reply's tokens marked."""
     from tunelab.data.types import Message
     from tunelab.evaluate.runner import describe_prompt
-    from tunelab.evaluate.tasks.base import Sample
+    from tunelab.evaluate.tasks.base import EvalSample
 
     tokenizer, template_src = template_from_args(args, adapters)
     prompt = ([Message("system", args.system)] if args.system else []) + [Message("user", args.show_prompt)]
     reply = "(the reply)"
-    return describe_prompt(Sample("chat", prompt, Message("assistant", reply), reply), tokenizer, template_src)
+    return describe_prompt(EvalSample("chat", prompt, Message("assistant", reply), reply), tokenizer, template_src)
 
 
 def run_serve(args) -> int:

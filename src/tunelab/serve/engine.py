@@ -13,8 +13,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.data.types import Message
+from tunelab.data.templates import render, resolve_template
+from tunelab.data.tokenize import _render_whole, encode_prompt, stop_token_ids
+from tunelab.data.types import Conversation, Message
 from tunelab.errors import TunelabError
+from tunelab.model.adapters import load_adapter, read_adapter_config
+from tunelab.model.generate import generate_batch, stream_generate
+from tunelab.model.loader import load_model, load_tokenizer
 
 
 @dataclass
@@ -40,8 +45,6 @@ class Engine:
         return list(self.tokenizer(text)["input_ids"])
 
     def uses_dora(self) -> bool:
-        from tunelab.model.adapters import read_adapter_config
-
         return any(read_adapter_config(folder).get("use_dora") for folder in self.adapters.values())
 
     def room_for(self, prompt_tokens: int) -> int:
@@ -65,16 +68,12 @@ class Engine:
 
     def generate(self, prompt_ids: Sequence[int], options, n: int = 1, adapter: str | None = None):
         """`n` completions of one prompt, batched (list of `Generation`)."""
-        from tunelab.model.generate import generate_batch
-
         with self.using(adapter):
             return generate_batch(self.model, self.tokenizer, [list(prompt_ids)] * n, options,
                                   stop_ids=self.stop_ids, batch_size=n, progress=False)
 
     def stream(self, prompt_ids: Sequence[int], options, adapter: str | None = None) -> Iterator[str]:
         """Text deltas of one completion; the adapter stays active until the stream is closed."""
-        from tunelab.model.generate import stream_generate
-
         with self.using(adapter):
             yield from stream_generate(self.model, self.tokenizer, list(prompt_ids), options, stop_ids=self.stop_ids)
 
@@ -91,10 +90,6 @@ def encode_prompt_untrusted(messages: list[Message], tokenizer, template_src: st
     rendered prompt is tokenized piecewise: the template's own text with special tokens,
     each message's content without.
     """
-    from tunelab.data.templates import render
-    from tunelab.data.tokenize import _render_whole, encode_prompt
-    from tunelab.data.types import Conversation
-
     specials = [t for t in tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})) if t]
     if not any(s in m.content for m in messages for s in specials):
         return encode_prompt(messages, tokenizer, template_src)
@@ -114,8 +109,6 @@ def encode_prompt_untrusted(messages: list[Message], tokenizer, template_src: st
 
 def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
     """`name=path` (or a bare path, named after its folder) -> {name: folder}, each checked."""
-    from tunelab.model.adapters import read_adapter_config
-
     adapters: dict[str, Path] = {}
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else (None, "", spec)
@@ -133,11 +126,6 @@ def load_engine(model: str, adapters: dict[str, Path] | None = None, *, template
                 quantization_bit: int | None = None, device: str = "auto", dtype: str = "auto",
                 context_length: int | None = None) -> Engine:
     """Load the base once and every adapter onto it; ready to encode and generate."""
-    from tunelab.data.templates import resolve_template
-    from tunelab.data.tokenize import stop_token_ids
-    from tunelab.model.adapters import load_adapter
-    from tunelab.model.loader import load_model, load_tokenizer
-
     adapters = dict(adapters or {})
     tokenizer = load_tokenizer(model)
     template_src = resolve_template(template, tokenizer)

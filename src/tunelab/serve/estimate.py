@@ -178,7 +178,7 @@ class ParameterCount:
         return self.attention + self.mlp - self.not_quantized
 
 
-def count_parameters(arch: Architecture) -> ParameterCount:
+def architecture_parameters(arch: Architecture) -> ParameterCount:
     shapes = arch.linear_shapes()
     weights = {name: fan_in * fan_out for name, (fan_in, fan_out) in shapes.items()}
     attn_bias = (arch.q_dim + 2 * arch.kv_dim if arch.qkv_bias else 0) + (arch.hidden_size if arch.o_bias else 0)
@@ -206,7 +206,7 @@ def lora_targets(arch: Architecture, targets: list[str]) -> list[str]:
     return targets
 
 
-def count_lora_parameters(arch: Architecture, rank: int, targets: list[str]) -> int:
+def architecture_lora_parameters(arch: Architecture, rank: int, targets: list[str]) -> int:
     shapes = arch.linear_shapes()
     return arch.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets(arch, targets))
 
@@ -359,7 +359,7 @@ def training_lines(arch: Architecture, settings: Settings, params: ParameterCoun
         trainable, grad_bytes = n, wbytes
         lines.append(Line("gradients", n * wbytes, f"{n:,} x {wbytes} B", "step"))
     else:
-        trainable = count_lora_parameters(arch, s.lora_rank, s.lora_target)
+        trainable = architecture_lora_parameters(arch, s.lora_rank, s.lora_target)
         grad_bytes = 4  # PEFT keeps adapters (and so their gradients) in fp32
         lines.append(Line(f"LoRA parameters (r={s.lora_rank}, fp32)", trainable * 4,
                           f"L x sum r(d_in + d_out) = {trainable:,} x 4 B"))
@@ -409,7 +409,7 @@ def inference_lines(arch: Architecture, settings: Settings, params: ParameterCou
 
 def estimate_memory(arch: Architecture, settings: Settings) -> Estimate:
     check_settings(settings)
-    params = count_parameters(arch)
+    params = architecture_parameters(arch)
     if settings.method == "inference":
         lines = inference_lines(arch, settings, params)
         return Estimate(arch, settings, params, 0, lines, sum(x.bytes for x in lines), "sum of the lines")

@@ -10,8 +10,16 @@ import random
 import sys
 from dataclasses import dataclass
 
+import jinja2
+
 from tunelab.config import TunelabConfig
+from tunelab.data import tokenize
 from tunelab.data.collate import Sample
+from tunelab.data.fold import fold_dialogues
+from tunelab.data.readers import load_conversations
+from tunelab.data.templates import lock_template, render
+from tunelab.data.tools.common import first_user_turn
+from tunelab.data.truncate import TruncationStats, encode_fitted
 from tunelab.data.types import Conversation
 from tunelab.errors import TunelabError
 
@@ -20,10 +28,7 @@ from tunelab.errors import TunelabError
 class SFTData:
     train: list[Sample]
     eval: list[Sample]
-    n_train_records: int
-    n_eval_records: int
-    n_skipped: int = 0
-    mixture: dict | None = None
+    mixture: dict | None = None  # what each source gave (RUN_DIR/data_mixture.json)
 
 
 def split_validation(records: list, val_size: float, seed: int, by: str = "dialogue") -> tuple[list, list]:
@@ -43,8 +48,6 @@ def split_validation(records: list, val_size: float, seed: int, by: str = "dialo
         rng.shuffle(order)
         held = set(order[:n_val])
     else:
-        from tunelab.data.tools.common import first_user_turn
-
         groups: dict[str, list[int]] = {}
         for i, record in enumerate(records):
             groups.setdefault(first_user_turn(record), []).append(i)
@@ -110,7 +113,7 @@ def read_training_data(cfg: TunelabConfig, load=None, log: bool = True) -> Train
 
 
 def _load_conversations(paths, cfg: TunelabConfig, limit: int | None) -> tuple[list, int]:
-    from tunelab.data.readers import hub_options, load_conversations
+    from tunelab.data.readers import hub_options
 
     loaded = load_conversations(paths, cfg.dataset_format, skip_invalid=cfg.skip_invalid, max_samples=limit,
                                 system_prompt=cfg.system_prompt, dataset_dir=cfg.dataset_dir, hub=hub_options(cfg))
@@ -148,7 +151,6 @@ def earlier_conversations(ref: str, split: str, key: str) -> tuple[list[Conversa
     from pathlib import Path
 
     from tunelab.config import load_config
-    from tunelab.data.readers import load_conversations
 
     path = Path(ref)
     if not path.exists():
@@ -181,23 +183,20 @@ def read_conversations(cfg: TunelabConfig) -> tuple[list[Conversation], list[Con
 def load_sft_data(cfg: TunelabConfig, tokenizer, chat: bool = True) -> SFTData:
     """Samples of an sft run (`chat`: rendered with the chat template, dialogues folded as the
     config says) or of continued pre-training (`chat=False`: plain text, no template)."""
-    from tunelab.data.templates import lock_template
 
     data = read_training_data(cfg)
-    train_convs, eval_convs, n_skipped = data.train, data.eval, data.skipped
+    train_convs, eval_convs = data.train, data.eval
     if cfg.eval_strategy != "no" and not eval_convs:
-        raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data", where="config",
-                           fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
-    n_train_records, n_eval_records = len(train_convs), len(eval_convs)
+        raise no_validation_data(cfg, train_convs)
     # The tokenizer saved with the weights carries this template (and the system prompt).
     template = lock_template(tokenizer, cfg.template, cfg.system_prompt) if chat else None
     # After the split, each side folded on its own: a validation row is never folded into a training one.
-    train, skipped = encode_side(train_convs, tokenizer, template, cfg, "training")
-    evals, skipped_eval = encode_side(eval_convs, tokenizer, template, cfg, "validation")
+    train, _ = encode_side(train_convs, tokenizer, template, cfg, "training")
+    evals, _ = encode_side(eval_convs, tokenizer, template, cfg, "validation")
     if not train:
         raise TunelabError("no training sample is left after tokenization", where=", ".join(cfg.dataset_paths),
                            fix="check the data with `tunelab data check`, or raise cutoff_len")
-    return SFTData(train, evals, n_train_records, n_eval_records, n_skipped + skipped + skipped_eval, data.mixture)
+    return SFTData(train, evals, data.mixture)
 
 
 def encode_side(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig, what: str) -> tuple[list, int]:
@@ -207,12 +206,21 @@ def encode_side(convs: list[Conversation], tokenizer, template, cfg: TunelabConf
     return encode_samples(convs, tokenizer, template, cfg)
 
 
+def no_validation_data(cfg: TunelabConfig, train_convs: list[Conversation]) -> TunelabError:
+    what = f"eval_strategy={cfg.eval_strategy} but there is no validation data"
+    if cfg.eval_dataset:
+        return TunelabError(what, where=", ".join(cfg.eval_dataset), fix="give an eval_dataset that holds records")
+    if cfg.val_size <= 0:
+        return TunelabError(what, where="config", fix="set val_size=0.1 (hold out 10%) or eval_dataset=path/to/val.jsonl")
+    # val_size is set, yet nothing was held out: training always keeps at least one record
+    # (with val_split_by=dialogue, one dialogue), so there is nothing to spare.
+    unit = "dialogue" if cfg.val_split_by == "dialogue" else "record"
+    return TunelabError(f"{what}: val_size={cfg.val_size:g} holds out nothing from {len(train_convs)} record(s), "
+                        f"because training keeps at least one {unit}", where=", ".join(cfg.dataset_paths),
+                        fix="add records, give eval_dataset=path/to/val.jsonl, or set eval_strategy=no")
+
+
 def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: str, what: str) -> list[Conversation]:
-    import jinja2
-
-    from tunelab.data.fold import fold_dialogues
-    from tunelab.data.templates import render
-
     def renders_as_prefix(short: Conversation, long: Conversation) -> bool:
         try:
             return render(long.messages, template, tokenizer, tools=long.tools).startswith(
@@ -229,32 +237,23 @@ def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: st
 def encode_samples(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig) -> tuple[list[Sample], int]:
     """Tokenize conversations into samples; bad ones raise, or are counted with skip_invalid.
     Samples over cutoff_len lose their oldest context first (`truncation=context`, data/truncate.py)."""
-    from tunelab.data import tokenize
-    from tunelab.data.truncate import TruncationStats, encode_fitted
+    shortened = TruncationStats()
 
-    samples, errors, shortened = [], [], TruncationStats()
-    for conv in convs:
-        try:
-            if conv.is_plain_text:
-                encoded = tokenize.encode_text(conv.messages[0].content, tokenizer, cfg.cutoff_len, source=conv.source)
+    def encode(conv: Conversation) -> list[Sample]:
+        if conv.is_plain_text:
+            encoded = tokenize.encode_text(conv.messages[0].content, tokenizer, cfg.cutoff_len, source=conv.source)
+        else:
+            # A folded row carries its target turns as explicit flags (see data/fold.py).
+            train_on = "all" if conv.meta.get("folded_rows") else cfg.train_on
+            if cfg.truncation == "context":
+                example, actions = encode_fitted(conv, tokenizer, template, cfg.cutoff_len, train_on)
+                shortened.add(actions)
             else:
-                # A folded row carries its target turns as explicit flags (see data/fold.py).
-                train_on = "all" if conv.meta.get("folded_rows") else cfg.train_on
-                if cfg.truncation == "context":
-                    example, actions = encode_fitted(conv, tokenizer, template, cfg.cutoff_len, train_on)
-                    shortened.add(actions)
-                else:
-                    example = tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, train_on)
-                encoded = [example]
-        except TunelabError as exc:
-            if not cfg.skip_invalid:
-                raise
-            errors.append(exc)
-            continue
-        samples.extend(Sample(e.input_ids, e.labels) for e in encoded)
+                example = tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, train_on)
+            encoded = [example]
+        return [Sample(e.input_ids, e.labels) for e in encoded]
+
+    samples, skipped = tokenize.encode_each(convs, encode, cfg.skip_invalid)
     if shortened.samples:
         print(shortened.summary(len(convs), cfg.cutoff_len), file=sys.stderr)
-    if errors:
-        print(f"skipped {len(errors)} record(s) that could not be tokenized; first: {errors[0].message()}",
-              file=sys.stderr)
-    return samples, len(errors)
+    return samples, skipped

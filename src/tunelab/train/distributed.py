@@ -402,7 +402,11 @@ def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     except ImportError:  # torch < 2.6
         from torch.distributed._composable.fsdp import (
-            CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard)
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
     from tunelab.model.adapters import decoder_layers
 

@@ -29,20 +29,26 @@ from tunelab.config import TunelabConfig, save_config
 from tunelab.data.collate import batch_order, micro_batch_tokens, split_by_tokens
 from tunelab.errors import TunelabError
 from tunelab.io import clean_stale_temps, fsync_tree, publish, temp_dir, write_json_atomic
+from tunelab.train import distributed
 from tunelab.train.checkpoint import (
-    TrainerState, checkpoint_path, load_checkpoint, load_trainable_state, resolve_resume, rotate_checkpoints,
+    TrainerState,
+    checkpoint_path,
+    load_checkpoint,
+    load_trainable_state,
+    resolve_resume,
+    rotate_checkpoints,
     save_checkpoint,
 )
-from tunelab.train import distributed
 from tunelab.train.distributed import SINGLE, Dist, rank_share
 from tunelab.train.fast.plan import resolve_precision, resolve_speed
 from tunelab.train.memory import MemoryBackoff
 from tunelab.train.objectives import check_stage, objective_class, restrict_speed
 from tunelab.train.optim import after_evaluation, build_optimizer, build_scheduler
 from tunelab.train.probes import EvalSets
+from tunelab.train.runlog import LOG_NAME, perplexity, read_log
 from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step, settle_steps
 from tunelab.train.trackers import check_installed
-from tunelab.train.tracking import LOG_NAME, Tracker, final_metrics, read_log
+from tunelab.train.tracking import Tracker, final_metrics
 
 
 @dataclass
@@ -100,7 +106,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
     user_cfg = cfg  # saved as given: `auto` levers are decided anew on whatever device a resume runs on
 
     # 1. Data: read, split, render with the chat template, mask everything but the answers.
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     objective = (objective_factory or objective_class(cfg.stage))(cfg, tokenizer, **(
         {"reward": reward} if reward is not None else {}))
     train_rows, eval_rows = objective.load_data()
@@ -112,8 +118,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
     # FSDP shards from CPU memory: no GPU ever holds the whole model.
     load_device = torch.device("cpu") if dist.strategy == "fsdp" else device
     model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
-                       quantization_bit=cfg.quantization_bit,
-                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
                        rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
     model = prepare_for_training(model, cfg)
     plan = resolve_speed(cfg, model, device)
@@ -243,7 +248,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
         row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
                "eval_loss": eval_loss}
         if getattr(objective, "perplexity", False):
-            row["eval_perplexity"] = _perplexity(eval_loss)
+            row["eval_perplexity"] = perplexity(eval_loss)
         row |= {f"eval_{k}": v for k, v in eval_metrics.items()}
         if probes:
             row |= probes.losses(model, device, dist)
@@ -514,10 +519,6 @@ def _improves(value: float, best: float | None, cfg: TunelabConfig) -> bool:
 
 def _epoch_float(state: TrainerState, micro_per_epoch: int) -> float:
     return state.epoch + state.batch_in_epoch / max(micro_per_epoch, 1)
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
 
 
 def new_window() -> dict:

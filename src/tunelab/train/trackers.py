@@ -134,9 +134,8 @@ class MLflow:
 
     def __init__(self, run_dir: Path, config: dict, start_step: int):
         from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
         from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
 
         # Without MLFLOW_TRACKING_URI: a file store inside the run folder (`mlflow ui --backend-store-uri`).
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()

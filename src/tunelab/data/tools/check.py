@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from tunelab.data.formats import RecordError
 from tunelab.data.readers import iter_items, location
-from tunelab.data.tools.common import Item, item_messages, percent, table
+from tunelab.data.tools.common import item_messages, percent, table
 from tunelab.data.tools.tokens import TokenCounter
+from tunelab.data.types import Item
 from tunelab.errors import TunelabError
 
 # C0 controls except tab / newline / carriage return, DEL, and U+FFFD (the mark a
@@ -41,7 +42,8 @@ class Problem:
         text = re.sub(r"^turn \d+ \([^)]*\): ", "", self.what)  # "turn 3 (user): two user turns" -> "two user turns"
         text = re.sub(r"\([^)]*\)", "(…)", text)
         text = re.sub(r"'[^']*'", "'…'", text)
-        return re.sub(r"\d+", "N", text)
+        # Counts and positions become N; digits that are part of a name stay (UTF-8, UTF-16, Qwen2).
+        return re.sub(r"(?<!\w)(?<![A-Za-z]-)\d+(?:\.\d+)?", "N", text)
 
 
 @dataclass

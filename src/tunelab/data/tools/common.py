@@ -9,11 +9,10 @@ from pathlib import Path
 
 from tunelab.data.formats import RecordError
 from tunelab.data.readers import iter_items, location, read_records
-from tunelab.data.types import Conversation, KTOExample, Message, PreferencePair
+from tunelab.data.types import Conversation, Item, KTOExample, Message, PreferencePair
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_path
 
-Item = Conversation | PreferencePair | KTOExample
 OUTPUT_EXTENSIONS = (".jsonl", ".json")
 
 

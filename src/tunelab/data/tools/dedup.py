@@ -6,6 +6,11 @@ character n-grams, so Chinese and other unsegmented scripts work, and each LSH c
 is confirmed against its stored signature before a record is dropped. Memory per kept
 record: one 16-byte hash and about 30 bytes per LSH band; the `num_perm` x 4-byte
 signatures go to a temporary file, so the file to deduplicate may be larger than memory.
+
+Rows that are earlier turns of a longer row (one dialogue stored as its growing prefixes, as
+the hotel set is) look alike as whole records although each teaches a different turn:
+`compare="auto"` (the default) detects them, with the prefix keys dialogue folding uses, and
+then compares the last exchange of each row instead, and says so.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from datasketch.lsh import _optimal_param
 
+from tunelab.data.fold import prefix_keys
 from tunelab.data.readers import location, parse_record
 from tunelab.data.tools.common import (
     check_output_path,
@@ -31,6 +37,7 @@ from tunelab.data.tools.common import (
     valid_items,
     write_records,
 )
+from tunelab.data.types import Conversation
 from tunelab.errors import TunelabError
 
 
@@ -91,6 +98,8 @@ class DedupResult:
     removed_numbers: set[int] = field(default_factory=set)
     heads: dict[int, tuple[str, str]] = field(default_factory=dict)  # kept number -> (where, example)
     written: int = 0
+    compare: str = "record"  # what was compared: whole records or the last exchange
+    compare_note: str = ""  # why, when compare="auto" chose
 
     def add(self, head: int, duplicate: Duplicate) -> None:
         self.groups.setdefault(head, []).append(duplicate)
@@ -108,6 +117,8 @@ class DedupResult:
         if self.invalid:
             rows.insert(1, ["invalid records skipped", len(self.invalid)])
         lines = [table(["dedup", "count"], rows)]
+        if self.compare_note:
+            lines.append(self.compare_note)
         for head, dups in self.largest_groups(examples):
             where, example = self.heads.get(head, (f"record {head}", ""))
             lines.append(f"\nkept    {where}: {example}")
@@ -120,6 +131,7 @@ class DedupResult:
     def to_json(self) -> dict:
         return {
             "records": self.records, "written": self.written, "skipped_invalid": len(self.invalid),
+            "compare": self.compare,
             "exact_removed": self.count("exact"), "near_removed": self.count("near"),
             "groups": [{"kept": self.heads.get(h, ("", ""))[0], "kept_example": self.heads.get(h, ("", ""))[1],
                         "removed": [{"where": d.where, "kind": d.kind, "similarity": round(d.similarity, 3),
@@ -248,15 +260,46 @@ class FlatTable:
 TEXT_OF = {"record": item_text, "exchange": exchange_text}
 
 
+AUTO_SAMPLE = 5000  # records `compare="auto"` looks at
+PREFIX_SHARE = 0.1  # ... and the share of them that must be earlier turns of another row
+
+
+def prefix_rows(path, fmt: str = "auto", limit: int = AUTO_SAMPLE) -> tuple[int, int]:
+    """(rows looked at, rows whose turns are the first turns of a longer row) in the first
+    `limit` valid chat records."""
+    full, strict, seen = [], set(), 0
+    for _, _, item in valid_items(path, fmt, skip_invalid=True, skipped=set()):
+        if seen == limit:
+            break
+        seen += 1
+        if isinstance(item, Conversation) and item.messages and not item.is_plain_text:
+            keys = prefix_keys(item)
+            full.append(keys[-1])
+            strict.update(keys[:-1])
+    return seen, sum(key in strict for key in full)
+
+
+def choose_compare(path, fmt: str = "auto") -> tuple[str, str]:
+    """("exchange", why) for data whose rows share dialogue prefixes, else ("record", "")."""
+    seen, prefixes = prefix_rows(path, fmt)
+    if not seen or prefixes < PREFIX_SHARE * seen:
+        return "record", ""
+    return "exchange", (f"\ncompared by the last exchange (the turn before the answer + the answer): {prefixes} of "
+                        f"{seen} rows are earlier turns of a longer row of their dialogue, so whole rows look alike "
+                        "although each teaches a different turn (--compare record compares whole rows)")
+
+
 def find_duplicates(path, fmt: str = "auto", *, near: float | None = 0.9, ngram: int = 5, num_perm: int = 128,
-                    skip_invalid: bool = False, compare: str = "record") -> DedupResult:
+                    skip_invalid: bool = False, compare: str = "auto") -> DedupResult:
     """First pass: which records repeat an earlier one (hashes and signatures only in memory).
 
     `compare="record"` looks at whole records; `"exchange"` at the last exchange only
-    (the turn before the answer, and the answer), for data whose rows share prefixes.
+    (the turn before the answer, and the answer), for data whose rows share prefixes;
+    `"auto"` picks exchange when they do (`choose_compare`).
     """
-    text_of = TEXT_OF[compare]
     result = DedupResult()
+    result.compare, result.compare_note = choose_compare(path, fmt) if compare == "auto" else (compare, "")
+    text_of = TEXT_OF[result.compare]
     index = NearDuplicateIndex(near, num_perm, ngram) if near else None
     exact: dict[bytes, int] = {}
     for number, file_format, item in valid_items(path, fmt, skip_invalid=skip_invalid, skipped=result.invalid):
@@ -279,7 +322,7 @@ def find_duplicates(path, fmt: str = "auto", *, near: float | None = 0.9, ngram:
 
 def dedup_file(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", *, near: float | None = 0.9,
                ngram: int = 5, num_perm: int = 128, skip_invalid: bool = False,
-               compare: str = "record") -> DedupResult:
+               compare: str = "auto") -> DedupResult:
     """Write `src` without its duplicates to `dst` (.jsonl or .json) and say what was removed."""
     check_output_path(dst)
     result = find_duplicates(src, fmt, near=near, ngram=ngram, num_perm=num_perm, skip_invalid=skip_invalid,
@@ -289,7 +332,7 @@ def dedup_file(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto"
         for source, number, record in raw_records(src):
             if number in result.groups:  # a kept record others repeat: remember it for the report
                 item = parse_record(record, result.format, source)
-                result.heads[number] = (location(source, number), snippet(TEXT_OF[compare](item)))
+                result.heads[number] = (location(source, number), snippet(TEXT_OF[result.compare](item)))
             if number not in result.removed_numbers and number not in result.invalid:
                 yield record
 

@@ -4,31 +4,9 @@ truncated with the training rule (`tunelab.data.tokenize`), plus content lengths
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tunelab.data.tools.common import Item
-from tunelab.data.types import Conversation, Message, PreferencePair
+from tunelab.data.types import IGNORE_INDEX, Conversation, Item, Message, PreferencePair
 from tunelab.errors import TunelabError
-
-IGNORE_INDEX = -100
-
-
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of --model: a folder holding only tokenizer files is enough here (the
-    data tools need no weights); anything else goes through the model loader (aliases,
-    model folders, the offline hub cache)."""
-    folder = Path(name_or_path).expanduser()
-    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise TunelabError(f"could not load the tokenizer in {folder} ({exc})", where=f"--model {name_or_path}",
-                               fix="the folder needs tokenizer.json or tokenizer_config.json + vocabulary files") from None
-    from tunelab.model.loader import load_tokenizer as load_model_tokenizer
-
-    return load_model_tokenizer(name_or_path)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""BLEU, two ways: the hotel recipe's character-level sentence BLEU-4, and corpus BLEU.
+"""BLEU, two ways: the hotel recipe's sentence BLEU-4 (by characters, or by words for text
+written with spaces), and corpus BLEU.
 
 They answer different questions and their numbers are not comparable:
 `sentence_bleu4_chars` averages a smoothed per-sample score (what the FineTuningLab hotel
@@ -15,8 +16,25 @@ from collections.abc import Sequence
 from tunelab.evaluate.metrics.text import has_cjk
 
 
-def _ngrams(tokens: str, n: int) -> Counter:
+def _ngrams(tokens: str | tuple[str, ...], n: int) -> Counter:
     return Counter(tokens[i:i + n] for i in range(len(tokens) - n + 1))
+
+
+def bleu_unit(reference: str) -> str:
+    """What sentence BLEU counts for this reference: characters for CJK text (written without
+    spaces, a character is the closest thing to a word), words for everything else (a
+    character 4-gram of English matches inside unrelated words and flatters a wrong answer)."""
+    return "char" if has_cjk(reference) else "word"
+
+
+def sentence_bleu4(prediction: str, reference: str, *, unit: str = "char", strip: bool = True) -> float:
+    """One sample's smoothed BLEU-4 in [0, 1] over characters (`unit="char"`, the hotel
+    recipe's) or whitespace-separated words (`unit="word"`, nltk's usual call on `.split()`)."""
+    if strip:
+        prediction, reference = prediction.strip(), reference.strip()
+    if unit == "word":
+        return _bleu4(tuple(prediction.split()), tuple(reference.split()))
+    return _bleu4(prediction, reference)
 
 
 def sentence_bleu4_char(prediction: str, reference: str, *, strip: bool = True) -> float:
@@ -29,8 +47,11 @@ def sentence_bleu4_char(prediction: str, reference: str, *, strip: bool = True) 
     side is empty; the recipe strips both sides first (`strip=True`), so a trailing
     newline from generation costs nothing.
     """
-    if strip:
-        prediction, reference = prediction.strip(), reference.strip()
+    return sentence_bleu4(prediction, reference, unit="char", strip=strip)
+
+
+def _bleu4(prediction: str | tuple[str, ...], reference: str | tuple[str, ...]) -> float:
+    """nltk's sentence_bleu with SmoothingFunction().method3 on two token sequences."""
     if not prediction or not reference:
         return 0.0
     log_sum, zero_matches = 0.0, 0

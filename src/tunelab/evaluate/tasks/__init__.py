@@ -7,13 +7,13 @@ predictions; see `base.py` for the interface. Adding one = one module + one line
 from __future__ import annotations
 
 from tunelab.errors import TunelabError, nearest
-from tunelab.evaluate.tasks.base import Sample, Task, perplexity_scores
+from tunelab.evaluate.tasks.base import EvalSample, Task, perplexity_scores
 from tunelab.evaluate.tasks.generic import GenericTask
 from tunelab.evaluate.tasks.hotel import HotelTask
 
 TASKS: dict[str, type[Task]] = {"generic": GenericTask, "hotel": HotelTask}
 
-__all__ = ["TASKS", "Sample", "Task", "get_task", "perplexity_scores"]
+__all__ = ["TASKS", "EvalSample", "Task", "get_task", "perplexity_scores"]
 
 
 def get_task(name: str) -> Task:

@@ -1,6 +1,6 @@
 """What an evaluation task is: how to read samples, and how to score predictions.
 
-A task never touches a model. The runner turns each `Sample` into a prompt, generates,
+A task never touches a model. The runner turns each `EvalSample` into a prompt, generates,
 and hands the task plain rows (`reference`, `prediction`, `meta`, and, when perplexity
 was asked for, `ref_loss`/`ref_tokens`), so `--predictions FILE` can re-score a saved run
 with exactly the same code.
@@ -12,7 +12,7 @@ To add a task, write one module in this package with a `Task` subclass and add i
         name = "mytask"
         default_template = None          # or a built-in template name the task needs
         default_metrics = ("bleu",)      # used when --metrics is not given
-        def load(self, path, fmt="auto", limit=None) -> list[Sample]: ...
+        def load(self, path, fmt="auto", limit=None) -> list[EvalSample]: ...
         def score_row(self, row, metrics) -> dict: ...      # per-sample scores
         def aggregate(self, rows, metrics) -> dict: ...     # the summary table
 """
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 from tunelab.data.types import Conversation, Message
 from tunelab.errors import TunelabError
-from tunelab.evaluate.metrics import perplexity
+from tunelab.train.runlog import perplexity
 
 
 @dataclass
-class Sample:
+class EvalSample:
     source: str  # "path:line", for error messages and the predictions file
     prompt: list[Message]  # the conversation the model continues
     target: Message  # the reference turn as the template renders it (for teacher-forced ppl)
@@ -55,11 +55,11 @@ class Task(ABC):
     json_keys: tuple[str, ...] = ()
 
     @abstractmethod
-    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[EvalSample]:
         """Samples of a data file; raise TunelabError (naming path:line) for unusable rows."""
 
     @abstractmethod
-    def samples_from(self, convs: list[Conversation]) -> list[Sample]:
+    def samples_from(self, convs: list[Conversation]) -> list[EvalSample]:
         """Samples of conversations already read (training's validation split)."""
 
     @abstractmethod

@@ -1,7 +1,8 @@
 """Any conversation data set: the last assistant turn is the reference, what precedes it the prompt.
 
-Metrics (`--metrics`): `bleu` (the character-level sentence BLEU-4 the hotel recipe uses,
-plus sacrebleu corpus BLEU), `rouge` (ROUGE-1/2/L F1; by character for CJK text), `em`
+Metrics (`--metrics`): `bleu` (smoothed sentence BLEU-4 averaged over rows, as the hotel recipe
+computes it: over words for text written with spaces, over characters for CJK text, the unit
+named in `bleu4_unit`; plus sacrebleu corpus BLEU), `rouge` (ROUGE-1/2/L F1; by character for CJK text), `em`
 (exact match after stripping), `ppl` (perplexity of the reference tokens under teacher
 forcing). Empty predictions score 0 and are counted, never dropped.
 """
@@ -13,13 +14,11 @@ import json
 from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
 from tunelab.evaluate import breakdown as bd
-from tunelab.evaluate.metrics import (
-    corpus_bleu, exact_match, rouge_f1, sentence_bleu4_char, sentence_bleu4_chars,
-)
-from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
+from tunelab.evaluate.metrics import bleu_unit, corpus_bleu, exact_match, rouge_f1, sentence_bleu4
+from tunelab.evaluate.tasks.base import EvalSample, Task, is_empty, perplexity_scores
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
-MISTAKE_BLEU = 30.0  # below this char BLEU-4 (x100) a text answer counts as wrong for mine-pairs
+MISTAKE_BLEU = 30.0  # below this BLEU-4 (x100) a text answer counts as wrong for mine-pairs
 
 
 def _reference_turn(conv) -> int:
@@ -43,15 +42,15 @@ class GenericTask(Task):
     default_metrics = ("bleu", "rouge")
     metrics = ("bleu", "rouge", "em", "ppl")
 
-    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[EvalSample]:
         return self.samples_from(load_conversations(path, fmt, max_samples=limit))
 
-    def samples_from(self, convs) -> list[Sample]:
+    def samples_from(self, convs) -> list[EvalSample]:
         samples = []
         for conv in convs:
             last = _reference_turn(conv)
             target = conv.messages[last]
-            samples.append(Sample(source=conv.source, prompt=conv.messages[:last], target=target,
+            samples.append(EvalSample(source=conv.source, prompt=conv.messages[:last], target=target,
                                   reference=target.content, tools=conv.tools))
         return samples
 
@@ -59,7 +58,7 @@ class GenericTask(Task):
         prediction, reference = row["prediction"], row["reference"]
         scores: dict = {"empty": is_empty(prediction)}
         if "bleu" in metrics:
-            scores["bleu4"] = 100.0 * sentence_bleu4_char(prediction, reference)
+            scores["bleu4"] = 100.0 * sentence_bleu4(prediction, reference, unit=bleu_unit(reference))
         if "rouge" in metrics:
             scores.update({k: 100.0 * v for k, v in rouge_f1(prediction, reference).items()})
         if "em" in metrics:
@@ -67,14 +66,18 @@ class GenericTask(Task):
         return scores
 
     def reward(self, prompt: str, completion: str, reference: str) -> float:
-        """Character-level sentence BLEU-4 of the completion against the reference, in [0, 1]."""
-        return sentence_bleu4_char(completion, reference)
+        """Sentence BLEU-4 of the completion against the reference (words, or characters for CJK
+        text: the headline bleu4's unit), in [0, 1]."""
+        return sentence_bleu4(completion, reference, unit=bleu_unit(reference))
 
     def aggregate(self, rows: list[dict], metrics: tuple[str, ...]) -> dict:
         preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
         out: dict = {"samples": len(rows)}
         if "bleu" in metrics:
-            out["bleu4"] = sentence_bleu4_chars(preds, refs)
+            out["bleu4"] = sum(r["scores"]["bleu4"] for r in rows) / max(len(rows), 1)
+            units = sorted({bleu_unit(ref) for ref in refs})
+            out["bleu4_unit"] = {"char": "characters (CJK text)", "word": "words"}[units[0]] if len(units) == 1 \
+                else "words, characters for rows with CJK text"
             out["corpus_bleu"] = corpus_bleu(preds, refs)
         if "rouge" in metrics:
             for key in ROUGE_KEYS:
@@ -88,7 +91,7 @@ class GenericTask(Task):
 
     def mistake(self, row: dict) -> str | None:
         """A JSON answer that is malformed or has other fields; a text answer that is not the
-        reference (after normalisation) and scores char BLEU-4 below MISTAKE_BLEU."""
+        reference (after normalisation) and scores BLEU-4 below MISTAKE_BLEU."""
         prediction, reference = row["prediction"], row["reference"]
         if bd.is_json_object(reference):
             if not bd.is_json_object(prediction):
@@ -96,7 +99,8 @@ class GenericTask(Task):
             return "wrong fields" if json.loads(prediction) != json.loads(reference) else None
         if exact_match([prediction], [reference]) == 100.0:
             return None
-        return "low BLEU" if 100.0 * sentence_bleu4_char(prediction, reference) < MISTAKE_BLEU else None
+        low = 100.0 * sentence_bleu4(prediction, reference, unit=bleu_unit(reference)) < MISTAKE_BLEU
+        return "low BLEU" if low else None
 
     def breakdown(self, rows: list[dict]) -> dict:
         """Lengths and worst rows; for answers that are JSON objects, per-key P/R/F1 and the

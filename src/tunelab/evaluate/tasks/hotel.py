@@ -16,9 +16,14 @@ from tunelab.data.readers import load_conversations
 from tunelab.errors import TunelabError
 from tunelab.evaluate import breakdown as bd
 from tunelab.evaluate.metrics import (
-    SlotCounts, prf, sentence_bleu4_char, sentence_bleu4_chars, slot_counts, slot_scores,
+    SlotCounts,
+    prf,
+    sentence_bleu4_char,
+    sentence_bleu4_chars,
+    slot_counts,
+    slot_scores,
 )
-from tunelab.evaluate.tasks.base import Sample, Task, is_empty, perplexity_scores
+from tunelab.evaluate.tasks.base import EvalSample, Task, is_empty, perplexity_scores
 
 
 def split_role(text: str) -> tuple[str, str]:
@@ -33,6 +38,19 @@ def predicted_arguments(prediction: str) -> dict | str:
     return body if role == "search" else {}
 
 
+def reference_meta(reference: str, where: str) -> dict:
+    """What scoring needs from a reference `role\nbody`: the role, and a search's arguments."""
+    role, body = split_role(reference)
+    meta: dict = {"role": role}
+    if role == "search":
+        try:
+            meta["arguments"] = json.loads(body)
+        except ValueError:
+            raise TunelabError("the reference search turn is not JSON", where=where,
+                               fix='a search reference is "search\\n{...json arguments...}"') from None
+    return meta
+
+
 class HotelTask(Task):
     name = "hotel"
     default_template = "hotel"
@@ -42,28 +60,29 @@ class HotelTask(Task):
     json_keys = ("type", "price_range_lower", "price_range_upper", "rating_range_lower", "rating_range_upper",
                  "facilities", "name")  # every slot the hotel set uses (shared/README.md)
 
-    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[Sample]:
+    def load(self, path, fmt: str = "auto", limit: int | None = None) -> list[EvalSample]:
         fmt = "hotel" if fmt == "auto" else fmt
         if fmt != "hotel":
             raise TunelabError(f"the hotel task reads hotel rows, not {fmt}", where=str(path),
                                fix="drop --format, or use --task generic for other formats")
         return self.samples_from(load_conversations(path, "hotel", max_samples=limit))
 
-    def samples_from(self, convs) -> list[Sample]:
+    def samples_from(self, convs) -> list[EvalSample]:
         samples = []
         for conv in convs:
             *context, response = conv.messages
-            meta = {"role": response.role}
-            if response.role == "search":
-                meta["arguments"] = json.loads(response.content)
-            samples.append(Sample(source=conv.source, prompt=context, target=response,
+            meta = reference_meta(f"{response.role}\n{response.content}", conv.source)
+            samples.append(EvalSample(source=conv.source, prompt=context, target=response,
                                   reference=f"{response.role}\n{response.content}", meta=meta))
         return samples
 
     def score_row(self, row: dict, metrics: tuple[str, ...]) -> dict:
+        if "role" not in row.get("meta", {}):  # predictions written by another tool: the reference says it
+            row["meta"] = reference_meta(row["reference"], row.get("source") or "--predictions")
         prediction, meta = row["prediction"], row["meta"]
         role, body = split_role(prediction)
-        scores: dict = {"role_correct": role == meta["role"], "empty": is_empty(prediction)}
+        # "assistant\n" and nothing after it is an empty answer, not a short one.
+        scores: dict = {"role_correct": role == meta["role"], "empty": is_empty(body)}
         if meta["role"] == "search":
             counts = slot_counts(predicted_arguments(prediction), meta["arguments"])
             scores.update(slot_correct=counts.correct, slot_predicted=counts.predicted,

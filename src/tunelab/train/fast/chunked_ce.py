@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from tunelab.data.types import IGNORE_INDEX
+
 DEFAULT_CHUNK_TOKENS = 4096
 
 

@@ -26,7 +26,6 @@ to check that the recomputation gives the plain path's loss and gradients.
 from __future__ import annotations
 
 import contextlib
-
 import sys
 import weakref
 from functools import partial

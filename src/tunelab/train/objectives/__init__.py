@@ -31,7 +31,11 @@ import torch
 from tunelab.config import CHOICES, TunelabConfig
 from tunelab.errors import TunelabError
 from tunelab.train.objectives.preference import (
-    DPOObjective, KTOObjective, ORPOObjective, PreferenceObjective, SimPOObjective,
+    DPOObjective,
+    KTOObjective,
+    ORPOObjective,
+    PreferenceObjective,
+    SimPOObjective,
 )
 from tunelab.train.objectives.rl import GRPOObjective, PPOObjective
 from tunelab.train.objectives.rm import RMObjective

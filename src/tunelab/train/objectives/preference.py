@@ -25,13 +25,19 @@ import sys
 import torch
 
 from tunelab.config import TunelabConfig
+from tunelab.data.collate import pad_id_for
 from tunelab.data.preference_tokenize import (
-    KTORow, PairRow, assign_kl_completions, collate_kto, collate_pairs, encode_preferences, unpair,
+    KTORow,
+    PairRow,
+    assign_kl_completions,
+    collate_kto,
+    collate_pairs,
+    encode_preferences,
+    unpair,
 )
 from tunelab.data.types import KTOExample, PreferencePair
 from tunelab.errors import TunelabError
 from tunelab.train.losses import shifted_token_losses
-from tunelab.data.collate import pad_id_for
 from tunelab.train.pref_losses import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
 from tunelab.train.step import autocast, to_device
 
@@ -104,7 +110,7 @@ class PreferenceObjective:
     def load_data(self) -> tuple[list, list]:
         from tunelab.data.readers import hub_options, load_preferences
         from tunelab.data.templates import lock_template
-        from tunelab.train.dataset import read_training_data
+        from tunelab.train.dataset import no_validation_data, read_training_data
 
         cfg = self.cfg
         if not cfg.dataset:
@@ -120,8 +126,7 @@ class PreferenceObjective:
         data = read_training_data(cfg, load)  # mixtures and max_samples as for SFT (train/dataset.py)
         train_items, eval_items, self.mixture = data.train, data.eval, data.mixture
         if cfg.eval_strategy != "no" and not eval_items:
-            raise TunelabError(f"eval_strategy={cfg.eval_strategy} but there is no validation data",
-                               where="config", fix="set val_size=0.1 or eval_dataset=path/to/pairs.jsonl")
+            raise no_validation_data(cfg, train_items)
         template = lock_template(self.tokenizer, cfg.template)  # the saved tokenizer carries it
         train, _ = encode_preferences(train_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)
         evals, _ = encode_preferences(eval_items, self.tokenizer, template, cfg.cutoff_len, cfg.skip_invalid)

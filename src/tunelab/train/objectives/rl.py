@@ -35,7 +35,14 @@ from tunelab.errors import TunelabError
 from tunelab.train.losses import IGNORE_INDEX, shifted_token_losses
 from tunelab.train.objectives.preference import lora_adds_nothing
 from tunelab.train.rl_losses import (
-    clipped_policy_loss, gae, group_advantages, grpo_loss, masked_mean, ppo_token_rewards, value_loss, whiten,
+    clipped_policy_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    masked_mean,
+    ppo_token_rewards,
+    value_loss,
+    whiten,
 )
 from tunelab.train.step import autocast, to_device
 
