@@ -14,9 +14,9 @@ import json
 import re
 from pathlib import Path
 
-from tunelab.evaluate.report import _figure, _g, _save
+from tunelab.evaluate.report import _figure, _g
 from tunelab.io import write_json_atomic, write_text_atomic
-from tunelab.train.runlog import LOG_NAME, read_log
+from tunelab.train.runlog import LOG_NAME, read_log, save_figure
 
 CHAIN_FILE = "chain.json"
 
@@ -116,7 +116,7 @@ def run_chain_report(parent: Path, out_dir: Path | None = None) -> str:
     ax.set(xlabel="step (stages end to end)", ylabel="loss", title="Chain: loss by stage")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, out_dir / "chain_loss.png")
+    save_figure(fig, out_dir / "chain_loss.png")
     table = write_forgetting(parent)
     summary = "\n".join([f"{parent}: chain of {len(stages)} stage(s); plot in {out_dir / 'chain_loss.png'}", *lines])
     write_text_atomic(out_dir / "chain.md", f"# Chain report: {parent}\n\n" + "\n".join(f"- {x}" for x in lines)
