@@ -21,6 +21,16 @@ class TunelabError(Exception):
         return f"{head}\n  fix: {self.fix}" if self.fix else head
 
 
+def require_extra(modules: tuple[str, ...], extra: str, what: str) -> None:
+    """Optional dependencies (pyproject's extras): say which extra to install instead of an ImportError."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TunelabError(f"{what} needs {', '.join(missing)}, which is not installed", where="installation",
+                           fix=f"pip install 'tunelab[{extra}]'")
+
+
 def nearest(name: str, candidates) -> str | None:
     """The candidate closest to `name` (for 'did you mean' hints), or None."""
     import difflib

@@ -59,6 +59,10 @@ def run_sweep(args) -> int:
 
 
 def run_board(args) -> int:
+    from tunelab.errors import require_extra
+    from tunelab.serve.cli import SERVE_MODULES
+
+    require_extra(SERVE_MODULES, "serve", "tunelab board")
     import uvicorn
 
     from tunelab.board.app import create_app

@@ -132,7 +132,13 @@ def show_chat_prompt(args, adapters) -> str:
     return describe_prompt(EvalSample("chat", prompt, Message("assistant", reply), reply), tokenizer, template_src)
 
 
+SERVE_MODULES = ("fastapi", "uvicorn")  # the [serve] extra
+
+
 def run_serve(args) -> int:
+    from tunelab.errors import require_extra
+
+    require_extra(SERVE_MODULES, "serve", "tunelab serve")
     from tunelab.serve.engine import parse_adapters
     from tunelab.serve.server import check_port_free, serve
 

@@ -37,6 +37,9 @@ class JiebaTokenizer:
     """jieba words for CJK runs, lower-cased Latin/digit runs for the rest."""
 
     def tokenize(self, text: str) -> list[str]:
+        from tunelab.errors import require_extra
+
+        require_extra(("jieba",), "zh", "ROUGE over Chinese words (jieba)")
         import jieba
 
         jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" chatter in the eval output
