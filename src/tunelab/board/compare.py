@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from tunelab.board.runs import best_value, config_diff, lower_is_better, predictions, read_config, read_rows
-from tunelab.evaluate.report import Finding, _save, diagnose, ema, find_log, read_curves, window_size
+from tunelab.evaluate.report import Finding, diagnose, find_log, read_curves
+from tunelab.train.runlog import ema, save_figure, window_size
 from tunelab.io import write_json_atomic, write_text_atomic
 
 EXAMPLES = 3  # evaluation examples shown per comparison
@@ -85,7 +86,7 @@ def plot_runs(paths: list[Path], names: list[str], metric: str, path: Path) -> P
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def common_examples(paths: list[Path], names: list[str], n: int = EXAMPLES) -> list[dict]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.runner import Generated, encode_prompts, make_row
-from tunelab.evaluate.tasks.base import Sample
+from tunelab.evaluate.tasks.base import EvalSample
 
 
 def pairwise_accuracy(rm, path: str, fmt: str = "auto", limit: int | None = None, template: str | None = None
@@ -34,7 +34,7 @@ def pairwise_accuracy(rm, path: str, fmt: str = "auto", limit: int | None = None
             "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(rows)}
 
 
-def rerank_predict(model, tokenizer, samples: Sequence[Sample], template_src: str, options, n: int, rm, *,
+def rerank_predict(model, tokenizer, samples: Sequence[EvalSample], template_src: str, options, n: int, rm, *,
                    task: str, batch_size: int | None = None, progress: bool = True,
                    desc: str = "generating") -> Generated:
     """Prediction rows whose answer is the best of `n` samples by the reward model's score
