@@ -16,8 +16,8 @@ import numpy as np
 
 from tunelab.board.runs import best_value, config_diff, lower_is_better, predictions, read_config, read_rows
 from tunelab.evaluate.report import Finding, diagnose, find_log, read_curves
-from tunelab.train.runlog import ema, save_figure, window_size
 from tunelab.io import write_json_atomic, write_text_atomic
+from tunelab.train.runlog import ema, save_figure, window_size
 
 EXAMPLES = 3  # evaluation examples shown per comparison
 SHOWN_METRICS = ("loss", "eval_loss", "eval_perplexity")  # always in the table, task metrics after them
