@@ -297,11 +297,14 @@ def test_deepspeed_key_becomes_a_deepspeed_config_or_a_clear_refusal(monkeypatch
         init_distributed(load_config(None, {"deepspeed": "zero2"}))
     for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(var, value)
+    real_find_spec = importlib.util.find_spec
+    # The refusals below hold whether or not deepspeed is installed here (it is an extra): say it is.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed"
+                        else real_find_spec(name, *a))
     for keys, message in (({"distributed_strategy": "fsdp"}, "two engines"), ({}, "checkpoints"),
                           ({"save_strategy": "no", "quantization_bit": 4}, "QLoRA")):
         with pytest.raises(TunelabError, match=message):
             init_distributed(load_config(None, {"deepspeed": "zero2", **keys}))
-    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed"
                         else real_find_spec(name, *a))
     with pytest.raises(TunelabError, match="pip install 'tunelab\\[deepspeed\\]'"):
