@@ -337,6 +337,9 @@ def check_rope_scaling(value) -> None:
 def check_data_keys(cfg: TunelabConfig) -> None:
     """Mixture entries, replay and eval sets: their shape, before any file is read."""
     mix_strategy(cfg)  # also checks every dataset entry
+    if cfg.max_samples_strategy != "random" and cfg.max_samples is None:
+        raise TunelabError(f"max_samples_strategy={cfg.max_samples_strategy} has no effect without max_samples",
+                           where="config", fix="set max_samples=N, or drop max_samples_strategy")
     spec = cfg.replay_spec
     if spec is not None and cfg.stage not in ("sft", "pt"):
         raise TunelabError(f"replay mixes conversations into training, but stage={cfg.stage} trains on "

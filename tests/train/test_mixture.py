@@ -136,3 +136,13 @@ def test_replay_mixes_a_share_of_an_earlier_runs_training_rows(files, tmp_path):
 def test_mix_keeps_plain_lists_in_file_order():
     rows, takes = mix([[1, 2, 3], [4, 5]], [DatasetSource("a"), DatasetSource("b")], "concat", seed=0)
     assert rows == [1, 2, 3, 4, 5] and [t.taken for t in takes] == [3, 2]
+
+
+def test_max_samples_strategy_without_max_samples_is_refused():
+    """No key accepted and ignored: `head` only means something with max_samples."""
+    from tunelab.config import load_config
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="max_samples_strategy=head has no effect without max_samples"):
+        load_config(overrides={"max_samples_strategy": "head"})
+    assert load_config(overrides={"max_samples_strategy": "head", "max_samples": 5}).max_samples == 5
