@@ -116,7 +116,7 @@ def tiny_lora_adapter(base_dir: Path, out: Path, seed: int = 1, **lora) -> Path:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads; on a shared CPU the threads' spinning makes
     each step several times slower (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
