@@ -9,14 +9,19 @@ tunelab's own code makes is counted, inside optimizer steps and outside, into
 reductions are not tunelab's calls and are not counted).
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tunelab.config import load_config
+from tunelab.model import loader
 from tunelab.train import loop
+
+INT8_STAND_IN = "int8_stand_in"  # a job key, not a config key: quantization_bit loads through `int8_base`
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier")
 
@@ -55,12 +60,53 @@ def run(cfg):
     return loop.train(cfg)
 
 
+class Int8Linear(nn.Linear):
+    """A frozen linear layer stored as int8 codes and one scale per output row, as LLM.int8 stores
+    it: QLoRA's layout (frozen integer weights beside float ones) where bitsandbytes (CUDA) is not."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+        self.weight = nn.Parameter(torch.round(weight / scale).to(torch.int8), requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+
+
+@contextlib.contextmanager
+def int8_base():
+    """`quantization_bit` loads the model with every decoder linear as an Int8Linear (CPU, no bitsandbytes)."""
+    real = loader.load_model
+
+    def load(*args, quantization_bit=None, **kwargs):
+        model = real(*args, **kwargs)
+        if quantization_bit:
+            decoder = model.get_decoder()
+            for parent in list(decoder.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is nn.Linear:
+                        setattr(parent, name, Int8Linear(child))
+            model.is_loaded_in_8bit = True  # what transformers marks: prepare_for_training's QLoRA set-up runs
+        return model
+
+    loader.load_model = load
+    try:
+        yield
+    finally:
+        loader.load_model = real
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     counts = count_collectives()
     jobs = Path(sys.argv[1])
     for values in json.loads(jobs.read_text(encoding="utf-8")):
-        run(load_config(None, values))
+        with int8_base() if values.pop(INT8_STAND_IN, False) else contextlib.nullcontext():
+            run(load_config(None, values))
     (jobs.parent / f"collectives-{torch.distributed.get_rank()}.json").write_text(json.dumps(counts))
     torch.distributed.destroy_process_group()

@@ -7,20 +7,21 @@ weights and checkpoints against one-process runs with the same global batch.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import run
+from dist_worker import INT8_STAND_IN, Int8Linear, int8_base, run
 from safetensors.torch import load_file
 from test_loop import config, losses
 
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.train import loop
-from tunelab.train.distributed import init_distributed, launcher_env, rank_share
+from tunelab.train.distributed import Dist, init_distributed, launcher_env, rank_share
 from tunelab.train.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,8 @@ def values(tmp_path, model_dir, out, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory, tiny_model_dir):
-    """DDP LoRA, FSDP LoRA, FSDP full (checkpoints at 2 and 4), FSDP full resumed from step 2."""
+    """DDP LoRA, FSDP LoRA, FSDP full (checkpoints at 2 and 4), FSDP full resumed from step 2, FSDP QLoRA,
+    and (deepspeed installed) ZeRO-2 / ZeRO-3 LoRA with checkpoints, each resumed from step 2."""
     tmp = tmp_path_factory.mktemp("dist")
     jobs = {
         "ddp_lora": values(tmp, tiny_model_dir, "ddp_lora", **TWO),
@@ -64,14 +66,20 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
     }
     jobs["fsdp_resume"] = dict(jobs["fsdp_full"], output_dir=str(tmp / "fsdp_resume"),
                                resume_from_checkpoint=str(tmp / "fsdp_full/checkpoints/checkpoint-2"))
+    # QLoRA: the base's linear layers stored as frozen int8 codes (bitsandbytes needs CUDA; dist_worker.py)
+    jobs["fsdp_qlora"] = dict(values(tmp, tiny_model_dir, "fsdp_qlora", distributed_strategy="fsdp", quantization_bit=8,
+                                     **TWO), **{INT8_STAND_IN: True})
     pairs = [str(pairs_file(tmp))]
     for name, keys in (("fsdp_dpo_lora", DPO), ("fsdp_dpo_full", DPO_FULL)):
         jobs[name] = values(tmp, tiny_model_dir, name, distributed_strategy="fsdp", dataset=pairs, save_strategy="no",
                             **dict(TWO, **keys))
     if DEEPSPEED:
         for stage in ("zero2", "zero3"):
-            jobs[f"ds_{stage}_lora"] = values(tmp, tiny_model_dir, f"ds_{stage}_lora", deepspeed=stage,
-                                              save_strategy="no", **TWO)
+            # ZeRO-3 keeps the best model, which the threshold makes step 2's: the final adapter is checkpoint-2's.
+            best = dict(load_best_model_at_end=True, early_stopping_threshold=1.0) if stage == "zero3" else {}
+            jobs[f"ds_{stage}_lora"] = values(tmp, tiny_model_dir, f"ds_{stage}_lora", deepspeed=stage, **best, **TWO)
+            jobs[f"ds_{stage}_resume"] = dict(jobs[f"ds_{stage}_lora"], output_dir=str(tmp / f"ds_{stage}_resume"),
+                                              resume_from_checkpoint=str(tmp / f"ds_{stage}_lora/checkpoints/checkpoint-2"))
     jobs["ddp_after_deepspeed"] = dict(jobs["ddp_lora"], output_dir=str(tmp / "ddp_after_deepspeed"), max_steps=1,
                                        eval_strategy="no", save_strategy="no")  # accelerate's marks are undone
     jobs_file = tmp / "jobs.json"
@@ -168,7 +176,75 @@ def test_deepspeed_zero2_and_zero3_lora_train_the_one_process_math(two_process_r
     for name in ("ds_zero2_lora", "ds_zero3_lora"):
         close_losses(runs[name], single)
         assert eval_losses(runs[name]) == pytest.approx(eval_losses(single), abs=2e-4)
-        close_weights(runs[name], single, "adapter_model.safetensors")  # ZeRO-3: gathered on rank 0
+    close_weights(runs["ds_zero2_lora"], single, "adapter_model.safetensors")
+    # ZeRO-3 gathers the adapter on rank 0, for every checkpoint too; its final one is the best (step 2).
+    close_weights(runs["ds_zero3_lora"] / "checkpoints/checkpoint-4", single, "adapter_model.safetensors")
+
+
+@pytest.mark.skipif(not DEEPSPEED, reason="deepspeed is not installed (pip install 'tunelab[deepspeed]')")
+def test_deepspeed_checkpoints_resume_exactly_and_keep_the_best_model(two_process_runs, tmp_path):
+    runs, _ = two_process_runs
+    for stage in ("zero2", "zero3"):
+        run, resumed = runs[f"ds_{stage}_lora"], runs[f"ds_{stage}_resume"]
+        close_losses(resumed, run, steps=[3, 4], tol=1e-6)
+        assert eval_losses(resumed)[-1] == pytest.approx(eval_losses(run)[-1], abs=1e-6)
+        # No temporary folder is left behind by the atomic publish.
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    close_weights(runs["ds_zero2_resume"], runs["ds_zero2_lora"], "adapter_model.safetensors", atol=1e-6)
+    # load_best_model_at_end: step 2's weights, restored from DeepSpeed's checkpoint (the resumed run's too).
+    best = runs["ds_zero3_lora"] / "checkpoints/checkpoint-2"
+    for name in ("ds_zero3_lora", "ds_zero3_resume"):
+        close_weights(runs[name], best, "adapter_model.safetensors", atol=1e-6)
+    last = load_file(runs["ds_zero3_lora"] / "checkpoints/checkpoint-4/adapter_model.safetensors")
+    assert any(not torch.allclose(v, load_file(runs["ds_zero3_lora"] / "adapter_model.safetensors")[k], atol=1e-4)
+               for k, v in last.items())  # the best is not simply the last
+
+    from tunelab.train.checkpoint import checkpoint_problem, resolve_resume
+    from tunelab.train.deepspeed import load_deepspeed_checkpoint
+
+    checkpoint = runs["ds_zero2_lora"] / "checkpoints/checkpoint-4"
+    assert resolve_resume(runs["ds_zero2_lora"], "latest") == checkpoint  # DeepSpeed's layout is a checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy)
+    (copy / "deepspeed/tunelab.json").unlink()  # a torn copy
+    assert "missing deepspeed/tunelab.json" in checkpoint_problem(copy)
+    # Another engine cannot read DeepSpeed's partitions, nor DeepSpeed another engine's checkpoint.
+    with pytest.raises(TunelabError, match="written by a DeepSpeed run"):
+        load_deepspeed_checkpoint(checkpoint, None, None, Dist(strategy="fsdp"))
+    with pytest.raises(TunelabError, match="DeepSpeed reads only its own"):
+        load_deepspeed_checkpoint(runs["fsdp_full"] / "checkpoints/checkpoint-2", None, None,
+                                  Dist(strategy="deepspeed"))
+
+
+def test_fsdp_qlora_trains_the_one_process_math_and_resumes_on_one_process(two_process_runs, tmp_path,
+                                                                           tiny_model_dir):
+    """QLoRA under FSDP2: the frozen quantized weights stay whole on every rank, the float ones are sharded."""
+    torch.set_num_threads(1)
+    runs, _ = two_process_runs
+    checkpoint = runs["fsdp_qlora"] / "checkpoints/checkpoint-2"
+    with int8_base():
+        single = Path(run(load_config(None, values(tmp_path, tiny_model_dir, "one", quantization_bit=8,
+                                                   **ONE))).output_dir)
+        resumed = Path(run(load_config(None, values(tmp_path, tiny_model_dir, "one_resumed", quantization_bit=8,
+                                                    resume_from_checkpoint=str(checkpoint), **ONE))).output_dir)
+    close_losses(runs["fsdp_qlora"], single)
+    assert eval_losses(runs["fsdp_qlora"]) == pytest.approx(eval_losses(single), abs=2e-4)
+    close_weights(runs["fsdp_qlora"], single, "adapter_model.safetensors")  # a plain PEFT adapter
+    close_losses(resumed, runs["fsdp_qlora"], steps=[3, 4])  # the sharded checkpoint, on one process
+    close_weights(resumed, runs["fsdp_qlora"], "adapter_model.safetensors")
+
+
+def test_fsdp_leaves_out_exactly_the_frozen_quantized_weights(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.distributed import quantized_params
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert quantized_params(model) == set()  # a float model: everything is sharded
+    layer = model.model.layers[0].mlp
+    layer.up_proj = Int8Linear(layer.up_proj)
+    layer.down_proj.weight.requires_grad_(False)  # frozen but float: sharded like any weight
+    assert quantized_params(model) == {layer.up_proj.weight}
 
 
 def test_dpo_under_fsdp_trains_the_one_process_math(two_process_runs, tmp_path, tiny_model_dir):
@@ -301,14 +377,13 @@ def test_deepspeed_key_becomes_a_deepspeed_config_or_a_clear_refusal(monkeypatch
     # The refusals below hold whether or not deepspeed is installed here (it is an extra): say it is.
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed"
                         else real_find_spec(name, *a))
-    for keys, message in (({"distributed_strategy": "fsdp"}, "two engines"), ({}, "checkpoints"),
-                          ({"save_strategy": "no", "quantization_bit": 4}, "QLoRA")):
+    for keys, message in (({"distributed_strategy": "fsdp"}, "two engines"), ({"quantization_bit": 4}, "QLoRA")):
         with pytest.raises(TunelabError, match=message):
             init_distributed(load_config(None, {"deepspeed": "zero2", **keys}))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed"
                         else real_find_spec(name, *a))
     with pytest.raises(TunelabError, match="pip install 'tunelab\\[deepspeed\\]'"):
-        init_distributed(load_config(None, {"deepspeed": "zero2", "save_strategy": "no"}))
+        init_distributed(load_config(None, {"deepspeed": "zero2"}))
 
 
 def test_settings_one_process_cannot_honour_are_refused(monkeypatch):

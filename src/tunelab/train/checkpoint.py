@@ -114,6 +114,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
 
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json")
+SHARDED_MARKERS = {"dcp": "dcp/.metadata", "deepspeed": "deepspeed/tunelab.json"}  # folder -> the file it needs
 RESUME_FIX = "resume from another checkpoints/checkpoint-N folder, or 'latest' (the newest intact one)"
 
 
@@ -169,8 +170,9 @@ def checkpoint_problem(path: Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return "the folder does not exist"
-    sharded = (path / "dcp").is_dir()  # FSDP (train/sharded_checkpoint.py) has its own layout
-    required = ("dcp/.metadata", "scheduler.pt", "trainer_state.json") if sharded else CHECKPOINT_FILES
+    # FSDP (train/sharded_checkpoint.py) and DeepSpeed (train/deepspeed.py) have their own layouts.
+    sharded = next((marker for folder, marker in SHARDED_MARKERS.items() if (path / folder).is_dir()), None)
+    required = (sharded, "scheduler.pt", "trainer_state.json") if sharded else CHECKPOINT_FILES
     absent = [n for n in required if not (path / n).is_file()]
     if absent:
         return f"missing {', '.join(absent)}"

@@ -10,6 +10,11 @@
          reduction), clipping and the optimizer step; the loop's scheduler keeps setting the
          learning rate of the optimizer it wraps.
 
+Checkpoints are DeepSpeed's own (`engine.save_checkpoint`: each rank its ZeRO partitions of the
+trainable weights and optimizer state) inside tunelab's atomic checkpoint folder, beside the scheduler,
+every rank's RNG and the loop state (sharded_checkpoint.save_rank_checkpoint); they resume on the
+same number of processes with the same ZeRO stage.
+
 The loop's math is unchanged: every rank divides its summed loss by the global step's weight
 times the world size (DeepSpeed averages gradients over ranks, as DDP does), and the step
 boundary is the loop's (`set_gradient_accumulation_boundary`), whatever the number of micro-batches.
@@ -30,6 +35,8 @@ from tunelab.config import TunelabConfig
 from tunelab.errors import TunelabError
 
 STAGES = {"zero2": 2, "zero3": 3}
+FOLDER, TAG = "deepspeed", "state"  # checkpoint-N/deepspeed/state/: the engine's files
+LAYOUT = "tunelab.json"  # checkpoint-N/deepspeed/tunelab.json: the process count and ZeRO stage that wrote it
 
 
 def require_deepspeed(where: str = "config") -> None:
@@ -150,6 +157,37 @@ class DeepSpeedObjective:
         norm = self.engine.get_global_grad_norm()
         return norm if norm is not None else float("nan")
 
+    def save_checkpoint(self, run_dir: Path, scheduler, state, dist, extra_save=None) -> Path:
+        """`run_dir/checkpoints/checkpoint-STEP`, written by every rank, published whole or not at all."""
+        from tunelab.train.sharded_checkpoint import save_rank_checkpoint
+
+        def write_shards(folder: Path) -> None:
+            # Frozen weights are the base model's, reloaded from its folder: never saved.
+            self.engine.save_checkpoint(str(folder / FOLDER), tag=TAG, save_latest=False,
+                                        exclude_frozen_parameters=True)
+            if dist.is_main:
+                layout = {"world": dist.world, "zero_stage": self.engine.zero_optimization_stage()}
+                (folder / FOLDER / LAYOUT).write_text(json.dumps(layout), encoding="utf-8")
+
+        return save_rank_checkpoint(run_dir, scheduler, state, dist, write_shards, extra_save)
+
+    def load_weights(self, path: Path) -> None:
+        """Trainable weights and optimizer state of a checkpoint this engine's kind wrote (every rank)."""
+        path = Path(path)
+        layout = json.loads((path / FOLDER / LAYOUT).read_text(encoding="utf-8"))
+        world, stage = torch.distributed.get_world_size(), self.engine.zero_optimization_stage()
+        if (layout["world"], layout["zero_stage"]) != (world, stage):
+            raise TunelabError(f"{path} was written by {layout['world']} processes under ZeRO-{layout['zero_stage']}; "
+                               f"this run has {world} under ZeRO-{stage}", where="resume_from_checkpoint",
+                               fix=f"resume with {layout['world']} processes and the deepspeed key the run started "
+                                   "with (DeepSpeed's checkpoints are per rank)")
+        # Its scheduler is the loop's (restored with the loop state): DeepSpeed has none of its own.
+        loaded, _ = self.engine.load_checkpoint(str(path / FOLDER), tag=TAG, load_module_strict=False,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise TunelabError(f"DeepSpeed found no checkpoint in {path / FOLDER}", where="resume_from_checkpoint",
+                               fix="resume from another checkpoints/checkpoint-N folder, or 'latest'")
+
     def consolidated_state(self, model, is_main: bool, trainable_only: bool) -> dict | None:
         """The full weights on rank 0 (ZeRO-3 gathers its partitions: every rank must call), keyed as
         `model.state_dict()` keys them; None on the other ranks and under ZeRO-2 (weights are whole)."""
@@ -161,3 +199,22 @@ class DeepSpeedObjective:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k.removeprefix("model."): v for k, v in state.items()}
         return {k: v for k, v in state.items() if k in trainable} if trainable_only else state
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return (Path(path) / FOLDER).is_dir()
+
+
+def load_deepspeed_checkpoint(path: Path, objective, scheduler, dist):
+    """Resume a DeepSpeed run; a checkpoint of another engine (or this one under another) is refused."""
+    from tunelab.train.sharded_checkpoint import load_rank_state
+
+    if dist.strategy != "deepspeed":
+        raise TunelabError(f"{path} was written by a DeepSpeed run", where="resume_from_checkpoint",
+                           fix="resume with the deepspeed key and the number of processes the run started with")
+    if not is_deepspeed_checkpoint(path):
+        raise TunelabError(f"{path} was not written by a DeepSpeed run, and DeepSpeed reads only its own checkpoints",
+                           where="resume_from_checkpoint",
+                           fix="resume without the deepspeed key (the engine that wrote it), or start over")
+    objective.load_weights(path)
+    return load_rank_state(Path(path), scheduler, dist)

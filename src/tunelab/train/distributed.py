@@ -6,7 +6,8 @@
       -> wrap(model, objective, cfg, dist): the engine
            ddp   LoRA / QLoRA: each rank a full copy, only the trainable weights all-reduced
            fsdp  full fine-tuning (or LoRA on models one card cannot hold): FSDP2 `fully_shard`
-                 per decoder layer, then the root; bf16 compute, fp32 reduce, optional CPU offload
+                 per decoder layer, then the root; bf16 compute, fp32 reduce, optional CPU offload;
+                 QLoRA's frozen quantized weights stay whole on every rank (`quantized_params`)
       -> every optimizer step: the global list of sample ids split by `rank_share`,
          the loss divided by the target tokens of the whole global step (all ranks),
          which every rank computes on the host (`step_totals`): no collective call per step
@@ -169,11 +170,6 @@ def init_distributed(cfg: TunelabConfig) -> Dist:
         raise TunelabError(f"stage={cfg.stage} is not supported with FSDP yet (its reference model and "
                            "precomputed log-probs run outside the sharded forward)", where="config",
                            fix="use finetuning_type=lora with distributed_strategy=ddp for preference stages")
-    if strategy == "fsdp" and cfg.quantization_bit:
-        raise TunelabError("QLoRA (quantization_bit) with FSDP is not supported yet: 4-bit weights cannot be "
-                           "sharded by fully_shard", where="config",
-                           fix="use distributed_strategy=ddp (each GPU holds the 4-bit model), or plain LoRA "
-                               "with distributed_strategy=fsdp")
     if strategy == "fsdp" and cfg.fp16:
         raise TunelabError("fp16 with FSDP is not supported (the loss scaler would skip steps on some ranks only)",
                            where="config", fix="use bf16=true (Ampere or newer GPUs), or distributed_strategy=ddp")
@@ -197,11 +193,6 @@ def _check_deepspeed(cfg: TunelabConfig) -> None:
     if cfg.quantization_bit:
         raise TunelabError("QLoRA (quantization_bit) with DeepSpeed is not supported", where="config",
                            fix="use distributed_strategy=ddp for QLoRA (drop the deepspeed key)")
-    if cfg.save_strategy != "no" or cfg.resume_from_checkpoint or cfg.load_best_model_at_end:
-        raise TunelabError("checkpoints are not written under DeepSpeed yet (save_strategy, resume_from_checkpoint, "
-                           "load_best_model_at_end)", where="config",
-                           fix="set save_strategy=no (the final weights are still saved), or use "
-                               "distributed_strategy=fsdp for resumable sharded checkpoints")
 
 
 def _wants_cuda(cfg: TunelabConfig) -> bool:
@@ -396,6 +387,24 @@ def _ddp(holder: nn.Module, device: torch.device):
         find_unused_parameters=False, gradient_as_bucket_view=True, **no_buffer_sync)
 
 
+def load_device(cfg: TunelabConfig, dist: Dist, device: torch.device) -> torch.device:
+    """Where the model is loaded: FSDP shards from CPU memory, so no GPU ever holds the whole model;
+    QLoRA is quantized by bitsandbytes while it places the weights on the GPU, so each GPU loads the
+    (small) quantized model and FSDP shards only its float parts from there."""
+    if dist.strategy == "fsdp" and not cfg.quantization_bit:
+        return torch.device("cpu")
+    return device
+
+
+def quantized_params(model: nn.Module) -> set[nn.Parameter]:
+    """Frozen weights stored quantized: integer storage (bitsandbytes' packed 4-bit `Params4bit`,
+    LLM.int8's `Int8Params`) or a weight carrying its quantization state. FSDP leaves them out:
+    sharding packed codes along dim 0 would split them from their per-block scales, and an
+    all-gather would rebuild a plain tensor without the state that dequantizes it."""
+    return {p for p in model.parameters()
+            if not p.requires_grad and (not p.dtype.is_floating_point or hasattr(p, "quant_state"))}
+
+
 def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     try:
@@ -415,13 +424,17 @@ def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
     half = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
     offload = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
+    # QLoRA: every rank keeps the whole quantized base (a 4-bit 7B model is ~4 GB), replicated and never
+    # communicated (frozen: no gradient to reduce); LoRA weights, norms, embeddings and head are sharded.
+    ignored = quantized_params(model) or None
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's weights are needed again at once by backward: keep them gathered.
-        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload,
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored,
                     reshard_after_forward=i < len(layers) - 1)
     # The root holds embeddings, final norm and LM head; its forward is the whole loss.
-    fully_shard(holder, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    fully_shard(holder, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored,
+                reshard_after_forward=False)
     return holder
 
 

@@ -115,8 +115,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
     # 2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py).
     device = resolve_device(distributed.device_for(cfg, dist))
     cfg = restrict_speed(resolve_precision(cfg, device), type(objective))
-    # FSDP shards from CPU memory: no GPU ever holds the whole model.
-    load_device = torch.device("cpu") if dist.strategy == "fsdp" else device
+    load_device = distributed.load_device(cfg, dist, device)  # FSDP: CPU memory, no GPU holds the whole model
     model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
                        rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
@@ -151,7 +150,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
 
     state = TrainerState()
     if resume_path is not None:
-        state = _load_checkpoint(resume_path, model, optimizer, scheduler, dist)
+        state = _load_checkpoint(resume_path, model, optimizer, scheduler, dist, objective)
         if dist.is_main:
             print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
     if dist.is_main:
@@ -218,9 +217,6 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
         _settle_window(window, pending, device, dist, run_dir)
 
     def checkpoint() -> Path:
-        if dist.strategy == "deepspeed":  # refused at start for saves; an interrupt ends without one
-            raise TunelabError("interrupted: DeepSpeed runs write no checkpoint yet", where=str(run_dir),
-                               fix="rerun, or use distributed_strategy=fsdp for resumable sharded checkpoints")
         settle()
         # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
         extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist, objective))
@@ -230,6 +226,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
             from tunelab.train.sharded_checkpoint import save_sharded_checkpoint
 
             path = save_sharded_checkpoint(run_dir, model, optimizer, scheduler, state, dist, extra_save=extra)
+        elif dist.strategy == "deepspeed":  # the engine's own partitions, in the same atomic folder
+            path = objective.save_checkpoint(run_dir, scheduler, state, dist, extra_save=extra)
         else:  # DDP: every rank holds the same weights, rank 0 writes the usual checkpoint
             path = checkpoint_path(run_dir, state.global_step)
             if dist.is_main:
@@ -350,7 +348,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
 
     # 4. Final weights: the best checkpoint's if asked, else the last step's.
     if cfg.load_best_model_at_end and state.best_checkpoint:
-        _load_best(Path(state.best_checkpoint), model)
+        _load_best(Path(state.best_checkpoint), model, objective)
         if dist.is_main:
             print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
                   f"{state.best_checkpoint}", file=sys.stderr)
@@ -436,10 +434,14 @@ def prepare_run_dir(run_dir: Path, cfg: TunelabConfig, resuming: bool) -> None:
         clean_stale_temps(folder)  # what a killed run left half-written
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> TrainerState:
-    """Sharded (FSDP) checkpoints load on any number of processes; the others on one or DDP."""
+def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist, objective) -> TrainerState:
+    """Sharded (FSDP) checkpoints load on any number of processes; the others on one or DDP;
+    DeepSpeed's on DeepSpeed (train/deepspeed.py)."""
+    from tunelab.train.deepspeed import is_deepspeed_checkpoint, load_deepspeed_checkpoint
     from tunelab.train.sharded_checkpoint import is_sharded, load_sharded_checkpoint
 
+    if dist.strategy == "deepspeed" or is_deepspeed_checkpoint(path):
+        return load_deepspeed_checkpoint(path, objective, scheduler, dist)
     if is_sharded(path):
         return load_sharded_checkpoint(path, model, optimizer, scheduler, dist)
     if dist.strategy == "fsdp":
@@ -449,12 +451,15 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> Tra
     return load_checkpoint(path, model, optimizer, scheduler)
 
 
-def _load_best(path: Path, model) -> None:
+def _load_best(path: Path, model, objective) -> None:
     from safetensors.torch import load_file
 
+    from tunelab.train.deepspeed import is_deepspeed_checkpoint
     from tunelab.train.sharded_checkpoint import is_sharded, load_sharded_weights
 
-    if is_sharded(path):
+    if is_deepspeed_checkpoint(path):
+        objective.load_weights(path)
+    elif is_sharded(path):
         load_sharded_weights(path, model)
     else:
         load_trainable_state(model, load_file(path / "trainable.safetensors"))

@@ -1,7 +1,9 @@
-"""Sharded checkpoints of FSDP runs through torch.distributed.checkpoint (DCP).
+"""Sharded checkpoints of FSDP runs through torch.distributed.checkpoint (DCP); the atomic
+folder every rank writes into, which DeepSpeed's checkpoints share (train/deepspeed.py).
 
     checkpoint-STEP/
       dcp/                   trainable weights + optimizer state, one file per rank (DCP)
+                             (DeepSpeed: deepspeed/, its engine's own checkpoint)
       scheduler.pt           rank 0
       rng_state_rankR.pt     every rank's RNG
       trainer_state.json     the loop's position (written last: marks the folder complete)
@@ -36,8 +38,9 @@ def is_sharded(path: Path) -> bool:
 def _options(full: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # Frozen weights are the base model's: they are reloaded from the model folder, never saved.
-    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full)
+    # Frozen weights are the base model's: they are reloaded from the model folder, never saved, so a
+    # load leaves them be (not strict; dcp.load has already failed on any trainable weight missing).
+    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full, strict=False)
 
 
 def _states(model, optimizer) -> dict:
@@ -57,13 +60,24 @@ def save_sharded_checkpoint(run_dir: Path, model, optimizer, scheduler, state: T
     """
     import torch.distributed.checkpoint as dcp
 
+    def write_shards(folder: Path) -> None:
+        dcp.save(_states(model, optimizer), checkpoint_id=str(folder / "dcp"))
+
+    return save_rank_checkpoint(run_dir, scheduler, state, dist, write_shards, extra_save)
+
+
+def save_rank_checkpoint(run_dir: Path, scheduler, state: TrainerState, dist: Dist, write_shards,
+                         extra_save=None) -> Path:
+    """The checkpoint every rank writes a part of (FSDP's DCP shards, DeepSpeed's ZeRO partitions):
+    `write_shards(folder)` on every rank, then each rank's RNG, the scheduler and the loop state,
+    all into one temporary folder that rank 0 renames into place once every rank is done."""
     final = checkpoint_path(run_dir, state.global_step)
     tmp = final.with_name(f".{final.name}.sharded-tmp")  # one name every rank agrees on
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp / "dcp"))
+    write_shards(tmp)
     torch.save(rng_state(all_devices=False), tmp / f"rng_state_rank{dist.rank}.pt")
     if extra_save is not None:
         extra_save(tmp)
@@ -91,6 +105,11 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist)
         raise TunelabError(f"{path} is not a complete sharded checkpoint (missing {', '.join(absent)})",
                            fix="point resume_from_checkpoint at a checkpoints/checkpoint-N folder, or 'latest'")
     load_sharded_weights(path, model, optimizer)
+    return load_rank_state(path, scheduler, dist)
+
+
+def load_rank_state(path: Path, scheduler, dist: Dist) -> TrainerState:
+    """The scheduler, this rank's RNG and the loop state of a checkpoint every rank wrote."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng_state_rank{dist.rank}.pt"
     # Another process count: ranks without their own file continue from rank 0's stream.

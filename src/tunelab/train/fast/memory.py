@@ -33,6 +33,8 @@ def head_to_autocast_dtype(model, dtype: torch.dtype) -> bool:
     if type(head) is not torch.nn.Linear or head.weight.requires_grad or head.weight is embeddings.weight \
             or head.weight.dtype == dtype:  # a LoRA-wrapped, trained or tied head stays as it is
         return False
+    if hasattr(head.weight, "to_local"):  # sharded by FSDP2, whose mixed precision gathers it in bf16 already
+        return False
     head.to(dtype)
     return True
 
