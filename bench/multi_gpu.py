@@ -7,6 +7,9 @@
     # LoRA on the Qwen2.5-32B shape (65 GB of bf16 weights) sharded by FSDP2 across 2 GPUs
     python bench/multi_gpu.py run --samples bench_data/hotel-qwen2.json --modes lora_fsdp_32b_2gpu \
         --out bench_data/multi_gpu_32b.json
+    # QLoRA (NF4, bitsandbytes) on 1 GPU vs FSDP2 across 2 (same global batch)
+    python bench/multi_gpu.py run --samples bench_data/hotel-qwen2.json --modes qlora_1gpu,qlora_fsdp_2gpu \
+        --out bench_data/multi_gpu_qlora.json
     # smoke test of this script on CPU (gloo), no GPU needed
     python bench/multi_gpu.py run --samples bench_data/hotel-qwen2.json --model tiny --steps 1 --warmup 1 --no-compile
 
@@ -26,6 +29,9 @@ Weights are random (speed does not depend on their values) in the real Qwen2.5-7
   the LoRA 2-GPU run and the full fine-tuning run through DeepSpeed ZeRO-2/3 instead of DDP/FSDP2.
 - lora_fsdp_32b_2gpu (asked for by name): the 32B model is built on the meta device, sharded,
   and only each GPU's shards are allocated and filled with random values.
+- qlora_1gpu / qlora_fsdp_2gpu (asked for by name; need bitsandbytes): the LoRA runs on the base
+  quantized to NF4 (train_throughput.quantize_nf4), with gradient checkpointing; under FSDP2 each GPU
+  keeps the whole 4-bit base and the float weights (LoRA, norms, embeddings, head) are sharded.
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ MODES = {  # name -> (processes, shape, config keys, samples per micro-batch, sa
     "lora_ds_zero3_2gpu": (2, "qwen2.5-7b", dict(LORA, deepspeed="zero3"), 16, 32),
     "full_ds_zero3_2gpu": (2, "qwen2.5-7b", dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True,
                                                  deepspeed="zero3"), 16, 64),
+    # QLoRA (pip install bitsandbytes): the 4-bit base whole on each GPU, the rest sharded by FSDP2.
+    "qlora_1gpu": (1, "qwen2.5-7b", dict(LORA, quantization_bit=4, gradient_checkpointing=True), 16, 32),
+    "qlora_fsdp_2gpu": (2, "qwen2.5-7b", dict(LORA, quantization_bit=4, gradient_checkpointing=True,
+                                              distributed_strategy="fsdp"), 16, 32),
     # Not in the default set: LoRA on a model whose bf16 weights (65 GB) exceed one card.
     "lora_fsdp_32b_2gpu": (2, "qwen2.5-32b", dict(LORA, distributed_strategy="fsdp", gradient_checkpointing=True),
                            16, 32),
@@ -75,7 +85,14 @@ EXTRA_SHAPES = {  # the real config of Qwen2.5-32B
 def worker(args) -> None:
     from types import SimpleNamespace
 
-    from train_throughput import build_model, flops_per_step, linear_params, load_samples, measured_peak_tflops
+    from train_throughput import (
+        build_model,
+        flops_per_step,
+        linear_params,
+        load_samples,
+        measured_peak_tflops,
+        quantize_nf4,
+    )
 
     from tunelab.config import TunelabConfig
     from tunelab.model.adapters import prepare_for_training
@@ -101,6 +118,8 @@ def worker(args) -> None:
     meta = shape in EXTRA_SHAPES or args.meta
     model = build_meta_model(shape) if meta else build_model(shape, str(device))
     n_params = linear_params(model)
+    if cfg.quantization_bit:  # as loader.load_model does with bitsandbytes: the same NF4 base on every GPU
+        quantize_nf4(model)
     torch.manual_seed(1)  # the same adapter init in every launch
     model = prepare_for_training(model, cfg)
     objective = SFTObjective(cfg, SimpleNamespace(pad_token_id=0, eos_token_id=0))
@@ -214,9 +233,9 @@ def table(results: dict) -> str:
     lines = ["| run | GPUs | samples / step (micro) | real tok/s | x 1 GPU | MFU (measured peak) | peak GiB / GPU "
              "| final loss | max abs loss diff vs 1 GPU |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    base = results.get("lora_1gpu")
     for mode, r in results.items():
-        same_math = mode.startswith("lora") and base
+        base = results.get(mode.split("_")[0] + "_1gpu")  # lora_2gpu vs lora_1gpu, qlora_fsdp_2gpu vs qlora_1gpu
+        same_math = base is not None
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if same_math else "-"
         diff = (f"{max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.4f}" if same_math else "-")
         lines.append(f"| {mode} | {r['gpus']} | {r['samples_per_step']} ({r['micro']}) | {r['tokens_per_s']:,.0f} | {speedup} | {100 * r['mfu']:.1f}% | "

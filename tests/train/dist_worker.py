@@ -11,6 +11,7 @@ reductions are not tunelab's calls and are not counted).
 
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tunelab.model import loader
 from tunelab.train import loop
 
 INT8_STAND_IN = "int8_stand_in"  # a job key, not a config key: quantization_bit loads through `int8_base`
+INTERRUPT = "interrupt_after_step"  # a job key: Ctrl-C reaches every rank during that optimizer step
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier")
 
@@ -78,6 +80,28 @@ class Int8Linear(nn.Linear):
 
 
 @contextlib.contextmanager
+def interrupted_at(step: int):
+    """SIGINT on every rank during optimizer step `step` (as a scheduler's SIGTERM reaches every
+    process): the loop finishes the step, checkpoints and re-raises, which ends the job here."""
+    real = loop.optimizer_step
+    calls = []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(True)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    loop.optimizer_step = step_then_interrupt
+    try:
+        yield
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.optimizer_step = real
+
+
+@contextlib.contextmanager
 def int8_base():
     """`quantization_bit` loads the model with every decoder linear as an Int8Linear (CPU, no bitsandbytes)."""
     real = loader.load_model
@@ -106,7 +130,9 @@ if __name__ == "__main__":
     counts = count_collectives()
     jobs = Path(sys.argv[1])
     for values in json.loads(jobs.read_text(encoding="utf-8")):
-        with int8_base() if values.pop(INT8_STAND_IN, False) else contextlib.nullcontext():
+        interrupt = values.pop(INTERRUPT, None)
+        with int8_base() if values.pop(INT8_STAND_IN, False) else contextlib.nullcontext(), \
+                interrupted_at(interrupt) if interrupt else contextlib.nullcontext():
             run(load_config(None, values))
     (jobs.parent / f"collectives-{torch.distributed.get_rank()}.json").write_text(json.dumps(counts))
     torch.distributed.destroy_process_group()

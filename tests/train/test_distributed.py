@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import INT8_STAND_IN, Int8Linear, int8_base, run
+from dist_worker import INT8_STAND_IN, INTERRUPT, Int8Linear, int8_base, run
 from safetensors.torch import load_file
 from test_loop import config, losses
 
@@ -78,8 +78,12 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
             # ZeRO-3 keeps the best model, which the threshold makes step 2's: the final adapter is checkpoint-2's.
             best = dict(load_best_model_at_end=True, early_stopping_threshold=1.0) if stage == "zero3" else {}
             jobs[f"ds_{stage}_lora"] = values(tmp, tiny_model_dir, f"ds_{stage}_lora", deepspeed=stage, **best, **TWO)
+        # ZeRO-2 resumes from the checkpoint an interrupt wrote, ZeRO-3 from one save_steps wrote.
+        jobs["ds_zero2_interrupted"] = dict(jobs["ds_zero2_lora"], output_dir=str(tmp / "ds_zero2_interrupted"),
+                                            save_strategy="no", **{INTERRUPT: 2})
+        for stage, source in (("zero2", "ds_zero2_interrupted"), ("zero3", "ds_zero3_lora")):
             jobs[f"ds_{stage}_resume"] = dict(jobs[f"ds_{stage}_lora"], output_dir=str(tmp / f"ds_{stage}_resume"),
-                                              resume_from_checkpoint=str(tmp / f"ds_{stage}_lora/checkpoints/checkpoint-2"))
+                                              resume_from_checkpoint=str(tmp / source / "checkpoints/checkpoint-2"))
     jobs["ddp_after_deepspeed"] = dict(jobs["ddp_lora"], output_dir=str(tmp / "ddp_after_deepspeed"), max_steps=1,
                                        eval_strategy="no", save_strategy="no")  # accelerate's marks are undone
     jobs_file = tmp / "jobs.json"
@@ -191,6 +195,11 @@ def test_deepspeed_checkpoints_resume_exactly_and_keep_the_best_model(two_proces
         # No temporary folder is left behind by the atomic publish.
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     close_weights(runs["ds_zero2_resume"], runs["ds_zero2_lora"], "adapter_model.safetensors", atol=1e-6)
+    # Ctrl-C during step 2: the step ends and is checkpointed (its log row too, which the resumed run writes).
+    interrupted = runs["ds_zero2_interrupted"]
+    assert [step for step, _ in losses(interrupted)] == [1] and not (interrupted / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["checkpoint-2"]
+    close_losses(runs["ds_zero2_resume"], runs["ds_zero2_lora"], steps=[2, 3, 4], tol=1e-6)
     # load_best_model_at_end: step 2's weights, restored from DeepSpeed's checkpoint (the resumed run's too).
     best = runs["ds_zero3_lora"] / "checkpoints/checkpoint-2"
     for name in ("ds_zero3_lora", "ds_zero3_resume"):
