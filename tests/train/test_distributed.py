@@ -186,7 +186,7 @@ def test_deepspeed_zero2_and_zero3_lora_train_the_one_process_math(two_process_r
 
 
 @pytest.mark.skipif(not DEEPSPEED, reason="deepspeed is not installed (pip install 'tunelab[deepspeed]')")
-def test_deepspeed_checkpoints_resume_exactly_and_keep_the_best_model(two_process_runs, tmp_path):
+def test_deepspeed_checkpoints_resume_exactly_and_keep_the_best_model(two_process_runs, tmp_path, monkeypatch):
     runs, _ = two_process_runs
     for stage in ("zero2", "zero3"):
         run, resumed = runs[f"ds_{stage}_lora"], runs[f"ds_{stage}_resume"]
@@ -223,6 +223,16 @@ def test_deepspeed_checkpoints_resume_exactly_and_keep_the_best_model(two_proces
     with pytest.raises(TunelabError, match="DeepSpeed reads only its own"):
         load_deepspeed_checkpoint(runs["fsdp_full"] / "checkpoints/checkpoint-2", None, None,
                                   Dist(strategy="deepspeed"))
+    # ZeRO's partitions are per rank and per stage: another layout is refused before DeepSpeed reads them.
+    from types import SimpleNamespace
+
+    from tunelab.train.deepspeed import DeepSpeedObjective
+
+    objective = DeepSpeedObjective(None, None, None)
+    objective.engine = SimpleNamespace(zero_optimization_stage=lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(TunelabError, match="written by 2 processes under ZeRO-2; this run has 2 under ZeRO-3"):
+        objective.load_weights(checkpoint)
 
 
 def test_fsdp_qlora_trains_the_one_process_math_and_resumes_on_one_process(two_process_runs, tmp_path,
