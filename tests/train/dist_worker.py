@@ -63,8 +63,9 @@ def run(cfg):
 
 
 class Int8Linear(nn.Linear):
-    """A frozen linear layer stored as int8 codes and one scale per output row, as LLM.int8 stores
-    it: QLoRA's layout (frozen integer weights beside float ones) where bitsandbytes (CUDA) is not."""
+    """A frozen linear layer stored as int8 codes, its per-row scales kept on the weight as its
+    quantization state and written into state dicts beside it (`weight.scale`), as bitsandbytes
+    does (`weight.absmax`, ...): QLoRA's layout where bitsandbytes (CUDA only) is not."""
 
     def __init__(self, linear: nn.Linear):
         nn.Module.__init__(self)
@@ -72,11 +73,16 @@ class Int8Linear(nn.Linear):
         weight = linear.weight.detach()
         scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
         self.weight = nn.Parameter(torch.round(weight / scale).to(torch.int8), requires_grad=False)
-        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.weight.quant_state = scale
         self.bias = linear.bias
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight.scale"] = self.weight.quant_state
+
     def forward(self, x):
-        return nn.functional.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+        scale = self.weight.quant_state.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype) * scale, self.bias)
 
 
 @contextlib.contextmanager

@@ -35,20 +35,24 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / "dcp").is_dir()
 
 
-def _options(full: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # Frozen weights are the base model's: they are reloaded from the model folder, never saved, so a
-    # load leaves them be (not strict; dcp.load has already failed on any trainable weight missing).
-    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full, strict=False)
+def _trainable(model) -> dict:
+    """The trainable weights by name (under FSDP their local shards, as DTensors). Not the
+    `model.state_dict()` DCP's helpers would read: a quantized base (QLoRA) adds its quantization
+    constants there (`weight.absmax`, ...) under names they cannot map back to parameters."""
+    # The state_dict call runs FSDP2's pre-save hooks, which put every group's shards back in place:
+    # the root and the last layer keep their weights gathered after a forward (an evaluation's).
+    model.state_dict()
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _states(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    """What a checkpoint holds, keyed as DCP stores it: the trainable weights (which DCP loads in
+    place) and the optimizer state. Frozen weights are the base model's, reloaded from its folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(model, options=_options())}
+    state = {"model": _trainable(model)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     return state
 
 
@@ -121,18 +125,17 @@ def load_rank_state(path: Path, scheduler, dist: Dist) -> TrainerState:
 def load_sharded_weights(path: Path, model, optimizer=None) -> None:
     """The trainable weights (and the optimizer state, if given) of a sharded checkpoint."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     states = _states(model, optimizer)
     try:
-        dcp.load(states, checkpoint_id=str(Path(path) / "dcp"))
+        dcp.load(states, checkpoint_id=str(Path(path) / "dcp"))  # the weights: in place
     except Exception as exc:  # DCP reports a missing key or a shape mismatch as a generic error
         raise TunelabError(f"the sharded checkpoint {path} does not fit this model "
                            f"({str(exc).strip().splitlines()[-1][:300]})", where=str(path),
                            fix="resume with the same model and finetuning settings the run started with") from None
-    set_model_state_dict(model, states["model"], options=_options())
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, states["optim"], options=_options())
+        set_optimizer_state_dict(model, optimizer, states["optim"], options=StateDictOptions(ignore_frozen_params=True))
 
 
 def consolidated_state(model, dist: Dist, trainable_only: bool) -> dict | None:
@@ -140,8 +143,11 @@ def consolidated_state(model, dist: Dist, trainable_only: bool) -> dict | None:
     A collective call: every rank must make it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state = get_model_state_dict(model, options=options)
+    if trainable_only:
+        state = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).cpu()
+                 for name, p in _trainable(model).items()}
+        return state if dist.is_main else None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main:
         return None
     # Gathering unties tied weights (embeddings = LM head): keep each shared weight under its first
