@@ -23,7 +23,7 @@ for variant in $VARIANTS; do
         disable_tqdm=true "${keys[@]}" ${EXTRA:-} > "$run.train.log" 2>&1 || { tail -20 "$run.train.log"; continue; }
     train_s=$SECONDS
     if [ -f "$run/adapter_config.json" ]; then weights=(--model "$MODEL" --adapter "$run"); else weights=(--model "$run"); fi
-    "${TL[@]}" eval "${weights[@]}" --data "$DATA/test.jsonl" --task hotel --batch-size "${EVAL_BATCH:-128}" \
+    "${TL[@]}" eval "${weights[@]}" --data "$DATA/test.jsonl" --task hotel ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} \
         --no-progress > "$run.eval.log" 2>&1 || tail -20 "$run.eval.log"
     python3 - "$run" "$name" "$train_s" >> "$ROOT/table.md" <<'PY'
 import json, sys

@@ -16,7 +16,7 @@ MODEL=${MODEL:-smollm2-135m-instruct}
 if command -v tunelab >/dev/null; then TL=(tunelab); else export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}; TL=(python3 -m tunelab.cli); fi
 SECONDS=0
 "${TL[@]}" data mine-pairs "$SPLIT/train.jsonl" "$MINED" --model "$MODEL" --adapter "$SFT" \
-    --task hotel --batch-size "${EVAL_BATCH:-128}" --no-progress
+    --task hotel ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 echo "mining: ${SECONDS}s"
 "${TL[@]}" train stage=dpo "model_name_or_path=$MODEL" "adapter_name_or_path=$SFT" "dataset=$MINED" \
     val_size=0.1 template=hotel cutoff_len=4096 pref_beta=0.1 learning_rate=5e-5 num_train_epochs=2 \
@@ -27,7 +27,7 @@ echo "mining: ${SECONDS}s"
 echo "dpo: ${SECONDS}s"
 "${TL[@]}" report "$RUN"
 "${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
-    --batch-size "${EVAL_BATCH:-128}" --no-progress
+    ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 echo "total: ${SECONDS}s"
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/hotel_dpo"
