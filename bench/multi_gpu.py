@@ -137,13 +137,14 @@ def worker(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     row_totals = distributed.RowTotals(objective, samples)  # the global step's weight, on the host as the loop does
     steps, seconds, tokens, lengths = [], 0.0, 0, []
+    sample_lengths = [len(s) for s in samples] if cfg.padding_free else None  # as the loop shares a step
     for i in range(args.steps + args.warmup):
         # The global step: `per_step` samples as micro-batches of `micro`, split by rank as the loop does.
         ids = list(range(i * per_step, (i + 1) * per_step))
         step_ids = [ids[j:j + micro] for j in range(0, len(ids), micro)]
         batches = [objective.collate([samples[k] for k in share])
-                   for share in distributed.rank_share(step_ids, dist.rank, dist.world)]
-        totals = distributed.step_totals(step_ids, dist.world, lambda share: share, row_totals)
+                   for share in distributed.rank_share(step_ids, dist.rank, dist.world, sample_lengths)]
+        totals = distributed.step_totals(step_ids, dist.world, lambda share: share, row_totals, sample_lengths)
         sync()
         start = time.perf_counter()
         stats = optimizer_step(model, objective, batches, optimizer, scheduler, None, cfg, device, dist,

@@ -16,7 +16,7 @@ if [ ! -f "$SFT/adapter_config.json" ]; then  # the SFT starting point (examples
     echo "sft: ${SECONDS}s"
 fi
 "${TL[@]}" eval --model "$MODEL" --adapter "$SFT" --data "$DATA/test.jsonl" --task hotel \
-    --batch-size "${EVAL_BATCH:-128}" --no-progress --output-dir "$RUN-sft-eval"
+    ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress --output-dir "$RUN-sft-eval"
 "${TL[@]}" train stage=grpo reward=hotel "model_name_or_path=$MODEL" "adapter_name_or_path=$SFT" \
     "dataset=$DATA/train.jsonl" template=hotel cutoff_len=2048 max_completion_length=256 num_generations=4 \
     temperature=1.0 kl_coef=0.04 learning_rate=2e-5 "max_steps=${STEPS:-40}" per_device_train_batch_size=8 \
@@ -25,7 +25,7 @@ fi
 echo "grpo: ${SECONDS}s"
 "${TL[@]}" report "$RUN"
 "${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
-    --batch-size "${EVAL_BATCH:-128}" --no-progress
+    ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 echo "before (SFT):"; cat "$RUN-sft-eval/scores.md" 2>/dev/null || true
 echo "after (GRPO):"; cat "$RUN/eval/scores.md" 2>/dev/null || true
 echo "total: ${SECONDS}s"

@@ -15,10 +15,14 @@ MINED=${MINED:-runs/hotel_mined.jsonl}  # not inside the split folder: `data spl
 MODEL=${MODEL:-smollm2-135m-instruct}
 if command -v tunelab >/dev/null; then TL=(tunelab); else export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}; TL=(python3 -m tunelab.cli); fi
 SECONDS=0
-"${TL[@]}" data mine-pairs "$SPLIT/train.jsonl" "$MINED" --model "$MODEL" --adapter "$SFT" \
-    --task hotel --batch-size "${EVAL_BATCH:-128}" --no-progress
+# The SFT run is an adapter on MODEL (LoRA) or a whole model (full fine-tuning): DPO trains a LoRA on
+# top of it either way, and the SFT model itself (the adapter switched off) is the DPO reference.
+if [ -f "$SFT/adapter_config.json" ]; then sft=(--model "$MODEL" --adapter "$SFT"); base=("model_name_or_path=$MODEL" "adapter_name_or_path=$SFT"); evalbase=$MODEL
+else sft=(--model "$SFT"); base=("model_name_or_path=$SFT"); evalbase=$SFT; fi
+"${TL[@]}" data mine-pairs "$SPLIT/train.jsonl" "$MINED" "${sft[@]}" \
+    --task hotel ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 echo "mining: ${SECONDS}s"
-"${TL[@]}" train stage=dpo "model_name_or_path=$MODEL" "adapter_name_or_path=$SFT" "dataset=$MINED" \
+"${TL[@]}" train stage=dpo "${base[@]}" "dataset=$MINED" \
     val_size=0.1 template=hotel cutoff_len=4096 pref_beta=0.1 learning_rate=5e-5 num_train_epochs=2 \
     per_device_train_batch_size=4 gradient_accumulation_steps=2 per_device_eval_batch_size=16 \
     eval_strategy=steps eval_steps=10 eval_task=hotel "eval_task_dataset=$SPLIT/validation.jsonl" \
@@ -26,8 +30,8 @@ echo "mining: ${SECONDS}s"
     logging_steps=5 "output_dir=$RUN" overwrite_output_dir=true bf16=true disable_tqdm=true "$@"
 echo "dpo: ${SECONDS}s"
 "${TL[@]}" report "$RUN"
-"${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
-    --batch-size "${EVAL_BATCH:-128}" --no-progress
+"${TL[@]}" eval --model "$evalbase" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
+    ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 echo "total: ${SECONDS}s"
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/hotel_dpo"

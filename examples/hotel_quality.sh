@@ -26,10 +26,10 @@ SECONDS=0
 echo "training: ${SECONDS}s"
 "${TL[@]}" report "$RUN"
 "${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
-    --batch-size "${EVAL_BATCH:-128}" --no-progress
+    ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 if [ -n "${CONSTRAIN:-}" ]; then  # CONSTRAIN=1: the same test rows with search turns held to valid JSON
     "${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
-        --batch-size "${EVAL_BATCH:-128}" --no-progress --constrain-json --output-dir "$RUN/eval_constrained"
+        ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress --constrain-json --output-dir "$RUN/eval_constrained"
 fi
 echo "total: ${SECONDS}s"
 if [ -n "${OUT:-}" ]; then

@@ -15,7 +15,7 @@ if [ ! -f "$SFT/adapter_config.json" ]; then
     "${TL[@]}" train examples/hotel_lora.yaml "output_dir=$SFT" overwrite_output_dir=true disable_tqdm=true
 fi
 "${TL[@]}" data mine-pairs "$DATA/train.jsonl" "$MINED" --model "$MODEL" --adapter "$SFT" --task hotel \
-    --batch-size "${EVAL_BATCH:-128}" --no-progress
+    ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 echo "mining: ${SECONDS}s"
 "${TL[@]}" train stage=rm "model_name_or_path=$MODEL" "dataset=$MINED" val_size=0.2 val_split_by=record \
     template=hotel cutoff_len=2048 learning_rate=1e-4 num_train_epochs=2 per_device_train_batch_size=8 \

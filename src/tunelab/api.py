@@ -106,12 +106,12 @@ def train(config: str | os.PathLike | dict | TunelabConfig | None = None, data: 
         from tunelab.evaluate.in_training import task_metric_callbacks
 
         eval_callbacks = task_metric_callbacks(cfg) if cfg.eval_task else []
-    from tunelab.evaluate.tasks import get_task
+    from tunelab.evaluate.tasks import lend_reward
     from tunelab.train.cli import run_training
     from tunelab.train.runlog import LOG_NAME, read_log
     from tunelab.train.tracking import final_metrics
 
-    run = run_training(cfg, eval_callbacks, lambda name: get_task(name).reward)  # reward: TASK, as the CLI lends it
+    run = run_training(cfg, eval_callbacks, lend_reward)  # reward: TASK or judge, as the CLI lends it
     log = run.output_dir / LOG_NAME
     return TrainResult(Path(run.output_dir), final_metrics(read_log(log) if log.exists() else []), cfg,
                        run.global_step, run.stopped_early)

@@ -162,10 +162,10 @@ def _lend_later_stages(parser: argparse.ArgumentParser) -> None:
 
         return run(path, overrides, callbacks)
 
-    def task_reward(name):
-        from tunelab.evaluate.tasks import get_task
+    def task_reward(cfg):
+        from tunelab.evaluate.tasks import lend_reward
 
-        return get_task(name).reward
+        return lend_reward(cfg)
 
     def compare_runs(run_dirs, out_dir, metric):
         from tunelab.board.cli import compare_report

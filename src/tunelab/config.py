@@ -81,7 +81,10 @@ class TunelabConfig:
     precompute_ref_log_probs: bool = False
 
     # --- reward models and online RL (rm / grpo / ppo; docs/rl.md) ------------------------
-    reward: str | None = None  # grpo/ppo: a task (hotel, generic), a stage=rm run folder, or module:function
+    reward: str | None = None  # grpo/ppo: a task (hotel, generic), judge, a stage=rm run folder, or module:function
+    judge_url: str | None = None  # reward: judge: an OpenAI-compatible endpoint (key: $TUNELAB_JUDGE_API_KEY)
+    judge_model: str | None = None  # reward: judge: the judge's model name at that endpoint
+    judge_dimensions: str = ""  # reward: judge: the rubric, name:description;... (default: correctness, ...)
     num_generations: int = 4  # grpo: completions sampled per prompt (the group its advantages compare)
     max_completion_length: int = 128  # grpo/ppo: tokens sampled per completion at most
     temperature: float = 1.0  # grpo/ppo: sampling temperature of the rollouts

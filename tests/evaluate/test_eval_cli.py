@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,20 @@ def test_report_command_reads_a_run(tmp_path, capsys):
     assert (tmp_path / "rep" / "report.md").is_file()
     assert cli("report", tmp_path / "missing") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_scores_of_a_full_fine_tuning_run_go_into_its_folder(tmp_path):
+    """`tunelab eval --model runs/full` (no adapter: the run folder is the model) writes next to the run,
+    where `tunelab report` looks, not into ./eval_out."""
+    from types import SimpleNamespace
+
+    from tunelab.evaluate.cli import _output_dir
+
+    run = tmp_path / "full"
+    run.mkdir()
+    args = SimpleNamespace(output_dir=None, predictions=None, adapter=None, model=str(run))
+    assert _output_dir(args) == Path("eval_out")  # a plain model folder: the working directory
+    (run / "config.yaml").write_text("finetuning_type: full\n")
+    assert _output_dir(args) == run / "eval"
+    assert _output_dir(SimpleNamespace(output_dir=None, predictions=None, adapter="runs/a", model=str(run))) \
+        == Path("runs/a/eval")

@@ -182,3 +182,40 @@ def test_rate_limiter_spaces_requests(monkeypatch):
     for _ in range(3):
         limiter.wait()
     assert slept == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_judge_as_a_reward_scales_the_rubric_and_fills_unreadable_answers(fake, tmp_path):
+    """reward: judge (grpo / ppo): the rubric's mean scaled to [0, 1]; one rollout is one batch of
+    requests; an unreadable answer gets its batch's mean, neither reward nor punishment."""
+    from tunelab.config import TunelabConfig
+    from tunelab.evaluate.judge import JudgeReward
+    from tunelab.evaluate.tasks import lend_reward
+    from tunelab.train.objectives.rl import PromptRow, Scorer
+
+    answers = {"A1": '{"correctness": 5, "helpfulness": 4, "fluency": 5}', "A2": "no idea",
+               "A3": '{"correctness": 1, "helpfulness": 1, "fluency": 1}'}
+    fake.answer = lambda prompt: next(v for k, v in answers.items() if k in prompt)
+    reward = JudgeReward(settings(fake.url, tmp_path))
+    values = reward.batch(["q1", "q2", "q3"], ["A1", "A2", "A3"], ["r1", "r2", "r3"])
+    top = (1 + 0.75 + 1) / 3
+    assert values == pytest.approx([top, top / 2, 0.0]) and reward.unreadable == 1
+    assert len(fake.requests) == 3
+
+    cfg = TunelabConfig(stage="grpo", reward="judge", judge_url=fake.url, judge_model="judge-1")
+    lent = lend_reward(cfg)
+    assert isinstance(lent, JudgeReward) and lent.settings.model == "judge-1"
+    lent.settings.cache_dir = tmp_path / "cache2"
+    rows = [PromptRow([1], "q1", "r1", "a"), PromptRow([2], "q3", "r3", "b")]
+    assert Scorer(cfg, lent, "cpu")(rows, [[5], [6]], ["A1", "A3"]) == pytest.approx([top, 0.0])
+    assert len(fake.requests) == 5  # the Scorer sent its rollout as one batch through the judge
+
+
+def test_judge_keys_go_with_reward_judge():
+    from tunelab.config import TunelabConfig
+    from tunelab.train.objectives.rl import check_judge_keys
+
+    with pytest.raises(TunelabError, match="reward: judge needs judge_url and judge_model"):
+        check_judge_keys(TunelabConfig(stage="grpo", reward="judge", judge_model="m"))
+    with pytest.raises(TunelabError, match="set but reward is 'hotel'"):
+        check_judge_keys(TunelabConfig(stage="grpo", reward="hotel", judge_url="http://x/v1"))
+    check_judge_keys(TunelabConfig(stage="grpo", reward="judge", judge_url="http://x/v1", judge_model="m"))

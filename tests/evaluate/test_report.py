@@ -215,3 +215,21 @@ def test_report_help_names_the_folder_it_writes_to(capsys):
     with pytest.raises(SystemExit):
         main(["report", "--help"])
     assert "(default: RUN_DIR/report)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_perplexity_is_derived_only_where_the_loss_is_a_token_cross_entropy(tmp_path):
+    """A log with eval_loss alone (a Trainer's) gets exp(eval_loss) as its perplexity; a tunelab
+    GRPO or DPO run's eval_loss (a negative reward, a preference loss) gets none."""
+    def eval_only(run):
+        run.mkdir()
+        (run / "trainer_log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+            {"step": 1, "loss": 0.5}, {"step": 2, "eval_loss": -0.4}, {"step": 4, "eval_loss": -0.5})) + "\n")
+        return run / "trainer_log.jsonl"
+
+    plain = read_curves(eval_only(tmp_path / "trainer"))
+    assert np.allclose(plain.eval_ppl, np.exp([-0.4, -0.5]))
+    grpo_log = eval_only(tmp_path / "grpo")
+    (tmp_path / "grpo" / "config.yaml").write_text("stage: grpo\nreward: hotel\n")
+    assert np.isnan(read_curves(grpo_log).eval_ppl).all()
+    (tmp_path / "grpo" / "config.yaml").write_text("stage: sft\n")
+    assert np.allclose(read_curves(grpo_log).eval_ppl, np.exp([-0.4, -0.5]))

@@ -193,3 +193,14 @@ def test_hotel_reward_is_the_task_score_of_one_completion():
     assert reward("", "assistant\n好的，推荐这家。", "assistant\n好的，推荐这家。") == pytest.approx(1.0)
     same = "the very same words again"  # word-level BLEU-4 for English text, as the generic headline bleu4
     assert get_task("generic").reward("", same, same) == pytest.approx(1.0)
+
+
+def test_lend_reward_gives_the_task_score_for_reward_task():
+    """`reward: hotel` (grpo / ppo): what the CLI and the Python API lend training is the task's own score."""
+    from tunelab.config import TunelabConfig
+    from tunelab.evaluate.tasks import lend_reward
+
+    reward = lend_reward(TunelabConfig(stage="grpo", reward="hotel"))
+    right = 'search\n{"name": "北京饭店"}'
+    assert reward("p", right, right) == pytest.approx(1.0)
+    assert reward("p", "assistant\n好的", right) == 0.0  # the wrong role

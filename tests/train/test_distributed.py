@@ -340,6 +340,21 @@ def test_rank_share_keeps_the_global_order_and_balances_ranks():
     assert rank_share([[9]], 1, 2) == []  # nothing left for rank 1: it pads with a zero-weight pass
 
 
+def test_rank_share_by_tokens_gives_ranks_equal_work():
+    """Padding-free steps are dealt by tokens: equal sample counts of mixed lengths left one
+    rank with most of the tokens while the other waited."""
+    lengths = [3000, 2900, 100, 120, 90, 80, 2800, 110]
+    step = [[0, 1, 2, 3], [4, 5, 6, 7]]  # by count: rank 0 holds 6,120 tokens, rank 1 3,080
+    shares = [rank_share(step, r, 2, lengths) for r in range(2)]
+    assert sorted(i for share in shares for ids in share for i in ids) == list(range(8))  # each sample once
+    tokens = [sum(lengths[i] for ids in share for i in ids) for share in shares]
+    assert max(tokens) - min(tokens) <= max(lengths)  # within one sample of equal
+    assert max(tokens) < 6120 and all(len(share) == 1 for share in shares)  # one pass each, as the step had
+    per_pass = [rank_share([[0, 1], [2, 3], [4, 5], [6, 7]], r, 2, lengths) for r in range(2)]
+    assert all(len(share) == 2 for share in per_pass)  # accumulation kept: two passes a rank
+    assert rank_share([[9]], 1, 2, [5] * 10) == []  # a short last step still leaves a rank empty
+
+
 def test_foreign_or_broken_launchers_fail_at_once(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

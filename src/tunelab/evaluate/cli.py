@@ -49,7 +49,7 @@ def register(subparsers) -> None:
                         "`source` and `meta` (hotel: {role, arguments}, read from the reference when missing); "
                         "the predictions.jsonl of an earlier `tunelab eval` is one")
     p.add_argument("--limit", type=int, help="use only the first N rows")
-    p.add_argument("--output-dir", help="default: ADAPTER/eval, else eval_out")
+    p.add_argument("--output-dir", help="default: ADAPTER/eval, or MODEL/eval for a tunelab run folder, else eval_out")
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts decoded together (default: auto: 8 on the CPU; on a GPU as many as half "
                         "the free memory holds, up to 256)")
@@ -114,7 +114,11 @@ def _output_dir(args) -> Path:
         return Path(args.output_dir)
     if args.predictions:
         return Path(args.predictions).parent
-    return Path(args.adapter) / "eval" if args.adapter else Path("eval_out")
+    if args.adapter:
+        return Path(args.adapter) / "eval"
+    if args.model and (Path(args.model) / "config.yaml").is_file():  # a full fine-tuning run's own folder
+        return Path(args.model) / "eval"
+    return Path("eval_out")
 
 
 def _options(args):

@@ -105,6 +105,55 @@ class JudgeResult:
                 "cached": sum(j.cached for j in self.judgements), "mean": self.mean_scores()}
 
 
+class JudgeReward:
+    """`reward: judge` for grpo / ppo: each completion scored by the judge against the reference,
+    the rubric's mean scaled to [0, 1] (every dimension from its low to its high end).
+
+    A rollout's completions go out as one batch (concurrent requests, cached answers, retries as
+    in evaluation). An answer the judge gave but we cannot read gets the mean reward of the
+    readable ones in its batch, so it neither rewards nor punishes its completion; an endpoint
+    that stays down ends the run with the judge's error (checkpoints already written stay).
+    """
+
+    def __init__(self, settings: JudgeSettings, transport: httpx.BaseTransport | None = None):
+        self.settings = settings
+        self.transport = transport
+        self.unreadable = 0  # answers that could not be read, over the run
+
+    @classmethod
+    def from_config(cls, cfg) -> JudgeReward:
+        import os
+
+        from tunelab.model.embedded import cache_root
+        from tunelab.train.objectives.rl import check_judge_keys
+
+        check_judge_keys(cfg)
+        settings = JudgeSettings(base_url=cfg.judge_url, model=cfg.judge_model,
+                                 api_key=os.environ.get("TUNELAB_JUDGE_API_KEY"), concurrency=8,
+                                 requests_per_second=0.0, cache_dir=cache_root() / "judge")
+        if cfg.judge_dimensions:
+            settings.dimensions = parse_dimensions(cfg.judge_dimensions)
+        return cls(settings)
+
+    def batch(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
+        items = [JudgeItem(question=p, reference=r, prediction=c) for p, c, r in zip(prompts, completions, references)]
+        result = judge(items, self.settings, transport=self.transport)
+        dims = self.settings.dimensions
+        values = {j.index: sum((j.scores[d.name] - d.low) / (d.high - d.low) for d in dims) / len(dims)
+                  for j in result.judgements if j.scores is not None}
+        if not values:
+            raise TunelabError(f"the judge's answers to all {len(items)} completions of a rollout were unreadable",
+                               where=self.settings.base_url,
+                               fix="check judge_model (it must answer with the rubric's JSON object); the answers "
+                                   "are kept in the judge cache")
+        self.unreadable += len(items) - len(values)
+        fill = sum(values.values()) / len(values)
+        return [values.get(i, fill) for i in range(len(items))]
+
+    def __call__(self, prompt: str, completion: str, reference: str) -> float:
+        return self.batch([prompt], [completion], [reference])[0]
+
+
 class JudgeEndpointError(TunelabError):
     """The endpoint failed for good; `partial` holds what was scored before it did."""
 

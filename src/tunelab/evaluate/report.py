@@ -151,8 +151,8 @@ def read_curves(log: Path) -> Curves:
     names = dict.fromkeys(k for r in evals.values() for k in r
                           if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity"))
     eval_ppl = column(evals, "eval_perplexity")
-    derived = np.array([perplexity(v) for v in eval_loss])  # rows that logged only eval_loss
-    eval_ppl = np.where(np.isnan(eval_ppl), derived, eval_ppl)
+    if _loss_is_token_cross_entropy(log.parent):  # rows that logged only eval_loss (e.g. a Trainer's log)
+        eval_ppl = np.where(np.isnan(eval_ppl), np.array([perplexity(v) for v in eval_loss]), eval_ppl)
     return Curves(
         steps=np.array(sorted(train), dtype=float), epochs=column(train, "epoch"), loss=column(train, "loss"),
         lr=column(train, "learning_rate"), grad_norm=column(train, "grad_norm"),
@@ -162,6 +162,21 @@ def read_curves(log: Path) -> Curves:
         eval_metrics={name: column(evals, name) for name in names},
         train_metrics={name: column(train, name) for name in ONLINE_METRICS
                        if any(name in r for r in train.values())})
+
+
+def _loss_is_token_cross_entropy(run_dir: Path) -> bool:
+    """False for a tunelab run whose eval_loss is not a per-token cross-entropy (preference, reward
+    model, RL stages: exp() of a DPO loss or of a negative reward is no perplexity)."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return True
+    import yaml
+
+    try:
+        stage = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("stage", "sft")
+    except (yaml.YAMLError, OSError, AttributeError):
+        return True
+    return stage in ("sft", "pt")
 
 
 # --- numeric helpers -----------------------------------------------------------------

@@ -70,7 +70,7 @@ def run(args) -> int:
     # Task metrics during training come from a later stage (evaluate), which the top-level
     # CLI lends this command as `args.eval_callbacks(cfg)`: train never imports evaluate.
     factory = getattr(args, "eval_callbacks", None)
-    # reward: TASK (grpo / ppo) optimises a task's score, lent the same way as the task metrics.
+    # reward: TASK or judge (grpo / ppo) optimises a task's score or a judge's, lent like the task metrics.
     lend = getattr(args, "task_reward", None)
     run_training(cfg, factory(cfg) if factory and cfg.eval_task else [], lend)
     return 0
@@ -78,11 +78,12 @@ def run(args) -> int:
 
 def run_training(cfg, callbacks: list, lend_reward=None):
     """One run of the configured stage: the loop with the stage's objective (train/objectives, one
-    table). `lend_reward(name)`: the CLI's task reward, for `reward: TASK` (grpo / ppo)."""
+    table). `lend_reward(cfg)`: the CLI's reward for `reward: TASK` or `reward: judge` (grpo / ppo),
+    which live in a later stage (evaluate)."""
     from tunelab.train.loop import train
     from tunelab.train.objectives.rl import reward_kind
 
-    reward = lend_reward(cfg.reward) if lend_reward and reward_kind(cfg.reward) == "task" else None
+    reward = lend_reward(cfg) if lend_reward and reward_kind(cfg.reward) in ("task", "judge") else None
     return train(cfg, eval_callbacks=callbacks, reward=reward)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -229,23 +230,44 @@ def torchrun_command(nproc: int, rendezvous: list[str], tunelab_args: list[str])
 
 # --- data: each rank's share of a global step ---------------------------------------------------
 
-def rank_share(step_ids: list[list[int]], rank: int, world: int) -> list[list[int]]:
+def rank_share(step_ids: list[list[int]], rank: int, world: int,
+               lengths: Sequence[int] | None = None) -> list[list[int]]:
     """This rank's micro-batches of one optimizer step.
 
     `step_ids` is the step's global list (micro-batches of sample ids, in the one-process
-    order). Its samples are cut into `world` contiguous, balanced shares and each share is
-    re-cut into micro-batches as large as the step's: with `world * a` full micro-batches
-    rank r gets exactly micro-batches r*a .. r*a+a-1. A short last step leaves some ranks
-    with fewer (or no) samples; `optimizer_step` pads their passes with zero-weight ones.
+    order). Without `lengths` its samples are cut into `world` contiguous shares of equal
+    count and each share is re-cut into micro-batches as large as the step's: with `world * a`
+    full micro-batches rank r gets exactly micro-batches r*a .. r*a+a-1.
+
+    With `lengths` (padding-free batches, whose cost is their token count) the step's samples
+    are dealt into `world * a` bins of about equal tokens instead (longest first, each to the
+    lightest bin) and rank r gets bins r*a .. r*a+a-1: the step waits for its slowest rank, and
+    equal counts of samples of mixed lengths left ranks waiting (the loss is the same either
+    way: every rank divides by the global step's target tokens). A short last step leaves some
+    ranks with fewer (or no) samples; `optimizer_step` pads their passes with zero-weight ones.
     """
     if world == 1:
         return step_ids
     ids = [i for batch in step_ids for i in batch]
+    if lengths is not None:
+        return _token_balanced(ids, max(1, len(step_ids) // world), world, lengths)[rank]
     size = max((len(b) for b in step_ids), default=1)
     per, extra = divmod(len(ids), world)
     start = rank * per + min(rank, extra)
     share = ids[start:start + per + (1 if rank < extra else 0)]
     return [share[i:i + size] for i in range(0, len(share), size)]
+
+
+def _token_balanced(ids: list[int], per_rank: int, world: int, lengths: Sequence[int]) -> list[list[list[int]]]:
+    """`ids` dealt into world x per_rank bins of about equal tokens (greedy, longest first; ties
+    go to the lower bin, so every rank computes the same bins). Empty bins are dropped."""
+    bins: list[list[int]] = [[] for _ in range(world * per_rank)]
+    load = [0] * len(bins)
+    for i in sorted(ids, key=lambda i: (-lengths[i], i)):
+        lightest = min(range(len(bins)), key=lambda b: (load[b], b))
+        bins[lightest].append(i)
+        load[lightest] += lengths[i]
+    return [[sorted(b) for b in bins[r * per_rank:(r + 1) * per_rank] if b] for r in range(world)]
 
 
 @dataclass
@@ -277,11 +299,12 @@ class RowTotals:
         return self.cache[i]
 
 
-def step_totals(step_ids: list[list[int]], world: int, split, row_totals: RowTotals) -> StepTotals:
+def step_totals(step_ids: list[list[int]], world: int, split, row_totals: RowTotals,
+                lengths: Sequence[int] | None = None) -> StepTotals:
     """The global step's totals as every rank computes them alike; `split(share)` cuts a rank's
-    share into its micro-batches (by token budget or as they come)."""
+    share into its micro-batches (by token budget or as they come); `lengths` as for `rank_share`."""
     weight, real = map(sum, zip(*(row_totals(i) for ids in step_ids for i in ids)))
-    passes = max(len(split(rank_share(step_ids, r, world))) for r in range(world))
+    passes = max(len(split(rank_share(step_ids, r, world, lengths))) for r in range(world))
     return StepTotals(weight, real, passes)
 
 

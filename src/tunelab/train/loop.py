@@ -169,6 +169,8 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
                                          cfg.logging_steps, total_steps)
     stopped_early = False
     lengths = [len(r) for r in train_rows]
+    # Padding-free batches cost their tokens: ranks get equal tokens, not equal sample counts.
+    share_lengths = lengths if cfg.padding_free else None
     # The back-off retries a step on its own: across processes the ranks would have to agree on it.
     if cfg.oom_backoff and dist.enabled and dist.is_main:
         print("out-of-memory back-off: off under several processes (an out-of-memory error ends the run "
@@ -192,7 +194,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
     def run_step(step_ids: list[list[int]]) -> StepStats:
         """One optimizer step (this process's share of it), retried in smaller pieces if it runs
         out of memory (train/memory.py)."""
-        share = rank_share(step_ids, dist.rank, dist.world)
+        share = rank_share(step_ids, dist.rank, dist.world, share_lengths)
         if hasattr(objective, "rollout"):  # online stages: the step's prompts are sampled and scored first
             return rollout_step(model, objective, [[train_rows[i] for i in ids] for ids in share], optimizer,
                                 scheduler, scaler, cfg, device)
@@ -201,7 +203,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
         def attempt(budget):
             batches = [objective.collate([train_rows[i] for i in ids]) for ids in micro_batches(share, budget)]
             totals = distributed.step_totals(step_ids, dist.world, lambda ids: micro_batches(ids, budget),
-                                             row_totals) if dist.enabled else None
+                                             row_totals, share_lengths) if dist.enabled else None
             return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare,
                                   totals)
 
@@ -305,7 +307,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
                                  f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
                     if cfg.max_tokens_per_batch is not None and user_cfg.max_tokens_per_batch is None:
                         memory.calibrate(device, base_bytes, max(map(micro_tokens, micro_batches(
-                            rank_share(step_ids, dist.rank, dist.world), memory.budget))))
+                            rank_share(step_ids, dist.rank, dist.world, share_lengths), memory.budget))))
                         if dist.enabled:  # every rank cuts every rank's share with one budget
                             memory.budget = dist.all_min(memory.budget, device)
 

@@ -13,7 +13,7 @@ from tunelab.evaluate.tasks.hotel import HotelTask
 
 TASKS: dict[str, type[Task]] = {"generic": GenericTask, "hotel": HotelTask}
 
-__all__ = ["TASKS", "EvalSample", "Task", "get_task", "perplexity_scores"]
+__all__ = ["TASKS", "EvalSample", "Task", "get_task", "lend_reward", "perplexity_scores"]
 
 
 def get_task(name: str) -> Task:
@@ -22,3 +22,13 @@ def get_task(name: str) -> Task:
         raise TunelabError(f"unknown task {name!r}", where="--task",
                            fix=(f"did you mean --task {hint}? " if hint else "") + "tasks: " + ", ".join(TASKS))
     return TASKS[name]()
+
+
+def lend_reward(cfg):
+    """What `reward:` names for grpo / ppo when it lives here, above training: a task's own score
+    of one completion (`reward: hotel`), or an OpenAI-compatible judge (`reward: judge`)."""
+    if cfg.reward == "judge":
+        from tunelab.evaluate.judge import JudgeReward
+
+        return JudgeReward.from_config(cfg)
+    return get_task(cfg.reward).reward

@@ -46,7 +46,8 @@ from tunelab.train.rl_losses import (
 )
 from tunelab.train.step import autocast, to_device
 
-RL_KEYS = frozenset({"reward", "max_completion_length", "temperature", "kl_coef", "cliprange", "num_ppo_epochs"})
+RL_KEYS = frozenset({"reward", "max_completion_length", "temperature", "kl_coef", "cliprange", "num_ppo_epochs",
+                     "judge_url", "judge_model", "judge_dimensions"})
 
 
 @dataclass
@@ -76,14 +77,28 @@ class Rollout:
 # --- rewards ---------------------------------------------------------------------------------
 
 def reward_kind(spec: str | None) -> str:
-    """What `reward:` names: "function" (module:function), "model" (a folder) or "task"."""
+    """What `reward:` names: "function" (module:function), "model" (a folder), "judge" (an
+    OpenAI-compatible judge: judge_url, judge_model) or "task"."""
     if not spec:
         return "none"
+    if spec == "judge":
+        return "judge"
     if Path(spec).expanduser().is_dir():
         return "model"
     if ":" in spec:
         return "function"
     return "task"
+
+
+def check_judge_keys(cfg: TunelabConfig) -> None:
+    """The judge keys go with `reward: judge`, and it needs its endpoint and model."""
+    if (cfg.judge_url or cfg.judge_model or cfg.judge_dimensions) and cfg.reward != "judge":
+        raise TunelabError(f"judge_url / judge_model / judge_dimensions are set but reward is {cfg.reward!r}",
+                           where="config", fix="set reward: judge, or drop the judge keys")
+    if cfg.reward == "judge" and not (cfg.judge_url and cfg.judge_model):
+        raise TunelabError("reward: judge needs judge_url and judge_model", where="config",
+                           fix="e.g. judge_url: http://127.0.0.1:8001/v1 and judge_model: qwen2.5-72b-instruct "
+                               "(an API key goes in $TUNELAB_JUDGE_API_KEY)")
 
 
 def import_reward(spec: str):
@@ -116,15 +131,17 @@ class Scorer:
         elif kind == "function":
             self.fn = import_reward(cfg.reward)
         elif lent is None:
-            raise TunelabError(f"reward={cfg.reward} names a task, whose score the training stage cannot import",
-                               where="config", fix="run `tunelab train`, or pass train(cfg, reward=get_task(NAME)"
-                                                   ".reward) (tunelab.evaluate.tasks)")
+            raise TunelabError(f"reward={cfg.reward} names a {kind}, whose score the training stage cannot import",
+                               where="config", fix="run `tunelab train`, or pass train(cfg, reward=lend_reward(cfg)) "
+                                                   "(tunelab.evaluate.tasks)")
         else:
             self.fn = lent
 
     def __call__(self, prompts: list[PromptRow], completions: list[list[int]], texts: list[str]) -> list[float]:
         if self.model is not None:
             return self.model.score([p.prompt_ids + c for p, c in zip(prompts, completions)])
+        if hasattr(self.fn, "batch"):  # e.g. the judge: one batch of requests, sent concurrently
+            return [float(v) for v in self.fn.batch([p.prompt for p in prompts], texts, [p.reference for p in prompts])]
         out = []
         for prompt, text in zip(prompts, texts):
             value = self.fn(prompt.prompt, text, prompt.reference)
@@ -150,6 +167,7 @@ class OnlineObjective:
     group_size = 1
 
     def __init__(self, cfg: TunelabConfig, tokenizer, reward=None):
+        check_judge_keys(cfg)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.pad_id = pad_id_for(tokenizer)
