@@ -16,6 +16,7 @@ objectives/. No Trainer subclasses: everything the loop does is on this page or 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import shutil
@@ -52,6 +53,7 @@ from tunelab.train.optim import after_evaluation, build_optimizer, build_schedul
 from tunelab.train.probes import EvalSets
 from tunelab.train.runlog import LOG_NAME, perplexity, read_log
 from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step, settle_steps
+from tunelab.train.streaming import BlockStream
 from tunelab.train.trackers import check_installed
 from tunelab.train.tracking import Tracker, final_metrics
 
@@ -151,7 +153,7 @@ class Trainer:
 
     # --- set-up ----------------------------------------------------------------------------
 
-    def _setup_data(self, cfg: TunelabConfig, objective_factory, reward) -> list:
+    def _setup_data(self, cfg: TunelabConfig, objective_factory, reward) -> list | BlockStream:
         """1. Data: read, split, render with the chat template, mask everything but the answers."""
         from tunelab.model.loader import load_tokenizer
 
@@ -195,10 +197,11 @@ class Trainer:
                   + (f" x {dist.world} processes ({dist.strategy})" if dist.enabled else ""), file=sys.stderr)
         self.model, self.cfg = model, cfg
 
-    def _setup_optimizer(self, train_rows: list) -> None:
+    def _setup_optimizer(self, train_rows: list | BlockStream) -> None:
         """3. Optimizer and schedule. A global step takes accumulation x processes micro-batches."""
         cfg = self.cfg
-        self.data = EpochOrder(train_rows, cfg, cfg.gradient_accumulation_steps * self.dist.world, self.objective)
+        steps = StreamSteps if isinstance(train_rows, BlockStream) else EpochOrder
+        self.data = steps(train_rows, cfg, cfg.gradient_accumulation_steps * self.dist.world, self.objective)
         self.total_steps = (cfg.max_steps if cfg.max_steps > 0
                             else math.ceil(cfg.num_train_epochs * self.data.steps_per_epoch))
         self.optimizer = build_optimizer(self.model, cfg, self.device)
@@ -430,6 +433,40 @@ class EpochOrder:
 
     def epoch_float(self, state: TrainerState) -> float:
         return state.epoch + state.batch_in_epoch / max(self.micro_per_epoch, 1)
+
+
+class StreamSteps:
+    """The steps of a stream (`stage: pt`, `streaming: true`; train/streaming.py): its blocks in
+    arrival order, `step_micro` micro-batches of per_device_train_batch_size blocks a step, read
+    only as the loop asks for the step. A pass over the stream is an epoch; a resumed run skips
+    the blocks the state says were trained on. Every process reads the same stream and takes
+    its `rank_share` of each step, as with an epoch's order."""
+
+    steps_per_epoch = None  # unknown: max_steps says how long to train
+
+    def __init__(self, stream: BlockStream, cfg: TunelabConfig, step_micro: int, objective):
+        self.stream, self.objective = stream, objective
+        self.batch_size = cfg.per_device_train_batch_size
+        self.step_size = self.batch_size * step_micro  # blocks a step
+        self.exhausted = False
+
+    def steps(self, state: TrainerState) -> Iterator[StepRows]:
+        skip = state.batch_in_epoch * self.batch_size
+        blocks = self.stream.blocks(skip)
+        self.exhausted = False
+        while rows := list(itertools.islice(blocks, self.step_size)):
+            ids = [list(range(i, min(i + self.batch_size, len(rows)))) for i in range(0, len(rows), self.batch_size)]
+            yield StepRows(rows, [len(r) for r in rows], ids, distributed.RowTotals(self.objective, rows))
+        self.exhausted = True
+        if state.epoch == 0 and state.batch_in_epoch == 0:  # nothing trained on in a whole pass
+            raise TunelabError("the stream holds no training data", where=", ".join(self.stream.cfg.dataset_paths),
+                               fix="check the dataset (and val_size: the held-out records are never trained on)")
+
+    def epoch_done(self, state: TrainerState) -> bool:
+        return self.exhausted
+
+    def epoch_float(self, state: TrainerState) -> float:
+        return float(state.epoch)  # the stream's length is unknown: whole passes only
 
 
 @dataclass
