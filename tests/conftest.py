@@ -126,3 +126,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def hub_dataset_repo(hub: Path, repo_id: str, files: dict[str, list[dict]]) -> Path:
+    """A dataset repo in the HF hub cache folder `hub`, as `hf download` leaves it (a snapshot + refs/main)."""
+    import json
+
+    repo = hub / f"datasets--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    for name, records in files.items():
+        (snapshot / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    return repo
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty HF hub cache (and datasets cache) of this test: write dataset repos into it with
+    `hub_dataset_repo`; nothing is downloaded (HF_HUB_OFFLINE=1)."""
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install 'tunelab[hub]')")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # arrow files of this test
+    return tmp_path / "hub"

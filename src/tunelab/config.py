@@ -37,7 +37,7 @@ class TunelabConfig:
     dataset_dir: str | None = None  # LLaMA-Factory's: the folder of a dataset_info.json that names the datasets
     dataset_split: str = "train"  # hub datasets: the split to read
     dataset_config: str | None = None  # hub datasets: the configuration (subset) name
-    streaming: bool = False  # hub datasets: read records as they arrive (with max_samples: no full download)
+    streaming: bool = False  # hub datasets: read records as they arrive; stage pt: train from the stream (max_steps)
     mix_strategy: str | None = None  # concat | interleave_under | interleave_over; auto: interleave_under if weighted
     interleave_probs: list[float] = field(default_factory=list)  # LLaMA-Factory: one weight per dataset entry
     dataset_format: str = "auto"  # auto | alpaca | sharegpt | messages | conversation | hotel | text | ...
@@ -422,6 +422,10 @@ def validate(cfg: TunelabConfig) -> None:
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise TunelabError("neither num_train_epochs nor max_steps is positive", where="config",
                            fix="set num_train_epochs=3 or max_steps=100")
+    if cfg.streaming and cfg.stage == "pt" and cfg.max_steps <= 0:
+        raise TunelabError("streaming=true trains on a stream whose length is unknown, so num_train_epochs cannot "
+                           "say when to stop", where="config",
+                           fix="set max_steps=N (optimizer steps), or streaming=false to read the corpus into memory")
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         raise TunelabError("load_best_model_at_end needs evaluations", where="config",
                            fix="set eval_strategy=steps (and eval_steps) or eval_strategy=epoch")

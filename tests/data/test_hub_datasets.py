@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import hub_dataset_repo
 from tunelab.config import load_config
 from tunelab.data.readers import HubOptions, hub_options, load_conversations
 from tunelab.errors import TunelabError
@@ -18,18 +19,10 @@ CHATS = [{"messages": [{"role": "user", "content": f"question {i}"},
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
+def hub_cache(offline_hub):
     """An HF hub cache holding the dataset repo acme/chats (train and test files), as `hf download` leaves it."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # arrow files of this test
-    repo = tmp_path / "hub" / "datasets--acme--chats"
-    snapshot = repo / "snapshots" / ("b" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS[:4]))
-    (snapshot / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS[4:]))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("b" * 40)
-    return tmp_path / "hub"
+    hub_dataset_repo(offline_hub, "acme/chats", {"train.jsonl": CHATS[:4], "test.jsonl": CHATS[4:]})
+    return offline_hub
 
 
 def test_hub_id_reads_from_the_local_cache_offline(hub_cache):

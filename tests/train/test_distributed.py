@@ -17,6 +17,7 @@ import torch
 from dist_worker import INT8_STAND_IN, INTERRUPT, Int8Linear, int8_base, run
 from safetensors.torch import load_file
 from test_loop import config, losses
+from test_streaming import corpus, settings
 
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
@@ -84,6 +85,8 @@ def two_process_runs(tmp_path_factory, tiny_model_dir):
         for stage, source in (("zero2", "ds_zero2_interrupted"), ("zero3", "ds_zero3_lora")):
             jobs[f"ds_{stage}_resume"] = dict(jobs[f"ds_{stage}_lora"], output_dir=str(tmp / f"ds_{stage}_resume"),
                                               resume_from_checkpoint=str(tmp / source / "checkpoints/checkpoint-2"))
+    # Continued pre-training from a stream: every rank reads it and takes its share of each step.
+    jobs["ddp_stream"] = settings(tmp, tiny_model_dir, corpus(tmp / "corpus.jsonl", 40), "ddp_stream").to_dict()
     jobs["ddp_after_deepspeed"] = dict(jobs["ddp_lora"], output_dir=str(tmp / "ddp_after_deepspeed"), max_steps=1,
                                        eval_strategy="no", save_strategy="no")  # accelerate's marks are undone
     jobs_file = tmp / "jobs.json"
@@ -128,6 +131,13 @@ def test_ddp_and_fsdp_lora_train_the_one_process_math(two_process_runs, tmp_path
         assert (runs[name] / "checkpoints/checkpoint-2/adapter_model.safetensors").exists()
     assert (runs["ddp_lora"] / "checkpoints/checkpoint-2/trainable.safetensors").exists()  # rank 0's checkpoint
     assert (runs["fsdp_lora"] / "checkpoints/checkpoint-2/dcp").is_dir()  # sharded
+
+
+def test_two_processes_share_each_step_of_a_stream(two_process_runs, tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    runs, tmp = two_process_runs
+    single = loop.train(settings(tmp_path, tiny_model_dir, tmp / "corpus.jsonl", "one", gradient_accumulation_steps=2))
+    close_losses(runs["ddp_stream"], single.output_dir, steps=[1, 2, 3, 4])
 
 
 def test_fsdp_full_matches_one_process_and_loads_on_one_device(two_process_runs, tmp_path, tiny_model_dir):

@@ -12,8 +12,8 @@ Order is a pure function of (seed, epoch), so a resumed run sees the same batche
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -128,14 +128,31 @@ def pack_samples(samples: Sequence[Sample], max_len: int) -> list[Sample]:
         else:
             bins.append([s])
             room.append(max_len - len(s))
-    return [
-        Sample(
-            input_ids=[t for s in row for t in s.input_ids],
-            labels=[t for s in row for t in _labels_for_packing(s)],
-            seq_lens=tuple(len(s) for s in row),
-        )
-        for row in bins
-    ]
+    return [_packed_row(row) for row in bins]
+
+
+def pack_in_order(samples: Iterable[Sample], max_len: int) -> Iterator[Sample]:
+    """Pack samples into rows of at most `max_len` tokens as they come (next-fit): for a stream,
+    where first-fit decreasing (`pack_samples`) would need every sample first. The rows are
+    built alike: attention and positions restart at every sample border."""
+    row: list[Sample] = []
+    room = max_len
+    for s in samples:
+        if len(s) > max_len:
+            raise ValueError(f"sample of {len(s)} tokens does not fit a packed row of {max_len}")
+        if row and len(s) > room:
+            yield _packed_row(row)
+            row, room = [], max_len
+        row.append(s)
+        room -= len(s)
+    if row:
+        yield _packed_row(row)
+
+
+def _packed_row(row: Sequence[Sample]) -> Sample:
+    return Sample(input_ids=[t for s in row for t in s.input_ids],
+                  labels=[t for s in row for t in _labels_for_packing(s)],
+                  seq_lens=tuple(len(s) for s in row))
 
 
 def _labels_for_packing(s: Sample) -> list[int]:

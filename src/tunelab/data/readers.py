@@ -40,7 +40,7 @@ from tunelab.data.types import Item, Message
 from tunelab.errors import TunelabError
 
 __all__ = [
-    "read_records", "iter_items", "load_conversations", "load_preferences",
+    "read_records", "iter_items", "load_conversations", "iter_conversations", "load_preferences",
     "detect_format", "to_record", "Loaded", "RecordError", "FORMATS", "location", "HubOptions", "hub_options",
 ]
 
@@ -433,15 +433,11 @@ def resolve_path(entry, fmt: str | Format, dataset_dir: str | os.PathLike | None
     return path, fmt
 
 
-def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | None,
-          system_prompt: str | None = None, dataset_dir=None, hub: HubOptions | None = None) -> Loaded:
-    loaded = Loaded()
-    paths = _as_paths(paths)
-    if not paths:
-        raise TunelabError("no data files given", where="dataset", fix="set dataset=path/to/data.jsonl")
+def _valid_items(paths: list, fmt: str, kind: str, *, skip_invalid: bool, system_prompt: str | None = None,
+                 dataset_dir=None, hub: HubOptions | None = None, dropped: Loaded | None = None) -> Iterator[Item]:
+    """The usable items of `paths`, read as they are asked for; a bad record raises, or with
+    `skip_invalid` is counted into `dropped` (its `skipped` and `problems`)."""
     for entry in paths:
-        if max_samples is not None and len(loaded) >= max_samples:
-            break
         path, path_format = resolve_path(entry, fmt, dataset_dir)
         for source, number, file_format, item in iter_items(path, path_format, system_prompt=system_prompt,
                                                             hub=hub):
@@ -452,15 +448,25 @@ def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | 
                                    fix="use stage=sft/pt for conversations and stage=dpo/simpo/orpo/kto "
                                        "for preference data")
             if not isinstance(item, RecordError):
-                loaded.append(item)
-                if max_samples is not None and len(loaded) >= max_samples:
-                    break
+                yield item
             elif skip_invalid:
-                loaded.skipped += 1
-                loaded.problems.append(f"{location(source, number)}: {item.what}")
+                if dropped is not None:
+                    dropped.skipped += 1
+                    dropped.problems.append(f"{location(source, number)}: {item.what}")
             else:
                 raise TunelabError(item.what, where=location(source, number),
                                    fix=f"{item.fix}; {SKIP_HINT}" if item.fix else SKIP_HINT)
+
+
+def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | None,
+          system_prompt: str | None = None, dataset_dir=None, hub: HubOptions | None = None) -> Loaded:
+    loaded = Loaded()
+    paths = _as_paths(paths)
+    if not paths:
+        raise TunelabError("no data files given", where="dataset", fix="set dataset=path/to/data.jsonl")
+    items = _valid_items(paths, fmt, kind, skip_invalid=skip_invalid, system_prompt=system_prompt,
+                         dataset_dir=dataset_dir, hub=hub, dropped=loaded)
+    loaded.extend(itertools.islice(items, max_samples))  # nothing is read past max_samples
     if loaded.skipped:
         shown = "; ".join(loaded.problems[:3])
         print(f"tunelab: skipped {loaded.skipped} invalid record(s), kept {len(loaded)} (first: {shown})",
@@ -469,6 +475,14 @@ def _load(paths, fmt: str, kind: str, *, skip_invalid: bool, max_samples: int | 
         raise TunelabError("no usable records", where=", ".join(map(str, paths)),
                            fix="check the format (see `tunelab data check FILE`)")
     return loaded
+
+
+def iter_conversations(paths, fmt: str = "auto", *, skip_invalid: bool = False, system_prompt: str | None = None,
+                       dataset_dir=None, hub: HubOptions | None = None) -> Iterator:
+    """The conversations of `paths` one at a time, read as they are asked for (a corpus larger than
+    memory: `streaming: true` in continued pre-training); errors as `load_conversations`."""
+    return _valid_items(_as_paths(paths), fmt, "conversation", skip_invalid=skip_invalid,
+                        system_prompt=system_prompt, dataset_dir=dataset_dir, hub=hub)
 
 
 def load_conversations(paths, fmt: str = "auto", *, skip_invalid: bool = False, max_samples: int | None = None,
@@ -493,7 +507,8 @@ def load_preferences(paths, fmt: str = "auto", *, skip_invalid: bool = False,
 def hub_options(cfg) -> HubOptions:
     """The config's dataset_split / dataset_config / streaming (refused where no dataset is a hub one)."""
     options = HubOptions(cfg.dataset_split, cfg.dataset_config, cfg.streaming)
-    if options != HubOptions() and not any(map(is_hub_dataset, cfg.dataset_paths)):
+    local_stream = options.streaming and cfg.stage == "pt"  # continued pre-training streams local files too
+    if options != HubOptions(streaming=local_stream) and not any(map(is_hub_dataset, cfg.dataset_paths)):
         raise TunelabError("dataset_split / dataset_config / streaming are set but no dataset is a Hugging Face "
                            "dataset", where="config", fix="drop them for local files (or use dataset: org/name)")
     return options

@@ -38,7 +38,8 @@ class TrainerState:
 
     global_step: int = 0
     epoch: int = 0  # current epoch (0-based)
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (streaming: the blocks
+    # already trained on are batch_in_epoch x per_device_train_batch_size; a resume skips them)
     tokens_seen: int = 0
     best_metric: float | None = None
     best_checkpoint: str | None = None

@@ -238,6 +238,15 @@ def encode_samples(convs: list[Conversation], tokenizer, template, cfg: TunelabC
     """Tokenize conversations into samples; bad ones raise, or are counted with skip_invalid.
     Samples over cutoff_len lose their oldest context first (`truncation=context`, data/truncate.py)."""
     shortened = TruncationStats()
+    samples, skipped = tokenize.encode_each(convs, sample_encoder(tokenizer, template, cfg, shortened), cfg.skip_invalid)
+    if shortened.samples:
+        print(shortened.summary(len(convs), cfg.cutoff_len), file=sys.stderr)
+    return samples, skipped
+
+
+def sample_encoder(tokenizer, template, cfg: TunelabConfig, shortened: TruncationStats):
+    """`encode(conversation) -> [Sample]`: plain text in `cutoff_len` chunks, a conversation rendered
+    and masked (shortened as `truncation` says, counted into `shortened`)."""
 
     def encode(conv: Conversation) -> list[Sample]:
         if conv.is_plain_text:
@@ -253,7 +262,4 @@ def encode_samples(convs: list[Conversation], tokenizer, template, cfg: TunelabC
             encoded = [example]
         return [Sample(e.input_ids, e.labels) for e in encoded]
 
-    samples, skipped = tokenize.encode_each(convs, encode, cfg.skip_invalid)
-    if shortened.samples:
-        print(shortened.summary(len(convs), cfg.cutoff_len), file=sys.stderr)
-    return samples, skipped
+    return encode

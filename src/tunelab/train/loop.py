@@ -6,12 +6,17 @@
               every save_steps: atomic checkpoint (exact resume)
            -> final weights, tokenizer, config, logs, loss plot
 
-No Trainer subclasses: everything the loop does is on this page or one call away.
+`Trainer.train()` is that recipe in a page; its parts decide when they act: the data's
+`steps` (an epoch's order), `LogWindow` (the sums between two log lines), `Evaluator`
+(eval_strategy, the best model, early stopping) and `Checkpointer` (save_strategy; one
+process, DDP or FSDP). What one step computes lives in step.py, each stage's loss in
+objectives/. No Trainer subclasses: everything the loop does is on this page or one call away.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import shutil
@@ -19,7 +24,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +53,7 @@ from tunelab.train.optim import after_evaluation, build_optimizer, build_schedul
 from tunelab.train.probes import EvalSets
 from tunelab.train.runlog import LOG_NAME, perplexity, read_log
 from tunelab.train.step import StepStats, average_metrics, evaluate, optimizer_step, rollout_step, settle_steps
+from tunelab.train.streaming import BlockStream
 from tunelab.train.trackers import check_installed
 from tunelab.train.tracking import Tracker, final_metrics
 
@@ -85,284 +92,523 @@ def train(cfg: TunelabConfig, objective_factory=None, eval_callbacks=(), reward=
     check_stage(cfg)  # a key this stage would ignore is refused before anything runs
     dist = distributed.init_distributed(cfg)  # one process, or one of WORLD_SIZE under a launcher
     try:
-        return _train(cfg, objective_factory, dist, eval_callbacks, reward)
+        return Trainer(cfg, dist, objective_factory, eval_callbacks, reward).train()
     finally:
         distributed.shutdown(dist)
 
 
-def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(), reward=None) -> RunResult:
-    from tunelab.model.adapters import count_parameters, prepare_for_training
-    from tunelab.model.loader import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device
-    from tunelab.train.fast import apply_speed_levers
-    from tunelab.train.fast.memory import offload_for_memory
+class Trainer:
+    """One run. `__init__` sets it up (data, model, levers, optimizer, schedule, state, tracker);
+    `train()` is the recipe; each part it calls (`LogWindow`, `Evaluator`, `Checkpointer`,
+    the data's `steps`) decides when it acts."""
 
-    run_dir = Path(cfg.output_dir)
-    resume_path = resolve_resume(run_dir, cfg.resume_from_checkpoint)
-    check_installed(cfg.report_to)  # a missing tracker package fails before the model loads
-    if dist.is_main:  # rank 0 alone writes into the run folder
-        prepare_run_dir(run_dir, cfg, resuming=resume_path is not None)
-    dist.barrier()
-    set_seed(cfg.seed)
-    user_cfg = cfg  # saved as given: `auto` levers are decided anew on whatever device a resume runs on
+    def __init__(self, cfg: TunelabConfig, dist: Dist, objective_factory=None, eval_callbacks=(), reward=None):
+        self.dist = dist
+        self.user_cfg = cfg  # saved as given: `auto` levers are decided anew on whatever device a resume runs on
+        self.run_dir = Path(cfg.output_dir)
+        self.resume_path = resolve_resume(self.run_dir, cfg.resume_from_checkpoint)
+        check_installed(cfg.report_to)  # a missing tracker package fails before the model loads
+        if dist.is_main:  # rank 0 alone writes into the run folder
+            prepare_run_dir(self.run_dir, cfg, resuming=self.resume_path is not None)
+        dist.barrier()
+        set_seed(cfg.seed)
+        train_rows = self._setup_data(cfg, objective_factory, reward)
+        self._setup_model()
+        self._setup_optimizer(train_rows)
+        self._setup_state(eval_callbacks)
 
-    # 1. Data: read, split, render with the chat template, mask everything but the answers.
-    tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    objective = (objective_factory or objective_class(cfg.stage))(cfg, tokenizer, **(
-        {"reward": reward} if reward is not None else {}))
-    train_rows, eval_rows = objective.load_data()
-    mixture = getattr(objective, "mixture", None)  # rows taken from each source, replay included
+    # --- the recipe ----------------------------------------------------------------------
 
-    # 2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py).
-    device = resolve_device(distributed.device_for(cfg, dist))
-    cfg = restrict_speed(resolve_precision(cfg, device), type(objective))
-    load_device = distributed.load_device(cfg, dist, device)  # FSDP: CPU memory, no GPU holds the whole model
-    model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
-                       quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
-                       rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
-    model = prepare_for_training(model, cfg)
-    plan = resolve_speed(cfg, model, device)
-    cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
-    if dist.enabled and cfg.max_tokens_per_batch is not None:  # sized to each GPU's free memory: agree
-        cfg = objective.cfg = replace(cfg, max_tokens_per_batch=dist.all_min(cfg.max_tokens_per_batch, device))
-    if dist.is_main:
-        print(plan.describe(), file=sys.stderr)
-    trainable, total = count_parameters(model)
-    # Several processes: DDP or FSDP2 around model + loss (compiled layers come after wrapping).
-    objective = distributed.wrap(model, objective, cfg, dist, device)
-    apply_speed_levers(model, cfg, device)
-    objective.setup(model, device)
-    probes = EvalSets(cfg, tokenizer) if cfg.eval_sets else None  # forgetting: earlier stages' data (probes.py)
-    if dist.is_main:
-        print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}"
-              + (f" x {dist.world} processes ({dist.strategy})" if dist.enabled else ""), file=sys.stderr)
+    def train(self) -> RunResult:
+        state, previous_sigterm = self.state, _sigterm_as_ctrl_c()
+        try:
+            self.evaluator.at_start(state, resumed=self.resume_path is not None, total_steps=self.total_steps)
+            self.model.train()
+            while state.global_step < self.total_steps and not self.stopped_early:
+                for step in self.data.steps(state):  # the rest of this epoch, one optimizer step at a time
+                    self.train_step(step)
+                    if self.logs_now():
+                        self.log()
+                    if self.evaluator.due(state.global_step):
+                        self.stopped_early = self.evaluator.run(state)
+                        self.model.train()
+                    if self.checkpointer.due(state.global_step):
+                        self.checkpoint()
+                    if self.stopped_early or state.global_step >= self.total_steps:
+                        break
+                if self.data.epoch_done(state):
+                    self.end_epoch()
+            self.evaluator.at_end(state, self.stopped_early)
+        except KeyboardInterrupt:
+            _restore_sigterm(signal.SIG_IGN)  # a scheduler's second SIGTERM must not cut this checkpoint short
+            path = self.checkpoint()
+            if self.dist.is_main:
+                print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
+                      file=sys.stderr)
+            raise
+        finally:
+            self.tracker.close()
+            _restore_sigterm(previous_sigterm)
+        return self.finish()
 
-    # 3. Optimizer and schedule. A global step takes accumulation x processes micro-batches.
-    step_micro = cfg.gradient_accumulation_steps * dist.world
-    micro_per_epoch = math.ceil(len(train_rows) / cfg.per_device_train_batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    optimizer = build_optimizer(model, cfg, device)
-    if hasattr(objective, "prepare"):  # DeepSpeed takes model and optimizer together (train/deepspeed.py)
-        objective.prepare(optimizer)
-    # Online stages take num_ppo_epochs optimizer steps per step (one batch of rollouts).
-    scheduler = build_scheduler(optimizer, cfg, total_steps * getattr(objective, "updates_per_step", 1))
-    scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
+    # --- set-up ----------------------------------------------------------------------------
 
-    state = TrainerState()
-    if resume_path is not None:
-        state = _load_checkpoint(resume_path, model, optimizer, scheduler, dist, objective)
+    def _setup_data(self, cfg: TunelabConfig, objective_factory, reward) -> list | BlockStream:
+        """1. Data: read, split, render with the chat template, mask everything but the answers."""
+        from tunelab.model.loader import load_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        self.objective = (objective_factory or objective_class(cfg.stage))(cfg, self.tokenizer, **(
+            {"reward": reward} if reward is not None else {}))
+        train_rows, self.eval_rows = self.objective.load_data()
+        self.mixture = getattr(self.objective, "mixture", None)  # rows taken from each source, replay included
+        return train_rows
+
+    def _setup_model(self) -> None:
+        """2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py)."""
+        from tunelab.model.adapters import count_parameters, prepare_for_training
+        from tunelab.model.loader import load_model, resolve_device
+        from tunelab.train.fast import apply_speed_levers
+
+        dist, objective = self.dist, self.objective
+        device = self.device = resolve_device(distributed.device_for(self.cfg, dist))
+        cfg = restrict_speed(resolve_precision(self.cfg, device), type(objective))
+        # FSDP shards from CPU memory: no GPU ever holds the whole model.
+        load_device = distributed.load_device(cfg, dist, device)  # FSDP: CPU memory, no GPU holds the whole model
+        model = load_model(cfg.model_name_or_path, dtype=_load_dtype(cfg), device=load_device,
+                           quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
+                           rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
+        model = prepare_for_training(model, cfg)
+        plan = resolve_speed(cfg, model, device)
+        cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
+        if dist.enabled and cfg.max_tokens_per_batch is not None:  # sized to each GPU's free memory: agree
+            cfg = objective.cfg = replace(cfg, max_tokens_per_batch=dist.all_min(cfg.max_tokens_per_batch, device))
         if dist.is_main:
-            print(f"resumed from {resume_path} at step {state.global_step}", file=sys.stderr)
-    if dist.is_main:
-        save_config(user_cfg, run_dir / "config.yaml")
-        if mixture:
-            write_json_atomic(run_dir / "data_mixture.json", mixture)
+            print(plan.describe(), file=sys.stderr)
+        trainable, total = count_parameters(model)
+        # Several processes: DDP or FSDP2 around model + loss (compiled layers come after wrapping).
+        self.objective = distributed.wrap(model, objective, cfg, dist, device)
+        apply_speed_levers(model, cfg, device)
+        self.objective.setup(model, device)
+        self.probes = EvalSets(cfg, self.tokenizer) if cfg.eval_sets else None  # forgetting: earlier stages' data
+        if dist.is_main:
+            print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}"
+                  + (f" x {dist.world} processes ({dist.strategy})" if dist.enabled else ""), file=sys.stderr)
+        self.model, self.cfg = model, cfg
 
-    tracker = (Tracker(run_dir, cfg.report_to, total_steps, state.global_step, cfg.disable_tqdm,
-                       config=user_cfg.to_dict(), plot=cfg.plot_loss)
-               if dist.is_main else distributed.SilentTracker(run_dir / LOG_NAME))
-    start_step = state.global_step
-    window = new_window()
-    last_eval, last_eval_step = None, None
-    if resume_path is not None:
-        last_eval_step = _resume_logging(tracker, window, state, scheduler, micro_per_epoch,
-                                         cfg.logging_steps, total_steps)
-    stopped_early = False
-    lengths = [len(r) for r in train_rows]
-    # Padding-free batches cost their tokens: ranks get equal tokens, not equal sample counts.
-    share_lengths = lengths if cfg.padding_free else None
-    # The back-off retries a step on its own: across processes the ranks would have to agree on it.
-    if cfg.oom_backoff and dist.enabled and dist.is_main:
-        print("out-of-memory back-off: off under several processes (an out-of-memory error ends the run "
-              "with the keys to change)", file=sys.stderr)
-    memory = MemoryBackoff(cfg.max_tokens_per_batch, enabled=cfg.oom_backoff and not dist.enabled,
-                           enable_checkpointing=lambda: enable_gradient_checkpointing(model),
-                           checkpointing=bool(cfg.gradient_checkpointing), log=tracker.note,
-                           enable_offload=lambda: offload_for_memory(model, cfg))
+    def _setup_optimizer(self, train_rows: list | BlockStream) -> None:
+        """3. Optimizer and schedule. A global step takes accumulation x processes micro-batches."""
+        cfg = self.cfg
+        steps = StreamSteps if isinstance(train_rows, BlockStream) else EpochOrder
+        self.data = steps(train_rows, cfg, cfg.gradient_accumulation_steps * self.dist.world, self.objective)
+        self.total_steps = (cfg.max_steps if cfg.max_steps > 0
+                            else math.ceil(cfg.num_train_epochs * self.data.steps_per_epoch))
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        if hasattr(self.objective, "prepare"):  # DeepSpeed takes model and optimizer together (train/deepspeed.py)
+            self.objective.prepare(self.optimizer)
+        # Online stages take num_ppo_epochs optimizer steps per step (one batch of rollouts).
+        self.scheduler = build_scheduler(self.optimizer, cfg,
+                                         self.total_steps * getattr(self.objective, "updates_per_step", 1))
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.fp16 else None
 
-    def micro_batches(step_ids: list[list[int]], budget: int | None) -> list[list[int]]:
-        """The step's samples as micro-batches: by token budget, or as batch_order cut them."""
-        if budget is None:
-            return step_ids
-        return split_by_tokens([i for ids in step_ids for i in ids], lengths, budget, padded=not cfg.padding_free)
+    def _setup_state(self, eval_callbacks) -> None:
+        """4. Where the run stands (the checkpoint's, when resuming), the tracker and the loop's parts."""
+        from tunelab.model.loader import enable_gradient_checkpointing
+        from tunelab.train.fast.memory import offload_for_memory
 
-    def micro_tokens(ids: list[int]) -> int:
-        return micro_batch_tokens(ids, lengths, padded=not cfg.padding_free)
+        cfg, dist, run_dir, model = self.cfg, self.dist, self.run_dir, self.model
+        self.state = TrainerState()
+        if self.resume_path is not None:
+            self.state = _load_checkpoint(self.resume_path, model, self.optimizer, self.scheduler, dist,
+                                          self.objective)
+            if dist.is_main:
+                print(f"resumed from {self.resume_path} at step {self.state.global_step}", file=sys.stderr)
+        if dist.is_main:
+            save_config(self.user_cfg, run_dir / "config.yaml")
+            if self.mixture:
+                write_json_atomic(run_dir / "data_mixture.json", self.mixture)
+        self.tracker = (Tracker(run_dir, cfg.report_to, self.total_steps, self.state.global_step, cfg.disable_tqdm,
+                                config=self.user_cfg.to_dict(), plot=cfg.plot_loss)
+                        if dist.is_main else distributed.SilentTracker(run_dir / LOG_NAME))
+        self.start_step = self.state.global_step
+        self.window = LogWindow()
+        self.pending: list[tuple[int, StepStats]] = []  # steps whose loss sums are still on the device
+        self.stopped_early = False
+        # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
+        adapter = ((lambda folder: save_final_weights(model, self.tokenizer, folder, cfg, dist, self.objective))
+                   if cfg.finetuning_type == "lora" else None)
+        self.checkpointer = Checkpointer(cfg, dist, run_dir, model, self.optimizer, self.scheduler, adapter,
+                                         window_state=self.settled_window, objective=self.objective)
+        self.evaluator = Evaluator(self, eval_callbacks)
+        if self.resume_path is not None:
+            self.evaluator.last_step = self._resume_logging()
+        # The back-off retries a step on its own: across processes the ranks would have to agree on it.
+        if cfg.oom_backoff and dist.enabled and dist.is_main:
+            print("out-of-memory back-off: off under several processes (an out-of-memory error ends the run "
+                  "with the keys to change)", file=sys.stderr)
+        self.memory = MemoryBackoff(cfg.max_tokens_per_batch, enabled=cfg.oom_backoff and not dist.enabled,
+                                    enable_checkpointing=lambda: enable_gradient_checkpointing(model),
+                                    checkpointing=bool(cfg.gradient_checkpointing), log=self.tracker.note,
+                                    enable_offload=lambda: offload_for_memory(model, cfg))
 
-    row_totals = distributed.RowTotals(objective, train_rows)
+    # --- one step --------------------------------------------------------------------------
 
-    def run_step(step_ids: list[list[int]]) -> StepStats:
+    def train_step(self, step: StepRows) -> None:
+        """One optimizer step and its counters; an interrupt waits until weights, counters and
+        log window agree (a checkpoint then holds all three)."""
+        state, device = self.state, self.device
+        first_cuda_step = state.global_step == self.start_step and device.type == "cuda"
+        if first_cuda_step:
+            torch.cuda.reset_peak_memory_stats(device)
+            base_bytes = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
+        with _ctrl_c_after_step():
+            stats = self.run_step(step)
+            state.global_step += 1
+            state.batch_in_epoch += len(step.ids)
+            state.tokens_seen += stats.real_tokens
+            self.window.weight += stats.weight
+            self.window.real_tokens += stats.real_tokens
+            self.pending.append((state.global_step, stats))
+            if (self.logs_now() or self.evaluator.due(state.global_step)
+                    or self.checkpointer.due(state.global_step)):
+                self.settle()  # the one wait for the device: queued training work is training time
+            self.window.seconds += time.perf_counter() - started  # training only: evaluations, saves excluded
+        self.tracker.advance()
+        if first_cuda_step:
+            self._calibrate(step, base_bytes)
+
+    def run_step(self, step: StepRows) -> StepStats:
         """One optimizer step (this process's share of it), retried in smaller pieces if it runs
         out of memory (train/memory.py)."""
-        share = rank_share(step_ids, dist.rank, dist.world, share_lengths)
+        model, objective, dist, rows = self.model, self.objective, self.dist, step.rows
+        share = rank_share(step.ids, dist.rank, dist.world, self.share_lengths(step))
         if hasattr(objective, "rollout"):  # online stages: the step's prompts are sampled and scored first
-            return rollout_step(model, objective, [[train_rows[i] for i in ids] for ids in share], optimizer,
-                                scheduler, scaler, cfg, device)
-        spare = objective.collate([train_rows[step_ids[0][0]]]) if dist.enabled else None
+            return rollout_step(model, objective, [[rows[i] for i in ids] for ids in share], self.optimizer,
+                                self.scheduler, self.scaler, self.cfg, self.device)
+        spare = objective.collate([rows[step.ids[0][0]]]) if dist.enabled else None
 
         def attempt(budget):
-            batches = [objective.collate([train_rows[i] for i in ids]) for ids in micro_batches(share, budget)]
-            totals = distributed.step_totals(step_ids, dist.world, lambda ids: micro_batches(ids, budget),
-                                             row_totals, share_lengths) if dist.enabled else None
-            return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare,
-                                  totals)
+            batches = [objective.collate([rows[i] for i in ids]) for ids in self.micro_batches(step, share, budget)]
+            totals = distributed.step_totals(step.ids, dist.world, lambda ids: self.micro_batches(step, ids, budget),
+                                             step.totals, self.share_lengths(step)) if dist.enabled else None
+            return optimizer_step(model, objective, batches, self.optimizer, self.scheduler, self.scaler, self.cfg,
+                                  self.device, dist, spare, totals)
 
-        return memory.run(state.global_step + 1, max(lengths[i] for ids in share for i in ids),
-                          largest_micro=lambda budget: max(map(micro_tokens, micro_batches(share, budget))),
-                          attempt=attempt, reset=lambda: optimizer.zero_grad(set_to_none=True))
+        return self.memory.run(self.state.global_step + 1, max(step.lengths[i] for ids in share for i in ids),
+                               largest_micro=lambda budget: self.largest_micro(step, share, budget),
+                               attempt=attempt, reset=lambda: self.optimizer.zero_grad(set_to_none=True))
 
-    previous_sigterm = _sigterm_as_ctrl_c()
+    def share_lengths(self, step: StepRows) -> Sequence[int] | None:
+        """Padding-free batches cost their tokens: ranks get equal tokens, not equal sample counts."""
+        return step.lengths if self.cfg.padding_free else None
 
-    pending: list[tuple[int, StepStats]] = []  # steps whose loss sums are still on the device
+    def micro_batches(self, step: StepRows, ids: list[list[int]], budget: int | None) -> list[list[int]]:
+        """The step's samples as micro-batches: by token budget, or as the data cut them."""
+        if budget is None:
+            return ids
+        return split_by_tokens([i for batch in ids for i in batch], step.lengths, budget,
+                               padded=not self.cfg.padding_free)
 
-    def settle() -> None:
-        _settle_window(window, pending, device, dist, run_dir)
+    def largest_micro(self, step: StepRows, ids: list[list[int]], budget: int | None) -> int:
+        return max(micro_batch_tokens(batch, step.lengths, padded=not self.cfg.padding_free)
+                   for batch in self.micro_batches(step, ids, budget))
 
-    def checkpoint() -> Path:
-        settle()
-        # LoRA checkpoints also hold the PEFT adapter, so any of them can be evaluated as is.
-        extra = ((lambda folder: save_final_weights(model, tokenizer, folder, cfg, dist, objective))
-                 if cfg.finetuning_type == "lora" else None)
-        state.log_window = dict(window)  # a resumed curve equals this one
-        if dist.strategy == "fsdp":
-            from tunelab.train.sharded_checkpoint import save_sharded_checkpoint
+    def _calibrate(self, step: StepRows, base_bytes: int) -> None:
+        """After the first CUDA step: report its peak memory and size the token budget by it."""
+        device, cfg, dist, memory = self.device, self.cfg, self.dist, self.memory
+        self.tracker.note(f"step {self.state.global_step}: peak GPU memory "
+                          f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} of "
+                          f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
+        if cfg.max_tokens_per_batch is not None and self.user_cfg.max_tokens_per_batch is None:
+            memory.calibrate(device, base_bytes, self.largest_micro(
+                step, rank_share(step.ids, dist.rank, dist.world, self.share_lengths(step)), memory.budget))
+            if dist.enabled:  # every rank cuts every rank's share with one budget
+                memory.budget = dist.all_min(memory.budget, device)
 
-            path = save_sharded_checkpoint(run_dir, model, optimizer, scheduler, state, dist, extra_save=extra)
-        elif dist.strategy == "deepspeed":  # the engine's own partitions, in the same atomic folder
-            path = objective.save_checkpoint(run_dir, scheduler, state, dist, extra_save=extra)
-        else:  # DDP: every rank holds the same weights, rank 0 writes the usual checkpoint
-            path = checkpoint_path(run_dir, state.global_step)
+    # --- what happens between steps ---------------------------------------------------------
+
+    def logs_now(self) -> bool:
+        step = self.state.global_step
+        return step % self.cfg.logging_steps == 0 or step == self.total_steps
+
+    def settle(self) -> None:
+        self.window.settle(self.pending, self.device, self.dist, self.run_dir)
+
+    def settled_window(self) -> dict:
+        """The open log window's sums, settled, as a checkpoint keeps them: a resumed curve equals this one."""
+        self.settle()
+        return asdict(self.window)
+
+    def log(self) -> None:
+        row = self.window.row(self.state.global_step, self.data.epoch_float(self.state),
+                              self.scheduler.get_last_lr()[0])
+        self.tracker.log(row)
+        self.state.log_history.append(row)
+        self.window = LogWindow()
+
+    def checkpoint(self) -> Path:
+        return self.checkpointer.save(self.state)
+
+    def end_epoch(self) -> None:
+        if self.evaluator.due_at_epoch_end() and not self.stopped_early:
+            self.stopped_early = self.evaluator.run(self.state)
+            self.model.train()
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        if self.checkpointer.due_at_epoch_end():
+            self.checkpoint()
+
+    def _resume_logging(self) -> int | None:
+        """Carry on the logged curve exactly where the checkpoint left it.
+
+        Restores the open logging window (save_steps need not be a multiple of logging_steps)
+        and writes the checkpoint step's row if an interrupt came before it was logged.
+        Returns the step of the last evaluation if the log holds one at this step, so it is
+        not repeated.
+        """
+        state, log_path = self.state, self.tracker.log_path
+        self.window = LogWindow(**state.log_window)
+        rows = [r for r in read_log(log_path) if r.get("step") == state.global_step] if log_path.exists() else []
+        if self.logs_now():
+            if any("loss" in r for r in rows):
+                self.window = LogWindow()  # logged before the interrupt; the sums are spent
+            elif self.window.weight:
+                self.log()
+        return state.global_step if any("eval_loss" in r for r in rows) else None
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """5. Final weights (the best checkpoint's if asked, else the last step's), tokenizer, model card."""
+        cfg, dist, state, run_dir = self.cfg, self.dist, self.state, self.run_dir
+        if cfg.load_best_model_at_end and state.best_checkpoint:
+            _load_best(Path(state.best_checkpoint), self.model, self.objective)
             if dist.is_main:
-                save_checkpoint(run_dir, model, optimizer, scheduler, state, extra_save=extra)
+                print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
+                      f"{state.best_checkpoint}", file=sys.stderr)
+        save_final_weights(self.model, self.tokenizer, run_dir, cfg, dist, self.objective)
         if dist.is_main:
-            rotate_checkpoints(run_dir, cfg.save_total_limit, keep=state.best_checkpoint)
+            write_run_card(run_dir, self.user_cfg, self.tokenizer)
         dist.barrier()
-        return path
+        train_losses = [r["loss"] for r in state.log_history if "loss" in r]
+        if dist.is_main:
+            print(f"done: {state.global_step} steps; weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
+        return RunResult(run_dir, state.global_step, train_losses[-1] if train_losses else None,
+                         self.evaluator.last_loss, state.best_metric, self.stopped_early)
 
-    def evaluate_and_track() -> bool:
+
+# --- the parts of the recipe -----------------------------------------------------------------
+
+@dataclass
+class StepRows:
+    """One optimizer step's samples: `ids` are its micro-batches of indices into `rows`, in the
+    one-process order (each process takes its `rank_share`); `totals` weighs any row alike on every rank."""
+
+    rows: Sequence
+    lengths: Sequence[int]
+    ids: list[list[int]]
+    totals: distributed.RowTotals
+
+
+class EpochOrder:
+    """The steps of an in-memory data set: each epoch's seeded order (`batch_order`) cut into
+    optimizer steps of `step_micro` micro-batches, from where the state says the run is."""
+
+    def __init__(self, rows: list, cfg: TunelabConfig, step_micro: int, objective):
+        self.rows, self.cfg, self.step_micro = rows, cfg, step_micro
+        self.lengths = [len(r) for r in rows]
+        self.totals = distributed.RowTotals(objective, rows)
+        self.micro_per_epoch = math.ceil(len(rows) / cfg.per_device_train_batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / step_micro)
+        self.order: list[list[int]] = []
+
+    def steps(self, state: TrainerState) -> Iterator[StepRows]:
+        """The rest of the state's epoch; the loop moves `state.batch_in_epoch` on after each step."""
+        cfg = self.cfg
+        self.order = batch_order(self.lengths, cfg.per_device_train_batch_size, cfg.seed, state.epoch,
+                                 group_by_length=cfg.group_by_length and not cfg.packing)
+        while state.batch_in_epoch < len(self.order):
+            yield StepRows(self.rows, self.lengths,
+                           self.order[state.batch_in_epoch:state.batch_in_epoch + self.step_micro], self.totals)
+
+    def epoch_done(self, state: TrainerState) -> bool:
+        return state.batch_in_epoch >= len(self.order)
+
+    def epoch_float(self, state: TrainerState) -> float:
+        return state.epoch + state.batch_in_epoch / max(self.micro_per_epoch, 1)
+
+
+class StreamSteps:
+    """The steps of a stream (`stage: pt`, `streaming: true`; train/streaming.py): its blocks in
+    arrival order, `step_micro` micro-batches of per_device_train_batch_size blocks a step, read
+    only as the loop asks for the step. A pass over the stream is an epoch; a resumed run skips
+    the blocks the state says were trained on. Every process reads the same stream and takes
+    its `rank_share` of each step, as with an epoch's order."""
+
+    steps_per_epoch = None  # unknown: max_steps says how long to train
+
+    def __init__(self, stream: BlockStream, cfg: TunelabConfig, step_micro: int, objective):
+        self.stream, self.objective = stream, objective
+        self.batch_size = cfg.per_device_train_batch_size
+        self.step_size = self.batch_size * step_micro  # blocks a step
+        self.exhausted = False
+
+    def steps(self, state: TrainerState) -> Iterator[StepRows]:
+        skip = state.batch_in_epoch * self.batch_size
+        blocks = self.stream.blocks(skip)
+        self.exhausted = False
+        while rows := list(itertools.islice(blocks, self.step_size)):
+            ids = [list(range(i, min(i + self.batch_size, len(rows)))) for i in range(0, len(rows), self.batch_size)]
+            yield StepRows(rows, [len(r) for r in rows], ids, distributed.RowTotals(self.objective, rows))
+        self.exhausted = True
+        if state.epoch == 0 and state.batch_in_epoch == 0:  # nothing trained on in a whole pass
+            raise TunelabError("the stream holds no training data", where=", ".join(self.stream.cfg.dataset_paths),
+                               fix="check the dataset (and val_size: the held-out records are never trained on)")
+
+    def epoch_done(self, state: TrainerState) -> bool:
+        return self.exhausted
+
+    def epoch_float(self, state: TrainerState) -> float:
+        return float(state.epoch)  # the stream's length is unknown: whole passes only
+
+
+@dataclass
+class LogWindow:
+    """Running sums between two log lines (kept in checkpoints: a resumed curve equals this one)."""
+
+    loss_sum: float = 0.0
+    weight: int = 0
+    real_tokens: int = 0
+    seconds: float = 0.0
+    grad_norms: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    def settle(self, pending: list[tuple[int, StepStats]], device, dist: Dist, run_dir: Path) -> None:
+        """Add the loss, metric and grad-norm sums of the steps run since the last call (`pending`,
+        their global step numbers and stats); stop at a loss that is not finite."""
+        settled = settle_steps([step for _, step in pending], device, dist)
+        for (number, _), (loss_sum, metrics, grad_norm) in zip(pending, settled):
+            self.loss_sum += loss_sum
+            for key, value in metrics.items():
+                self.metrics[key] = self.metrics.get(key, 0.0) + value
+            self.grad_norms.append(grad_norm)
+            if not math.isfinite(self.loss_sum):
+                raise TunelabError(f"the loss became {self.loss_sum} at step {number}", where=str(run_dir),
+                                   fix="lower learning_rate, use bf16 instead of fp16, or check max_grad_norm")
+        pending.clear()
+
+    def row(self, step: int, epoch: float, learning_rate: float) -> dict:
+        weight = max(self.weight, 1)
+        return {"step": step, "epoch": round(epoch, 4), "loss": self.loss_sum / weight,
+                "learning_rate": learning_rate,
+                "grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
+                "tokens_per_second": self.real_tokens / max(self.seconds, 1e-9),
+                **average_metrics(self.metrics, weight)}
+
+
+new_window, _settle_window = LogWindow, LogWindow.settle  # the names tests/train/test_distributed.py uses
+
+
+class Evaluator:
+    """When to evaluate (eval_strategy, eval_steps, eval_on_start, the end) and what follows:
+    the validation loss, the eval sets and task callbacks, the best model, early stopping."""
+
+    def __init__(self, trainer: Trainer, callbacks=()):
+        self.trainer, self.cfg, self.callbacks = trainer, trainer.cfg, callbacks
+        self.last_loss: float | None = None
+        self.last_step: int | None = None  # the step of the last evaluation (not repeated on resume)
+
+    def due(self, step: int) -> bool:
+        return self.cfg.eval_strategy == "steps" and step % self.cfg.eval_steps == 0
+
+    def due_at_epoch_end(self) -> bool:
+        return self.cfg.eval_strategy == "epoch"
+
+    def at_start(self, state: TrainerState, resumed: bool, total_steps: int) -> None:
+        if self.cfg.eval_strategy != "no" and self.cfg.eval_on_start and state.global_step == 0 and self.last_step != 0:
+            self.run(state)  # the untuned model's validation loss: what training must beat
+        elif (resumed and self.due(state.global_step) and 0 < state.global_step < total_steps
+              and self.last_step != state.global_step):
+            self.run(state)  # interrupted during this step's evaluation: its row is still owed
+
+    def at_end(self, state: TrainerState, stopped_early: bool) -> None:
+        t, cfg = self.trainer, self.cfg
+        if stopped_early:
+            t.tracker.bar.write(f"early stopping at step {state.global_step}: no improvement of "
+                                f"{cfg.metric_for_best_model} in {cfg.early_stopping_patience} evaluations "
+                                f"(best {state.best_metric:.4f})")
+        elif cfg.eval_strategy != "no" and self.last_step != state.global_step:
+            self.run(state)  # the final model is always evaluated
+        elif cfg.eval_strategy == "no" and t.probes:  # no evaluations: the eval sets still get the end's numbers
+            t.tracker.log({"step": state.global_step, **t.probes.losses(t.model, t.device, t.dist)})
+
+    def run(self, state: TrainerState) -> bool:
         """Validation loss; best-model bookkeeping; returns True when early stopping triggers."""
-        nonlocal last_eval, last_eval_step
-        eval_loss, eval_metrics = evaluate(model, objective, eval_rows, cfg, device, dist)
-        last_eval, last_eval_step = eval_loss, state.global_step
-        after_evaluation(scheduler, eval_loss)  # reduce_lr_on_plateau / greedy follow the validation loss
-        row = {"step": state.global_step, "epoch": round(_epoch_float(state, micro_per_epoch), 4),
-               "eval_loss": eval_loss}
-        if getattr(objective, "perplexity", False):
+        t, cfg = self.trainer, self.cfg
+        eval_loss, eval_metrics = evaluate(t.model, t.objective, t.eval_rows, cfg, t.device, t.dist)
+        self.last_loss, self.last_step = eval_loss, state.global_step
+        after_evaluation(t.scheduler, eval_loss)  # reduce_lr_on_plateau / greedy follow the validation loss
+        row = {"step": state.global_step, "epoch": round(t.data.epoch_float(state), 4), "eval_loss": eval_loss}
+        if getattr(t.objective, "perplexity", False):
             row["eval_perplexity"] = perplexity(eval_loss)
         row |= {f"eval_{k}": v for k, v in eval_metrics.items()}
-        if probes:
-            row |= probes.losses(model, device, dist)
-        for callback in eval_callbacks:
-            row |= {f"eval_{k}": v for k, v in callback(model, tokenizer, state.global_step).items()}
-        tracker.log(row)
+        if t.probes:
+            row |= t.probes.losses(t.model, t.device, t.dist)
+        for callback in self.callbacks:
+            row |= {f"eval_{k}": v for k, v in callback(t.model, t.tokenizer, state.global_step).items()}
+        t.tracker.log(row)
         value = _best_metric_value(row, cfg.metric_for_best_model)
         if _improves(value, state.best_metric, cfg):
             state.best_metric = value
             state.evals_without_improvement = 0
             if cfg.load_best_model_at_end:
                 # Named before saving, so the checkpoint's own state already knows it is the best.
-                state.best_checkpoint = str(checkpoint_path(run_dir, state.global_step))
-                checkpoint()
+                state.best_checkpoint = str(checkpoint_path(t.run_dir, state.global_step))
+                t.checkpoint()
         else:
             state.evals_without_improvement += 1
         patience = cfg.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 
-    try:
-        if cfg.eval_strategy != "no" and cfg.eval_on_start and state.global_step == 0 and last_eval_step != 0:
-            evaluate_and_track()  # the untuned model's validation loss: what training must beat
-        elif (resume_path is not None and cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0
-              and 0 < state.global_step < total_steps and last_eval_step != state.global_step):
-            evaluate_and_track()  # interrupted during this step's evaluation: its row is still owed
-        model.train()
-        while state.global_step < total_steps and not stopped_early:
-            order = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed,
-                                state.epoch, group_by_length=cfg.group_by_length and not cfg.packing)
-            while state.batch_in_epoch < len(order) and state.global_step < total_steps:
-                # One optimizer step = up to gradient_accumulation_steps micro-batches per process.
-                step_ids = order[state.batch_in_epoch:state.batch_in_epoch + step_micro]
-                first_cuda_step = state.global_step == start_step and device.type == "cuda"
-                if first_cuda_step:
-                    torch.cuda.reset_peak_memory_stats(device)
-                    base_bytes = torch.cuda.memory_allocated(device)
-                started = time.perf_counter()
-                with _ctrl_c_after_step():  # weights, counters and log window must agree in a checkpoint
-                    step = run_step(step_ids)
-                    state.global_step += 1
-                    state.batch_in_epoch += len(step_ids)
-                    state.tokens_seen += step.real_tokens
-                    window["weight"] += step.weight
-                    window["real_tokens"] += step.real_tokens
-                    pending.append((state.global_step, step))
-                    logs_now = state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps
-                    evals_now = cfg.eval_strategy == "steps" and state.global_step % cfg.eval_steps == 0
-                    saves_now = cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0
-                    if logs_now or evals_now or saves_now:
-                        settle()  # the one wait for the device: queued training work is training time
-                    window["seconds"] += time.perf_counter() - started  # training only: evaluations, saves excluded
-                tracker.advance()
-                if first_cuda_step:
-                    tracker.note(f"step {state.global_step}: peak GPU memory "
-                                 f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} of "
-                                 f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
-                    if cfg.max_tokens_per_batch is not None and user_cfg.max_tokens_per_batch is None:
-                        memory.calibrate(device, base_bytes, max(map(micro_tokens, micro_batches(
-                            rank_share(step_ids, dist.rank, dist.world, share_lengths), memory.budget))))
-                        if dist.enabled:  # every rank cuts every rank's share with one budget
-                            memory.budget = dist.all_min(memory.budget, device)
 
-                if logs_now:
-                    _log_window(tracker, window, state, scheduler, micro_per_epoch)
-                if evals_now:
-                    stopped_early = evaluate_and_track()
-                    model.train()
-                if saves_now:
-                    checkpoint()
-                if stopped_early:
-                    break
-            if state.batch_in_epoch >= len(order):  # epoch finished
-                if cfg.eval_strategy == "epoch" and not stopped_early:
-                    stopped_early = evaluate_and_track()
-                    model.train()
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if cfg.save_strategy == "epoch":
-                    checkpoint()
-        if stopped_early:
-            tracker.bar.write(f"early stopping at step {state.global_step}: no improvement of "
-                              f"{cfg.metric_for_best_model} in {cfg.early_stopping_patience} evaluations "
-                              f"(best {state.best_metric:.4f})")
-        elif cfg.eval_strategy != "no" and last_eval_step != state.global_step:
-            evaluate_and_track()  # the final model is always evaluated
-        elif cfg.eval_strategy == "no" and probes:  # no evaluations: the eval sets still get the end's numbers
-            tracker.log({"step": state.global_step, **probes.losses(model, device, dist)})
-    except KeyboardInterrupt:
-        _restore_sigterm(signal.SIG_IGN)  # a scheduler's second SIGTERM must not cut this checkpoint short
-        path = checkpoint()
-        if not dist.is_main:
-            raise
-        print(f"\ninterrupted: checkpoint saved to {path}; continue with resume_from_checkpoint=latest",
-              file=sys.stderr)
-        raise
-    finally:
-        tracker.close()
-        _restore_sigterm(previous_sigterm)
+class Checkpointer:
+    """When to save (save_strategy) and how: one process and DDP write one folder from rank 0,
+    FSDP writes shards from every rank, DeepSpeed its engine's partitions in the same atomic
+    folder. Old ones are rotated (save_total_limit), the best one kept."""
 
-    # 4. Final weights: the best checkpoint's if asked, else the last step's.
-    if cfg.load_best_model_at_end and state.best_checkpoint:
-        _load_best(Path(state.best_checkpoint), model, objective)
+    def __init__(self, cfg: TunelabConfig, dist: Dist, run_dir: Path, model, optimizer, scheduler,
+                 adapter, window_state, objective=None):
+        self.cfg, self.dist, self.run_dir, self.objective = cfg, dist, run_dir, objective
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.adapter = adapter  # folder -> the PEFT adapter saved beside the checkpoint (LoRA), or None
+        self.window_state = window_state  # () -> the open log window, settled
+
+    def due(self, step: int) -> bool:
+        return self.cfg.save_strategy == "steps" and step % self.cfg.save_steps == 0
+
+    def due_at_epoch_end(self) -> bool:
+        return self.cfg.save_strategy == "epoch"
+
+    def save(self, state: TrainerState) -> Path:
+        dist, run_dir = self.dist, self.run_dir
+        state.log_window = self.window_state()
+        if dist.strategy == "fsdp":
+            from tunelab.train.sharded_checkpoint import save_sharded_checkpoint
+
+            path = save_sharded_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, state, dist,
+                                           extra_save=self.adapter)
+        elif dist.strategy == "deepspeed":  # the engine's own partitions, in the same atomic folder
+            path = self.objective.save_checkpoint(run_dir, self.scheduler, state, dist, extra_save=self.adapter)
+        else:  # DDP: every rank holds the same weights, rank 0 writes the usual checkpoint
+            path = checkpoint_path(run_dir, state.global_step)
+            if dist.is_main:
+                save_checkpoint(run_dir, self.model, self.optimizer, self.scheduler, state, extra_save=self.adapter)
         if dist.is_main:
-            print(f"loaded the best model ({cfg.metric_for_best_model}={state.best_metric:.4f}) from "
-                  f"{state.best_checkpoint}", file=sys.stderr)
-    save_final_weights(model, tokenizer, run_dir, cfg, dist, objective)
-    if dist.is_main:
-        write_run_card(run_dir, user_cfg, tokenizer)
-    dist.barrier()
-    train_losses = [r["loss"] for r in state.log_history if "loss" in r]
-    if dist.is_main:
-        print(f"done: {state.global_step} steps; weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
-    return RunResult(run_dir, state.global_step, train_losses[-1] if train_losses else None, last_eval,
-                     state.best_metric, stopped_early)
+            rotate_checkpoints(run_dir, self.cfg.save_total_limit, keep=state.best_checkpoint)
+        dist.barrier()
+        return path
 
 
 # --- pieces of the recipe ---------------------------------------------------------------
@@ -522,67 +768,6 @@ def _improves(value: float, best: float | None, cfg: TunelabConfig) -> bool:
     lower_is_better = "loss" in cfg.metric_for_best_model or "perplexity" in cfg.metric_for_best_model
     margin = cfg.early_stopping_threshold
     return value < best - margin if lower_is_better else value > best + margin
-
-
-def _epoch_float(state: TrainerState, micro_per_epoch: int) -> float:
-    return state.epoch + state.batch_in_epoch / max(micro_per_epoch, 1)
-
-
-def new_window() -> dict:
-    """Running sums between two log lines."""
-    return {"loss_sum": 0.0, "weight": 0, "real_tokens": 0, "seconds": 0.0, "grad_norms": [], "metrics": {}}
-
-
-def _settle_window(window: dict, pending: list[tuple[int, StepStats]], device, dist: Dist, run_dir: Path) -> None:
-    """Add the loss, metric and grad-norm sums of the steps run since the last call (`pending`,
-    their global step numbers and stats) to the window; stop at a loss that is not finite."""
-    settled = settle_steps([step for _, step in pending], device, dist)
-    for (number, _), (loss_sum, metrics, grad_norm) in zip(pending, settled):
-        window["loss_sum"] += loss_sum
-        for key, value in metrics.items():
-            window["metrics"][key] = window["metrics"].get(key, 0.0) + value
-        window["grad_norms"].append(grad_norm)
-        if not math.isfinite(window["loss_sum"]):
-            raise TunelabError(f"the loss became {window['loss_sum']} at step {number}", where=str(run_dir),
-                               fix="lower learning_rate, use bf16 instead of fp16, or check max_grad_norm")
-    pending.clear()
-
-
-def _resume_logging(tracker: Tracker, window: dict, state: TrainerState, scheduler, micro_per_epoch: int,
-                    logging_steps: int, total_steps: int) -> int | None:
-    """Carry on the logged curve exactly where the checkpoint left it.
-
-    Restores the open logging window (save_steps need not be a multiple of logging_steps)
-    and writes the checkpoint step's row if an interrupt came before it was logged.
-    Returns the step of the last evaluation if the log holds one at this step, so it is
-    not repeated.
-    """
-    window.update(state.log_window)
-    rows = [r for r in read_log(tracker.log_path) if r.get("step") == state.global_step] \
-        if tracker.log_path.exists() else []
-    if state.global_step % logging_steps == 0 or state.global_step == total_steps:
-        if any("loss" in r for r in rows):
-            window.update(new_window())  # logged before the interrupt; the sums are spent
-        elif window["weight"]:
-            _log_window(tracker, window, state, scheduler, micro_per_epoch)
-    return state.global_step if any("eval_loss" in r for r in rows) else None
-
-
-def _log_window(tracker: Tracker, window: dict, state: TrainerState, scheduler, micro_per_epoch: int) -> None:
-    elapsed = max(window["seconds"], 1e-9)
-    weight = max(window["weight"], 1)
-    row = {
-        "step": state.global_step,
-        "epoch": round(_epoch_float(state, micro_per_epoch), 4),
-        "loss": window["loss_sum"] / weight,
-        "learning_rate": scheduler.get_last_lr()[0],
-        "grad_norm": sum(window["grad_norms"]) / max(len(window["grad_norms"]), 1),
-        "tokens_per_second": window["real_tokens"] / elapsed,
-    }
-    row.update(average_metrics(window["metrics"], weight))
-    tracker.log(row)
-    state.log_history.append(row)
-    window.update(new_window())
 
 
 def _save_weights(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:

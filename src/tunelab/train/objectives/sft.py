@@ -65,3 +65,12 @@ class PTObjective(SFTObjective):
     stage = "pt"
     keys = frozenset({"train_on", "truncation"})  # conversations given to pt still render their turns
     chat = False
+
+    def load_data(self) -> tuple:
+        """With `streaming`: the corpus as a stream of blocks, read as the loop asks (train/streaming.py)."""
+        if not self.cfg.streaming:
+            return super().load_data()
+        from tunelab.train.streaming import BlockStream
+
+        stream = BlockStream(self.cfg, self.tokenizer)
+        return stream, stream.validation()
