@@ -138,9 +138,15 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
               + (f" x {dist.world} processes ({dist.strategy})" if dist.enabled else ""), file=sys.stderr)
 
     # 3. Optimizer and schedule. A global step takes accumulation x processes micro-batches.
+    # Batches count rows of the user's data: a folded dialogue (data/fold.py) holds several.
     step_micro = cfg.gradient_accumulation_steps * dist.world
-    micro_per_epoch = math.ceil(len(train_rows) / cfg.per_device_train_batch_size)
+    rows = [getattr(r, "rows", 1) for r in train_rows]
+    micro_per_epoch = math.ceil(sum(rows) / cfg.per_device_train_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / step_micro)
+    if dist.is_main and sum(rows) != len(rows):
+        print(f"folded {sum(rows)} rows into {len(rows)} sequences; a step takes "
+              f"{cfg.per_device_train_batch_size * step_micro} rows' answers as before "
+              f"({steps_per_epoch} steps per epoch)", file=sys.stderr)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, cfg, device)
     if hasattr(objective, "prepare"):  # DeepSpeed takes model and optimizer together (train/deepspeed.py)
@@ -206,8 +212,9 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
             return optimizer_step(model, objective, batches, optimizer, scheduler, scaler, cfg, device, dist, spare,
                                   totals)
 
-        return memory.run(state.global_step + 1, max(lengths[i] for ids in share for i in ids),
-                          largest_micro=lambda budget: max(map(micro_tokens, micro_batches(share, budget))),
+        # (a rank's share may be empty: a step of fewer samples than processes)
+        return memory.run(state.global_step + 1, max((lengths[i] for ids in share for i in ids), default=0),
+                          largest_micro=lambda budget: max(map(micro_tokens, micro_batches(share, budget)), default=0),
                           attempt=attempt, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
     previous_sigterm = _sigterm_as_ctrl_c()
@@ -276,11 +283,14 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
             evaluate_and_track()  # interrupted during this step's evaluation: its row is still owed
         model.train()
         while state.global_step < total_steps and not stopped_early:
-            order = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed,
-                                state.epoch, group_by_length=cfg.group_by_length and not cfg.packing)
+            order = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed, state.epoch,
+                                group_by_length=cfg.group_by_length and not cfg.packing, rows=rows,
+                                per_step=step_micro)
             while state.batch_in_epoch < len(order) and state.global_step < total_steps:
-                # One optimizer step = up to gradient_accumulation_steps micro-batches per process.
-                step_ids = order[state.batch_in_epoch:state.batch_in_epoch + step_micro]
+                # One optimizer step = up to gradient_accumulation_steps micro-batches per process
+                # (folded rows: a micro-batch may be empty, never a whole step).
+                slots = order[state.batch_in_epoch:state.batch_in_epoch + step_micro]
+                step_ids = [ids for ids in slots if ids]
                 first_cuda_step = state.global_step == start_step and device.type == "cuda"
                 if first_cuda_step:
                     torch.cuda.reset_peak_memory_stats(device)
@@ -289,7 +299,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
                 with _ctrl_c_after_step():  # weights, counters and log window must agree in a checkpoint
                     step = run_step(step_ids)
                     state.global_step += 1
-                    state.batch_in_epoch += len(step_ids)
+                    state.batch_in_epoch += len(slots)
                     state.tokens_seen += step.real_tokens
                     window["weight"] += step.weight
                     window["real_tokens"] += step.real_tokens
@@ -307,7 +317,7 @@ def _train(cfg: TunelabConfig, objective_factory, dist: Dist, eval_callbacks=(),
                                  f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
                     if cfg.max_tokens_per_batch is not None and user_cfg.max_tokens_per_batch is None:
                         memory.calibrate(device, base_bytes, max(map(micro_tokens, micro_batches(
-                            rank_share(step_ids, dist.rank, dist.world), memory.budget))))
+                            rank_share(step_ids, dist.rank, dist.world), memory.budget)), default=0))
                         if dist.enabled:  # every rank cuts every rank's share with one budget
                             memory.budget = dist.all_min(memory.budget, device)
 
