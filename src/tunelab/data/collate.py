@@ -96,7 +96,8 @@ def _row_slots(order: list[int], lengths: Sequence[int], rows: Sequence[int], ba
         slots[(filled - 1) // batch_size].append(i)
     steps = [slots[s:s + per_step] for s in range(0, len(slots), per_step)]
     if any(not any(step) for step in steps):
-        raise ValueError(f"a sample holds more than {batch_size * per_step} rows: some optimizer step would be empty")
+        raise ValueError(f"samples of more than {batch_size * per_step} rows leave an optimizer step empty "
+                         "(fold at most one step's rows: data/fold.py max_rows)")
     if rng is not None and len(steps) > 1:
         tail = [steps.pop()] if len(steps[-1]) < per_step else []
         longest = max(range(len(steps)), key=lambda s: max(lengths[i] for ids in steps[s] for i in ids))
