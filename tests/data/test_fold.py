@@ -109,6 +109,7 @@ def test_max_rows_splits_a_long_dialogue_nearest_rows_into_the_longest():
     assert sum(m.is_target() for c in out for m in c.messages) == 5  # every answer still trains once
     assert [c.source for c in fold_dialogues(rows, max_rows=1)[0]] == [f"r{k}" for k in range(5)]
     assert fold_dialogues(rows)[0][0].meta["folded_rows"] == 5
+    assert fold_dialogues(rows, max_rows=6)[0][0].meta["folded_rows"] == 5  # a cap above the dialogue: no cut
 
 
 def test_train_on_last_keeps_each_rows_last_turn_only():

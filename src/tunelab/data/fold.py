@@ -100,7 +100,7 @@ def fold_dialogues(convs: list[Conversation], train_on: str = "all",
         # The rows nearest the leaf join it; those over max_rows stay free: a shorter leaf
         # later in this loop (the longest of them) takes them.
         keep = len(found) if max_rows is None else max(max_rows - 1, 0)
-        for row in found[len(found) - keep:]:
+        for row in found[max(len(found) - keep, 0):]:
             owner[row] = leaf
             absorbed.setdefault(leaf, []).append(row)
 
