@@ -17,6 +17,7 @@ from tunelab.data.templates import resolve_template
 from tunelab.data.types import Conversation, Message
 from tunelab.train import loop
 from tunelab.train.dataset import encode_samples
+from tunelab.train.distributed import rank_share
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.runlog import read_log
 from tunelab.train.tracking import Tracker
@@ -62,9 +63,9 @@ def test_a_folded_run_takes_the_unfolded_runs_steps_and_schedule(tmp_path, tiny_
     folded = run(tmp_path, tiny_model_dir, "folded")
     err = capsys.readouterr().err
     # At most a step's 4 rows per sequence: the 5-row dialogue folds into two sequences.
-    assert "folded 18 rows into 9 sequences; a step takes 4 rows' answers as before (5 steps per epoch)" in err
+    assert "folded 18 rows into 7 sequences; a step takes 4 rows' answers as before (5 steps per epoch)" in err
     # 18 rows, 2 rows x 2 micro-batches a step, 2 epochs: 2 x ceil(9 / 2) = 10 steps either way
-    # (counting the 9 folded sequences instead, it was 2 x ceil(5 / 2) = 6).
+    # (counting the 7 folded sequences instead, it was 2 x ceil(4 / 2) = 4).
     assert [r["step"] for r in folded] == [r["step"] for r in unfolded] == list(range(1, 11))
     assert [r["learning_rate"] for r in folded] == pytest.approx([r["learning_rate"] for r in unfolded])
     assert [r["epoch"] for r in folded] == [r["epoch"] for r in unfolded]
@@ -134,3 +135,6 @@ def test_each_folded_step_has_the_loss_of_the_rows_it_holds(qwen2_tokenizer):
         assert folded_loss == pytest.approx(unfolded_loss, rel=1e-5)
         assert torch.allclose(folded_grad, unfolded_grad, rtol=1e-4, atol=1e-7)
         assert sum(len(samples[i]) for i in ids) <= sum(len(unfolded[r]) for r in answers)
+        # Under two processes each takes a part of the step, and together they take all of it.
+        shares = [rank_share([mb for mb in step if mb], rank, 2) for rank in range(2)]
+        assert sorted(i for share in shares for mb in share for i in mb) == sorted(ids)
