@@ -19,7 +19,7 @@ KEYS = [f.name for f in dataclasses.fields(TunelabConfig)]
 # A valid value other than the default for each stage-specific key.
 NON_DEFAULT = {"pref_beta": 0.5, "pref_loss": "ipo", "pref_label_smoothing": 0.1, "simpo_gamma": 1.0,
                "kto_desirable_weight": 2.0, "kto_undesirable_weight": 2.0, "precompute_ref_log_probs": True,
-               "train_on": "last", "truncation": "end", "fold_dialogues": False, "cliprange": 0.3,
+               "train_on": "last", "truncation": "end", "fold_dialogues": True, "cliprange": 0.3,
                "cliprange_value": 0.3, "gamma": 0.9, "kl_coef": 0.1, "lam": 0.9, "max_completion_length": 64,
                "num_generations": 8, "num_ppo_epochs": 2, "reward": "hotel", "temperature": 0.7, "vf_coef": 0.2,
                "judge_url": "http://127.0.0.1:8001/v1", "judge_model": "judge-1", "judge_dimensions": "fact:is it true"}

@@ -50,7 +50,7 @@ class TunelabConfig:
     train_on: str = "all"  # all = every assistant turn; last = only the final one
     truncation: str = "context"  # over cutoff_len: context = shorten oldest tool results/turns first; end = cut the end
     skip_invalid: bool = False  # drop bad records (with a count) instead of stopping
-    fold_dialogues: bool = True  # rows that are prefixes of a longer row of their dialogue train inside it (sft)
+    fold_dialogues: bool | None = None  # sft: rows that are prefixes of a longer row train inside it; auto: on
     max_samples: int | None = None  # use only N records (quick experiments), drawn as max_samples_strategy says
     max_samples_strategy: str = "random"  # random: a seeded random N; head: the first N records (stops reading)
     replay: dict | None = None  # {data: FILE or RUN_DIR, fraction: 0.2 (or samples: N), split: train | validation}
@@ -705,9 +705,10 @@ def read_yaml_file(path: Path) -> dict:
 
 
 PATH_KEYS = ("dataset", "eval_dataset")
-# Keys whose unset value (None) means "chosen at run time" (train/fast/plan.py says how).
+# Keys whose unset value (None) means "chosen at run time" (train/fast/plan.py says how; fold_dialogues:
+# on for stage sft, the one stage that reads it).
 AUTO_KEYS = ("bf16", "gradient_checkpointing", "group_by_length", "padding_free", "fused_loss", "torch_compile",
-             "max_tokens_per_batch", "activation_offload", "tiled_mlp")
+             "max_tokens_per_batch", "activation_offload", "tiled_mlp", "fold_dialogues")
 
 
 def _resolve_relative_paths(values: dict, base: Path) -> dict:

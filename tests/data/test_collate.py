@@ -79,3 +79,29 @@ def test_padded_batch_loss_equals_per_sample_loss(qwen2_tokenizer):
         separate = sum(causal_lm_loss_sum(model, pad_batch([s], 0))[0].item() for s in samples)
         together, _ = causal_lm_loss_sum(model, pad_batch(samples, 0))
     assert together.item() == pytest.approx(separate, rel=1e-4)
+
+
+def test_batch_order_counts_the_rows_folded_samples_hold():
+    """Folded dialogues (data/fold.py) hold several rows: batches count rows, so an epoch has the
+    unfolded data's micro-batches and optimizer steps, and a step about the same rows."""
+    rng = random.Random(0)
+    rows = [rng.randint(1, 6) for _ in range(300)]
+    lengths = [100 * n + rng.randint(0, 50) for n in rows]
+    batch, per_step = 4, 4
+    order = batch_order(lengths, batch, seed=3, epoch=0, rows=rows, per_step=per_step)
+    assert len(order) == -(-sum(rows) // batch)  # the micro-batches of the rows one by one
+    assert sorted(i for b in order for i in b) == list(range(300))
+    assert all(len(b) <= batch for b in order)
+    steps = [order[s:s + per_step] for s in range(0, len(order), per_step)]
+    step_rows = [sum(rows[i] for ids in step for i in ids) for step in steps]
+    assert all(step_rows)  # no step is empty
+    assert all(abs(n - batch * per_step) < max(rows) for n in step_rows[:-1])
+    assert sum(step_rows) == sum(rows)
+    assert order == batch_order(lengths, batch, seed=3, epoch=0, rows=rows, per_step=per_step)
+    assert order != batch_order(lengths, batch, seed=3, epoch=1, rows=rows, per_step=per_step)
+    assert max(lengths[i] for ids in steps[0] for i in ids) == max(lengths)  # the longest step first
+    # One row per sample: the order is the one it always was.
+    plain = [random.Random(i).randint(1, 500) for i in range(100)]
+    assert batch_order(plain, 8, 3, 0, rows=[1] * 100, per_step=2) == batch_order(plain, 8, 3, 0)
+    with pytest.raises(ValueError, match="more than 4 rows"):
+        batch_order([5, 5, 5], 2, 0, 0, rows=[1, 10, 1], per_step=2)

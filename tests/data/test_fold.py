@@ -98,6 +98,20 @@ def test_identical_rows_branches_and_other_tools_are_not_merged():
     assert [m.is_target() for m in out[0].messages] == [False, True, False, True]
 
 
+def test_max_rows_splits_a_long_dialogue_nearest_rows_into_the_longest():
+    turns = [(role, f"{role}{k}") for k in range(5) for role in ("user", "assistant")]
+    # One dialogue stored as 5 rows of growing prefixes, each trained on its last turn (as the hotel set).
+    rows = [_conv(*[(r, c, i == 2 * k + 1) for i, (r, c) in enumerate(turns[:2 * (k + 1)])], source=f"r{k}")
+            for k in range(5)]
+    out, stats = fold_dialogues(rows, max_rows=2)
+    assert [(c.source, c.meta.get("folded_rows", 1)) for c in out] == [("r0", 1), ("r2", 2), ("r4", 2)]
+    assert stats.folded_rows == 2
+    assert sum(m.is_target() for c in out for m in c.messages) == 5  # every answer still trains once
+    assert [c.source for c in fold_dialogues(rows, max_rows=1)[0]] == [f"r{k}" for k in range(5)]
+    assert fold_dialogues(rows)[0][0].meta["folded_rows"] == 5
+    assert fold_dialogues(rows, max_rows=6)[0][0].meta["folded_rows"] == 5  # a cap above the dialogue: no cut
+
+
 def test_train_on_last_keeps_each_rows_last_turn_only():
     short = _conv(("user", "a", None), ("assistant", "A", None), ("user", "b", None), ("assistant", "B", None))
     long = _conv(("user", "a", None), ("assistant", "A", None), ("user", "b", None), ("assistant", "B", None),
@@ -113,11 +127,18 @@ def test_load_sft_data_folds_by_default_and_fold_dialogues_false_turns_it_off(ho
     from tunelab.train.dataset import load_sft_data
 
     common = dict(dataset=[str(hotel_dir / "train.jsonl")], dataset_format="hotel", template="hotel",
-                  cutoff_len=8192, max_samples=40, max_samples_strategy="head", val_size=0)
+                  cutoff_len=8192, max_samples=40, max_samples_strategy="head", val_size=0,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=4)
     folded = load_sft_data(TunelabConfig(**common), qwen2_tokenizer)
     assert "rows ->" in capsys.readouterr().err
     plain = load_sft_data(TunelabConfig(**common, fold_dialogues=False), qwen2_tokenizer)
     assert len(plain.train) == 40 and len(folded.train) < 20
+    # Each sequence knows how many rows it holds: batches count those (collate.batch_order).
+    assert sum(s.rows for s in folded.train) == 40 and {s.rows for s in plain.train} == {1}
+    # A training sequence holds at most one optimizer step's rows (4 x 1 here), validation any number.
+    capped = load_sft_data(TunelabConfig(**common | dict(gradient_accumulation_steps=1)), qwen2_tokenizer)
+    assert max(s.rows for s in capped.train) == 4 < max(s.rows for s in folded.train)
+    assert sum(s.rows for s in capped.train) == 40
     label_count = lambda samples: sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in samples)  # noqa: E731
     # Rows cut at max_samples may leave a prefix row whose dialogue continues beyond: the counts still agree.
     assert label_count(folded.train) == label_count(plain.train)

@@ -19,6 +19,8 @@ def test_every_stage_has_one_objective_class_and_its_defaults_pass():
 
 @pytest.mark.parametrize("stage, key, value, reader", [
     ("dpo", "fold_dialogues", False, "sft"),
+    ("dpo", "fold_dialogues", True, "sft"),  # auto (unset) is fine: only sft folds
+    ("grpo", "fold_dialogues", True, "sft"),
     ("sft", "pref_beta", 0.5, "dpo"),
     ("dpo", "simpo_gamma", 1.0, "simpo"),
     ("simpo", "precompute_ref_log_probs", True, "dpo"),

@@ -27,6 +27,7 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     seq_lens: tuple[int, ...] = ()  # lengths of the samples packed in this row; () = one sample
+    rows: int = 1  # rows of the user's data it holds (a folded dialogue: data/fold.py); what batches count
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -41,7 +42,8 @@ def pad_id_for(tokenizer) -> int:
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                group_by_length: bool = True, shuffle: bool = True) -> list[list[int]]:
+                group_by_length: bool = True, shuffle: bool = True,
+                rows: Sequence[int] | None = None, per_step: int = 1) -> list[list[int]]:
     """Indices of each batch for one epoch.
 
     With `group_by_length`, samples are shuffled, cut into mega-batches of 64 batches,
@@ -49,6 +51,10 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
     lengths (little padding) while the epoch order stays random (as HF's
     LengthGroupedSampler). The longest batch goes first so an out-of-memory shows at
     step 1, not after an hour.
+
+    `rows[i]` is how many rows of the user's data sample i holds (a folded dialogue holds
+    several): then batches count those rows, not samples (`_row_slots`), and `per_step`
+    (micro-batches per optimizer step) keeps every step's rows together.
     """
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
@@ -58,6 +64,8 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
         mega = batch_size * 64
         order = [i for start in range(0, len(order), mega)
                  for i in sorted(order[start:start + mega], key=lambda i: -lengths[i])]
+    if rows is not None and any(n != 1 for n in rows):
+        return _row_slots(order, lengths, rows, batch_size, per_step, rng if shuffle and group_by_length else None)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if shuffle and group_by_length and len(batches) > 1:
         longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
@@ -65,6 +73,38 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
         rng.shuffle(batches)
         batches.insert(0, first)
     return batches
+
+
+def _row_slots(order: list[int], lengths: Sequence[int], rows: Sequence[int], batch_size: int, per_step: int,
+               rng: random.Random | None) -> list[list[int]]:
+    """Micro-batches that count rows of the user's data: as many as the rows one by one would
+    fill (ceil(rows / batch_size)), so an epoch has the optimizer steps, and a step the rows,
+    of the unfolded data.
+
+    The rows of the ordered samples are laid end to end and cut every `batch_size` rows; a
+    sample joins the micro-batch where its last row falls. So a micro-batch holds at most
+    `batch_size` samples, a step (`per_step` micro-batches) about `batch_size * per_step` rows,
+    and a micro-batch may be empty where a sample spans more than `batch_size` rows (the loop
+    skips it). A sample of at most `batch_size * per_step` rows (data/fold.py folds no more)
+    never empties a whole step. `rng` given: whole steps are shuffled, the longest first
+    (the last, shorter step stays last, so steps keep their borders).
+    """
+    slots: list[list[int]] = [[] for _ in range(-(-sum(rows) // batch_size))]
+    filled = 0
+    for i in order:
+        filled += rows[i]
+        slots[(filled - 1) // batch_size].append(i)
+    steps = [slots[s:s + per_step] for s in range(0, len(slots), per_step)]
+    if any(not any(step) for step in steps):
+        raise ValueError(f"samples of more than {batch_size * per_step} rows leave an optimizer step empty "
+                         "(fold at most one step's rows: data/fold.py max_rows)")
+    if rng is not None and len(steps) > 1:
+        tail = [steps.pop()] if len(steps[-1]) < per_step else []
+        longest = max(range(len(steps)), key=lambda s: max(lengths[i] for ids in steps[s] for i in ids))
+        first = steps.pop(longest)
+        rng.shuffle(steps)
+        steps = [first, *steps, *tail]
+    return [ids for step in steps for ids in step]
 
 
 def micro_batch_tokens(ids: Sequence[int], lengths: Sequence[int], padded: bool) -> int:

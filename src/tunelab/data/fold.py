@@ -60,13 +60,17 @@ def _targets(conv: Conversation, train_on: str) -> list[int]:
 
 def fold_dialogues(convs: list[Conversation], train_on: str = "all",
                    renders_as_prefix: Callable[[Conversation, Conversation], bool] | None = None,
-                   ) -> tuple[list[Conversation], FoldStats]:
+                   max_rows: int | None = None) -> tuple[list[Conversation], FoldStats]:
     """Fold rows that are strict prefixes of a longer row into it.
 
     `renders_as_prefix(short, long)`, when given, must also hold: the short row's rendered
     text begins the long row's. Chat templates that render a turn differently once others
     follow it (Qwen3 and DeepSeek-R1 drop the reasoning of earlier replies) fail it, and
     their rows are then trained one by one, as they would be without folding.
+
+    `max_rows`: a sequence holds at most this many rows (training: the rows of one optimizer
+    step, so batches can still count rows, collate.batch_order); a longer dialogue folds into
+    several sequences, the rows nearest its end into the longest.
 
     Returns the conversations (folded ones with explicit `train` flags on each turn, to be
     encoded with `train_on="all"`, and `meta["folded_rows"]` = how many rows they hold;
@@ -84,6 +88,7 @@ def fold_dialogues(convs: list[Conversation], train_on: str = "all",
     for leaf in sorted(chat, key=lambda i: (-len(convs[i].messages), i)):
         if leaf in owner:
             continue
+        found = []
         for key in keys[leaf][:-1]:
             # At most one row per prefix: a duplicate row stays a sequence of its own, so its
             # loss term is still counted twice, as without folding.
@@ -91,8 +96,13 @@ def fold_dialogues(convs: list[Conversation], train_on: str = "all",
                         if r not in owner and r != leaf and _is_prefix(convs[r], convs[leaf])
                         and (renders_as_prefix is None or renders_as_prefix(convs[r], convs[leaf]))), None)
             if row is not None:
-                owner[row] = leaf
-                absorbed.setdefault(leaf, []).append(row)
+                found.append(row)
+        # The rows nearest the leaf join it; those over max_rows stay free: a shorter leaf
+        # later in this loop (the longest of them) takes them.
+        keep = len(found) if max_rows is None else max(max_rows - 1, 0)
+        for row in found[max(len(found) - keep, 0):]:
+            owner[row] = leaf
+            absorbed.setdefault(leaf, []).append(row)
 
     out = []
     for i, conv in enumerate(convs):

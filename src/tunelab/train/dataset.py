@@ -191,7 +191,9 @@ def load_sft_data(cfg: TunelabConfig, tokenizer, chat: bool = True) -> SFTData:
     # The tokenizer saved with the weights carries this template (and the system prompt).
     template = lock_template(tokenizer, cfg.template, cfg.system_prompt) if chat else None
     # After the split, each side folded on its own: a validation row is never folded into a training one.
-    train, _ = encode_side(train_convs, tokenizer, template, cfg, "training")
+    # A training sequence holds at most one optimizer step's rows: batches count rows (collate.batch_order).
+    train, _ = encode_side(train_convs, tokenizer, template, cfg, "training",
+                           max_rows=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)
     evals, _ = encode_side(eval_convs, tokenizer, template, cfg, "validation")
     if not train:
         raise TunelabError("no training sample is left after tokenization", where=", ".join(cfg.dataset_paths),
@@ -199,10 +201,12 @@ def load_sft_data(cfg: TunelabConfig, tokenizer, chat: bool = True) -> SFTData:
     return SFTData(train, evals, data.mixture)
 
 
-def encode_side(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig, what: str) -> tuple[list, int]:
-    """One side of the data (training, validation, an eval set) folded (chat data) and tokenized."""
-    if cfg.fold_dialogues and template is not None:
-        convs = _fold(convs, cfg, tokenizer, template, what)
+def encode_side(convs: list[Conversation], tokenizer, template, cfg: TunelabConfig, what: str,
+                max_rows: int | None = None) -> tuple[list, int]:
+    """One side of the data (training, validation, an eval set) folded (chat data, unless
+    fold_dialogues=false) and tokenized; a folded sequence holds at most `max_rows` rows."""
+    if cfg.fold_dialogues is not False and template is not None:
+        convs = _fold(convs, cfg, tokenizer, template, what, max_rows)
     return encode_samples(convs, tokenizer, template, cfg)
 
 
@@ -220,7 +224,8 @@ def no_validation_data(cfg: TunelabConfig, train_convs: list[Conversation]) -> T
                         fix="add records, give eval_dataset=path/to/val.jsonl, or set eval_strategy=no")
 
 
-def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: str, what: str) -> list[Conversation]:
+def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: str, what: str,
+          max_rows: int | None = None) -> list[Conversation]:
     def renders_as_prefix(short: Conversation, long: Conversation) -> bool:
         try:
             return render(long.messages, template, tokenizer, tools=long.tools).startswith(
@@ -228,7 +233,7 @@ def _fold(convs: list[Conversation], cfg: TunelabConfig, tokenizer, template: st
         except jinja2.TemplateError:  # the encoder will say what is wrong, row by row
             return False
 
-    folded, stats = fold_dialogues(convs, cfg.train_on, renders_as_prefix)
+    folded, stats = fold_dialogues(convs, cfg.train_on, renders_as_prefix, max_rows)
     if stats.folded_rows:
         print(f"{what}: {stats.summary()}", file=sys.stderr)
     return folded
@@ -260,6 +265,6 @@ def sample_encoder(tokenizer, template, cfg: TunelabConfig, shortened: Truncatio
             else:
                 example = tokenize.encode_conversation(conv, tokenizer, template, cfg.cutoff_len, train_on)
             encoded = [example]
-        return [Sample(e.input_ids, e.labels) for e in encoded]
+        return [Sample(e.input_ids, e.labels, rows=conv.meta.get("folded_rows", 1)) for e in encoded]
 
     return encode

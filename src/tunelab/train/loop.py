@@ -202,6 +202,8 @@ class Trainer:
         cfg = self.cfg
         steps = StreamSteps if isinstance(train_rows, BlockStream) else EpochOrder
         self.data = steps(train_rows, cfg, cfg.gradient_accumulation_steps * self.dist.world, self.objective)
+        if self.dist.is_main and (note := getattr(self.data, "describe", lambda: None)()):
+            print(note, file=sys.stderr)
         self.total_steps = (cfg.max_steps if cfg.max_steps > 0
                             else math.ceil(cfg.num_train_epochs * self.data.steps_per_epoch))
         self.optimizer = build_optimizer(self.model, cfg, self.device)
@@ -266,7 +268,7 @@ class Trainer:
         with _ctrl_c_after_step():
             stats = self.run_step(step)
             state.global_step += 1
-            state.batch_in_epoch += len(step.ids)
+            state.batch_in_epoch += step.slots
             state.tokens_seen += stats.real_tokens
             self.window.weight += stats.weight
             self.window.real_tokens += stats.real_tokens
@@ -296,7 +298,9 @@ class Trainer:
             return optimizer_step(model, objective, batches, self.optimizer, self.scheduler, self.scaler, self.cfg,
                                   self.device, dist, spare, totals)
 
-        return self.memory.run(self.state.global_step + 1, max(step.lengths[i] for ids in share for i in ids),
+        # (a rank's share may be empty: a step of fewer samples than processes)
+        return self.memory.run(self.state.global_step + 1, max((step.lengths[i] for ids in share for i in ids),
+                                                               default=0),
                                largest_micro=lambda budget: self.largest_micro(step, share, budget),
                                attempt=attempt, reset=lambda: self.optimizer.zero_grad(set_to_none=True))
 
@@ -312,8 +316,8 @@ class Trainer:
                                padded=not self.cfg.padding_free)
 
     def largest_micro(self, step: StepRows, ids: list[list[int]], budget: int | None) -> int:
-        return max(micro_batch_tokens(batch, step.lengths, padded=not self.cfg.padding_free)
-                   for batch in self.micro_batches(step, ids, budget))
+        return max((micro_batch_tokens(batch, step.lengths, padded=not self.cfg.padding_free)
+                    for batch in self.micro_batches(step, ids, budget)), default=0)
 
     def _calibrate(self, step: StepRows, base_bytes: int) -> None:
         """After the first CUDA step: report its peak memory and size the token budget by it."""
@@ -410,28 +414,46 @@ class StepRows:
     lengths: Sequence[int]
     ids: list[list[int]]
     totals: distributed.RowTotals
+    slots: int = 0  # micro-batch places of the epoch's order it used (folded rows leave some empty)
+
+    def __post_init__(self):
+        self.slots = self.slots or len(self.ids)
 
 
 class EpochOrder:
     """The steps of an in-memory data set: each epoch's seeded order (`batch_order`) cut into
-    optimizer steps of `step_micro` micro-batches, from where the state says the run is."""
+    optimizer steps of `step_micro` micro-batches, from where the state says the run is.
+
+    Batches count rows of the user's data: a folded dialogue (data/fold.py) holds several, so an
+    epoch has as many micro-batches and steps as the unfolded rows would (some micro-batches
+    then stay empty, never a whole step): folding changes the cost, not the schedule."""
 
     def __init__(self, rows: list, cfg: TunelabConfig, step_micro: int, objective):
         self.rows, self.cfg, self.step_micro = rows, cfg, step_micro
         self.lengths = [len(r) for r in rows]
+        self.row_counts = [getattr(r, "rows", 1) for r in rows]
         self.totals = distributed.RowTotals(objective, rows)
-        self.micro_per_epoch = math.ceil(len(rows) / cfg.per_device_train_batch_size)
+        self.micro_per_epoch = math.ceil(sum(self.row_counts) / cfg.per_device_train_batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / step_micro)
         self.order: list[list[int]] = []
+
+    def describe(self) -> str | None:
+        """The log line of a folded data set, else None."""
+        rows, per_step = sum(self.row_counts), self.cfg.per_device_train_batch_size * self.step_micro
+        if rows == len(self.row_counts):
+            return None
+        return (f"folded {rows} rows into {len(self.row_counts)} sequences; a step takes {per_step} rows' answers "
+                f"as before ({self.steps_per_epoch} steps per epoch)")
 
     def steps(self, state: TrainerState) -> Iterator[StepRows]:
         """The rest of the state's epoch; the loop moves `state.batch_in_epoch` on after each step."""
         cfg = self.cfg
         self.order = batch_order(self.lengths, cfg.per_device_train_batch_size, cfg.seed, state.epoch,
-                                 group_by_length=cfg.group_by_length and not cfg.packing)
+                                 group_by_length=cfg.group_by_length and not cfg.packing, rows=self.row_counts,
+                                 per_step=self.step_micro)
         while state.batch_in_epoch < len(self.order):
-            yield StepRows(self.rows, self.lengths,
-                           self.order[state.batch_in_epoch:state.batch_in_epoch + self.step_micro], self.totals)
+            slots = self.order[state.batch_in_epoch:state.batch_in_epoch + self.step_micro]
+            yield StepRows(self.rows, self.lengths, [ids for ids in slots if ids], self.totals, len(slots))
 
     def epoch_done(self, state: TrainerState) -> bool:
         return state.batch_in_epoch >= len(self.order)

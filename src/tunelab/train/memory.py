@@ -75,6 +75,8 @@ class MemoryBackoff:
         micro-batch; the budget becomes what fits FREE_MEMORY_SHARE of the memory left beside the
         weights and optimizer state. Only ever raised here: the back-off lowers it if a longer
         step does not fit after all."""
+        if tokens <= 0:  # this process's share of the step was empty: nothing was measured
+            return
         per_token = max(torch.cuda.max_memory_allocated(device) - base_bytes, 1) / max(tokens, 1)
         capacity = torch.cuda.get_device_properties(device).total_memory
         room = capacity - torch.cuda.memory_allocated(device)  # weights, gradients and optimizer state stay
