@@ -25,10 +25,12 @@ SECONDS=0
     "eval_dataset=$SPLIT/validation.jsonl" "output_dir=$RUN" overwrite_output_dir=true bf16=true disable_tqdm=true "$@"
 echo "training: ${SECONDS}s"
 "${TL[@]}" report "$RUN"
-"${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
+# A LoRA run is an adapter on MODEL; a full fine-tuning run (the yaml's choice) is the model itself.
+if [ -f "$RUN/adapter_config.json" ]; then tuned=(--model "$MODEL" --adapter "$RUN"); else tuned=(--model "$RUN"); fi
+"${TL[@]}" eval "${tuned[@]}" --data "$DATA/test.jsonl" --task hotel \
     ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress
 if [ -n "${CONSTRAIN:-}" ]; then  # CONSTRAIN=1: the same test rows with search turns held to valid JSON
-    "${TL[@]}" eval --model "$MODEL" --adapter "$RUN" --data "$DATA/test.jsonl" --task hotel \
+    "${TL[@]}" eval "${tuned[@]}" --data "$DATA/test.jsonl" --task hotel \
         ${EVAL_BATCH:+--batch-size "$EVAL_BATCH"} --no-progress --constrain-json --output-dir "$RUN/eval_constrained"
 fi
 echo "total: ${SECONDS}s"
