@@ -87,8 +87,8 @@ def test_streamed_losses_equal_the_same_blocks_in_memory(tmp_path, tiny_model_di
         def load_data(self):
             return list(BlockStream(streamed, self.tokenizer).blocks()), []
 
-    monkeypatch.setattr(loop, "batch_order", lambda lengths, size, seed, epoch, group_by_length: batch_order(
-        lengths, size, seed, epoch, group_by_length=False, shuffle=False))
+    monkeypatch.setattr(loop, "batch_order", lambda lengths, size, seed, epoch, group_by_length, **rows: batch_order(
+        lengths, size, seed, epoch, group_by_length=False, shuffle=False, **rows))
     in_memory = settings(tmp_path, tiny_model_dir, data, "in-memory", gradient_accumulation_steps=2, streaming=False)
     loop.train(in_memory, objective_factory=BlocksInMemory)
     a, b = losses(streamed), losses(in_memory)
