@@ -6,6 +6,7 @@ plain HF tokenizer folder under $TUNELAB_CACHE (default ~/.cache/tunelab).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -150,3 +151,25 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # arrow files of this test
     return tmp_path / "hub"
+
+
+@contextlib.contextmanager
+def interrupted_after_step(monkeypatch, step: int):
+    """The run inside is interrupted (Ctrl-C) right after it logs step `step`'s training row,
+    and must end in KeyboardInterrupt (with its checkpoint written)."""
+    from tunelab.train.tracking import Tracker
+
+    original_log = Tracker.log
+
+    def log_then_interrupt(self, row):
+        original_log(self, row)
+        if row.get("step") == step and "loss" in row:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "log", log_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(Tracker, "log", original_log)
+

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import interrupted_after_step, tiny_llama
 from tunelab.config import TunelabConfig, load_config
 from tunelab.data.collate import batch_order
 from tunelab.data.fold import fold_dialogues
@@ -20,7 +20,6 @@ from tunelab.train.dataset import encode_samples
 from tunelab.train.distributed import rank_share
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.runlog import read_log
-from tunelab.train.tracking import Tracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,17 +70,8 @@ def test_a_folded_run_takes_the_unfolded_runs_steps_and_schedule(tmp_path, tiny_
     assert [r["epoch"] for r in folded] == [r["epoch"] for r in unfolded]
 
     # Resumable: interrupted after step 4 and resumed, the folded run logs the same losses.
-    original_log = Tracker.log
-
-    def log_then_interrupt(self, row):
-        original_log(self, row)
-        if row.get("step") == 4 and "loss" in row:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Tracker, "log", log_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_step(monkeypatch, 4):
         run(tmp_path, tiny_model_dir, "resumed")
-    monkeypatch.setattr(Tracker, "log", original_log)
     resumed = run(tmp_path, tiny_model_dir, "resumed", resume_from_checkpoint="latest")
     assert [r["step"] for r in resumed] == list(range(1, 11))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in folded], rel=1e-5)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupted_after_step
 from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.train import loop
 from tunelab.train.runlog import read_log
-from tunelab.train.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "data" / "quickstart.jsonl"
@@ -83,17 +83,8 @@ def test_interrupted_then_resumed_run_logs_the_same_losses(tmp_path, tiny_model_
     loop.train(straight)
 
     interrupted = config(tmp_path, tiny_model_dir, out="interrupted")
-    original_log = Tracker.log
-
-    def log_then_interrupt(self, row):
-        original_log(self, row)
-        if row.get("step") == 5 and "loss" in row:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Tracker, "log", log_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_step(monkeypatch, 5):
         loop.train(interrupted)
-    monkeypatch.setattr(Tracker, "log", original_log)
     assert (Path(interrupted.output_dir) / "checkpoints" / "checkpoint-5").is_dir()
 
     resumed = config(tmp_path, tiny_model_dir, out="interrupted", resume_from_checkpoint="latest")
