@@ -384,6 +384,7 @@ class SlotDecoder:
         self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.lengths = [0] * slots  # host copy of `columns` for occupied slots (no device sync to pick a bucket)
         self.rows, self.window = slots, length
+        self.bucketed = use_graph  # rows and window rounded up to a captured bucket (tests set it alone on the CPU)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -414,7 +415,7 @@ class SlotDecoder:
         """Feed each occupied slot its next token ({slot: token}); logits [rows, vocab] (row = slot)."""
         last = max(s for s in range(self.slots) if self.lengths[s]) + 1
         longest = max(self.lengths) + 1
-        if self.use_graph:
+        if self.bucketed:
             self.rows, self.window = min(_bucket(last), self.slots), min(_bucket(longest, 64), self.length)
         else:
             self.rows, self.window = last, longest
@@ -425,6 +426,21 @@ class SlotDecoder:
         for slot in tokens:
             self.lengths[slot] += 1
         return logits.float()
+
+    def capture_all(self) -> None:
+        """Capture every (rows, window) bucket now, largest first (the shared pool is sized once),
+        so that no request waits for a capture. Every slot is free: the steps run are harmless."""
+        rows = sorted({min(_bucket(n), self.slots) for n in range(1, self.slots + 1)}, reverse=True)
+        windows = sorted({min(_bucket(n, 64), self.length) for n in (1 << k for k in range(6, 32))
+                          if n < 2 * self.length}, reverse=True)
+        started = time.perf_counter()
+        for window in windows:
+            for count in rows:
+                self.rows, self.window = count, window
+                self._graph_step()
+                if not self.use_graph:
+                    return  # a capture failed (logged): the step runs eagerly from now on
+        log.info("captured %d decode steps as CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
 
     def _step(self) -> torch.Tensor:
         rows = self.row_index[:self.rows]
@@ -440,7 +456,13 @@ class SlotDecoder:
     def _graph_step(self) -> torch.Tensor:
         key = (self.rows, self.window)
         if key not in self.graphs:
-            self.graphs[key] = self._capture()
+            try:
+                self.graphs[key] = self._capture()
+            except Exception as exc:  # noqa: BLE001 - the eager step still works
+                log.warning("CUDA graph capture failed (%s: %s); serving without graphs",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self.use_graph, self.graphs = False, {}
+                return self._step()  # the bucket's rows and columns: free rows are harmless
         graph, logits = self.graphs[key]
         graph.replay()
         return logits
@@ -455,7 +477,8 @@ class SlotDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # buckets share memory: one runs at a time
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the server's other threads may touch CUDA (a seeded generator) meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._step()
         return graph, logits
 

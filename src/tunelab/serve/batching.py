@@ -305,6 +305,16 @@ class SlotBatcher(Batcher):
     def running(self) -> list[Job]:
         return [j for j in self.slot_jobs if j is not None]
 
+    def _run(self) -> None:
+        if self.decoder.use_graph:
+            try:
+                with torch.inference_mode(), grouped_query_decode(self.model):
+                    self.decoder.capture_all()  # requests queue meanwhile; none waits for a capture later
+            except Exception:  # noqa: BLE001 - serve without graphs rather than not at all
+                log.exception("capturing the decode steps failed; serving without CUDA graphs")
+                self.decoder.use_graph, self.decoder.graphs = False, {}
+        super()._run()
+
     def _remove(self, jobs: list[Job]) -> None:
         gone = {id(j) for j in jobs}
         for slot, job in enumerate(self.slot_jobs):
