@@ -89,7 +89,7 @@ def base_engine(tmp_path_factory):
 def test_staggered_requests_of_different_lengths_equal_each_alone_in_fp32(base_engine, kind):
     """fp32 on the CPU: no batch-shape rounding can flip a token, so any difference from the
     request alone is a real bug (positions, padding, a cache row or slot of another request).
-    Prompts of ~10 to ~70 tokens join in three waves while others decode; two jobs are equal
+    Prompts of 20 to 83 tokens join in three waves while others decode; two jobs are equal
     (the n choices of one request) and one stops early to free its row for a later one."""
     engine = base_engine
     if kind == "dynamic cache":

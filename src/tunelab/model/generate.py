@@ -181,6 +181,27 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
 
 # --- static KV cache + CUDA graph decode (CUDA) -----------------------------------------
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one transformers takes as is (4-D): 0 or dtype's min."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def capture_graph(step, device, pool=None, after_warm_up=None):
+    """(CUDA graph of `step()`, its output): warmed up on a side stream (allocator, lazy
+    initialisation), then captured. thread_local: other threads of a server may use CUDA meanwhile."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if after_warm_up is not None:
+        after_warm_up()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = step()
+    return graph, output
+
+
 class _StaticDecoder:
     """One batch decoded with a preallocated KV cache of `prompt width + max_new_tokens`
     slots and fixed-shape step inputs, so the decode step can be captured once as a CUDA
@@ -215,8 +236,7 @@ class _StaticDecoder:
         self.step_logits = None
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~allowed, torch.finfo(self.dtype).min)
+        return additive_mask(allowed, self.dtype)
 
     def _forward(self, ids, positions, mask, cache_position):
         extra = {"cache_position": cache_position} if self.takes_position else {}
@@ -258,18 +278,9 @@ class _StaticDecoder:
         return self.step_logits.float()
 
     def _capture(self) -> None:
-        # Warm up on a side stream (allocator, lazy cache init), then capture. The warm-up
-        # writes the same slot the captured step writes, so nothing is written twice wrongly.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        # The warm-up writes the same slot the captured step writes, so nothing is written twice wrongly.
         position = self.cache_write_position()
-        with torch.cuda.stream(stream):
-            self._run_step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.rewind(position)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step_logits = self._run_step()
+        self.graph, self.step_logits = capture_graph(self._run_step, self.device, after_warm_up=lambda: self.rewind(position))
 
     def cache_write_position(self):
         layer = self.cache.layers[0] if hasattr(self.cache, "layers") else None
@@ -445,9 +456,7 @@ class SlotDecoder:
     def _step(self) -> torch.Tensor:
         rows = self.row_index[:self.rows]
         self.valid[rows, self.columns[:self.rows]] = self.yes[:self.rows]  # the token fed now sits at its column
-        allowed = self.valid[:self.rows, None, None, :self.window]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~allowed, torch.finfo(self.dtype).min)
+        mask = additive_mask(self.valid[:self.rows, None, None, :self.window], self.dtype)
         extra = {"cache_position": self.cache_position} if self.takes_position else {}
         return self.model(input_ids=self.step_ids[:self.rows], attention_mask=mask,
                           position_ids=self.columns[:self.rows, None], use_cache=True, logits_to_keep=1,
@@ -468,19 +477,9 @@ class SlotDecoder:
         return logits
 
     def _capture(self):
-        # Warm up on a side stream (allocator, kernels), then capture. The warm-up is the step
-        # itself: the replay that follows writes the same columns with the same values.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        # The warm-up is the step itself: the replay that follows writes the same columns with the same values.
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # buckets share memory: one runs at a time
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the server's other threads may touch CUDA (a seeded generator) meanwhile.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self._step()
-        return graph, logits
+        return capture_graph(self._step, self.device, pool=self.pool)
 
 
 def _bucket(n: int, smallest: int = 1) -> int:
