@@ -238,3 +238,23 @@ def test_load_benchmark_runs_on_the_embedded_model():
                           "--max-tokens", "4", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert '"lost": 0, "mismatched": 0' in run.stdout
+
+
+def test_the_load_benchmark_tells_a_late_divergence_from_a_crossed_answer(monkeypatch):
+    """bench/serve_load.py: an answer that leaves its reference after a shared prefix is rounding
+    (reported, not failed in bf16); one that reads like another prompt's reference is a bug."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "serve_load", bench)  # its dataclass looks its module up
+    spec.loader.exec_module(bench)
+    questions = ["hotels?", "trains?", "owls?", "tea?"]
+    alone = ["The hotel is nice and big.", "Trains are fast machines that run.", "Owls hunt at night.", "Tea."]
+    together = ["The hotel is nice but small.", "Trains are fast machines that run.",
+                "The hotel is nice and big.", "Tea."]
+    check = bench.compare(questions, alone, together, [False] * 4)
+    assert check == {"mismatched": 2, "diverged": 1, "like_another": 1, "diverged_after_chars_p50": 18}
