@@ -16,9 +16,10 @@ loop reuses the eval decoder's sampling (`model.generate._logits_processors`).
 On a GPU the running rows live in the slots of a static KV cache instead (`SlotBatcher`,
 `model.generate.SlotDecoder`): a finished request frees its slot, a new one is prefilled and
 copied into a free slot, and the decode step is replayed as a CUDA graph per batch-size and
-length bucket, as `tunelab eval` decodes. A small model's decode is launch-bound, so the
-joined/trimmed DynamicCache above (an HF forward of many small kernels per token) was ~6x
-slower per token there. `make_batcher` picks; adapters and sliding-window models keep `Batcher`.
+length bucket, as `tunelab eval` decodes. A small model's decode is launch-bound: with the
+joined/trimmed DynamicCache above (an eager HF forward per step) one request alone took ~21 ms
+a token on an H100 (docs/benchmarks.md). `make_batcher` picks; adapters and sliding-window
+models keep `Batcher`.
 
 Requests talk to the scheduler through callbacks: `Job.emit(event)` is called from the
 scheduler thread with ("token", id), ("done", finish_reason) or ("error", message).
