@@ -338,7 +338,8 @@ class SlotBatcher(Batcher):
 
     def _decode(self) -> None:
         tokens = {s: self.next_tokens[s] for s, j in enumerate(self.slot_jobs) if j is not None}
-        with grouped_query_decode(self.model) if self.decoder.use_graph else contextlib.nullcontext():
+        # The attention `tunelab eval`'s graphs run (bucketed: what a GPU replays, also tested on the CPU).
+        with grouped_query_decode(self.model) if self.decoder.bucketed else contextlib.nullcontext():
             logits = self.decoder.step(tokens)
         jobs = self.slot_jobs[:len(logits)]
         next_ids = self._sample(jobs, logits)
