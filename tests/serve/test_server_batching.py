@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import shared_tokenizer, tiny_llama
 from serving import CONTEXT, KEY, alone, running, tiny_engine
 
+from conftest import shared_tokenizer, tiny_llama
 from tunelab.data.types import Message
 from tunelab.model.generate import GenerationOptions
 from tunelab.serve.batching import Batcher, Job, QueueFull, SlotBatcher
