@@ -1,7 +1,8 @@
 """`tunelab serve` under load: N concurrent streaming clients vs the same requests one at a time.
 
     python bench/serve_load.py --clients 16 --requests 32 --max-tokens 32            # CPU
-    python bench/serve_load.py --clients 32 --requests 128 --max-tokens 128 --device cuda
+    python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda
+    python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda --dtype float32
 
 Starts `tunelab serve` as a subprocess on a free loopback port (the clients run here, so
 they do not share the server's interpreter), then
@@ -10,8 +11,16 @@ they do not share the server's interpreter), then
 2. sends the same requests from `--clients` concurrent streaming clients,
 and reports completion tokens/s of both, their ratio, p50/p99 latency (request sent ->
 last token) and time to first token, and checks every concurrent answer against its own
-prompt's reference: a mismatch or a lost request is counted and fails the run (exit 1).
-Greedy decoding; the prompts are distinct questions in the model's chat template.
+prompt's reference (greedy decoding; the prompts are distinct questions in the model's chat
+template). A differing answer is classified:
+- "diverged": it shares a prefix with its own reference, then goes another way. In bf16 a
+  batch of another shape rounds differently, and a near-tie between two tokens can flip:
+  expected (vLLM documents the same), reported with the shared prefix, not a failure;
+- "like_another": another prompt's reference shares a longer prefix with it than its own
+  (at least 16 characters): the answer belongs to another request - a real bug, a failure.
+A lost request, an answer like another's, or with `--exact` (the default with
+`--dtype float32`) any difference fails the run (exit 1). In float32 on the CPU concurrent
+answers equal the alone ones token for token (tests/serve/test_server_batching.py).
 """
 
 from __future__ import annotations
@@ -142,7 +151,10 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
+                    help="fail on any differing answer (default: only with --dtype float32)")
     args = ap.parse_args()
+    exact = args.dtype == "float32" if args.exact is None else args.exact
 
     key = secrets.token_hex(16)
     server, port = start_server(args, key)
@@ -162,11 +174,36 @@ def main() -> int:
     seq = summary("one at a time", alone, alone_wall)
     par = summary(f"{args.clients} concurrent clients", together, together_wall)
     lost = sum(1 for r in together if r.error)
-    wrong = sum(1 for a, b in zip(alone, together) if not a.error and not b.error and a.text != b.text)
+    check = compare(questions, [r.text for r in alone], [r.text for r in together],
+                    [bool(a.error or b.error) for a, b in zip(alone, together)])
     ratio = par["tokens_per_s"] / max(seq["tokens_per_s"], 1e-9)
-    print(json.dumps({"throughput_ratio": round(ratio, 2), "lost": lost, "mismatched": wrong,
+    print(json.dumps({"throughput_ratio": round(ratio, 2), "lost": lost, **check,
                       "errors": sorted({r.error for r in alone + together if r.error})[:3]}), flush=True)
-    return 1 if lost or wrong or any(r.error for r in alone) else 0
+    failed = lost or check["like_another"] or (exact and check["mismatched"]) or any(r.error for r in alone)
+    return 1 if failed else 0
+
+
+def shared_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def compare(questions: list[str], alone: list[str], together: list[str], skip: list[bool]) -> dict:
+    """Each concurrent answer against the references: equal, diverged after a shared prefix
+    (batch-shape rounding), or like another prompt's reference (a request crossed with another)."""
+    diverged, foreign, prefixes = 0, 0, []
+    for i, (want, got) in enumerate(zip(alone, together)):
+        if skip[i] or want == got:
+            continue
+        own = shared_prefix(want, got)
+        other = max((shared_prefix(ref, got) for j, ref in enumerate(alone)
+                     if questions[j] != questions[i]), default=0)
+        if other > own and other >= 16:
+            foreign += 1
+        else:
+            diverged += 1
+            prefixes.append(own)
+    return {"mismatched": diverged + foreign, "diverged": diverged, "like_another": foreign,
+            "diverged_after_chars_p50": statistics.median(prefixes) if prefixes else None}
 
 
 if __name__ == "__main__":

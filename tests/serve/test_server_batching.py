@@ -11,11 +11,13 @@ import httpx
 import openai
 import pytest
 import torch
-from serving import KEY, alone, running, tiny_engine
+from serving import CONTEXT, KEY, alone, running, tiny_engine
 
+from conftest import shared_tokenizer, tiny_llama
 from tunelab.data.types import Message
 from tunelab.model.generate import GenerationOptions
-from tunelab.serve.batching import Batcher, Job, QueueFull
+from tunelab.serve.batching import Batcher, Job, QueueFull, SlotBatcher
+from tunelab.serve.engine import load_engine
 from tunelab.serve.server import Limits, create_app
 
 QUESTIONS = ["Tell me about hotels.", "Hello, who are you?", "What is two plus two?", "Write a poem.",
@@ -70,6 +72,49 @@ def test_requests_joining_a_running_batch_answer_as_alone(engine):
     for (j, _), model, question, n in zip(jobs, models, QUESTIONS, lengths):
         want = alone(engine, model, [{"role": "user", "content": question}], n)
         assert engine.tokenizer.decode(j.tokens, skip_special_tokens=True) == want, (model, question)
+
+
+@pytest.fixture(scope="module")
+def base_engine(tmp_path_factory):
+    """The base model alone, with weights 5x the default scale: the default tiny model's greedy
+    answer is one token repeated whatever the context, so a wrong cache row would go unseen."""
+    tokenizer = shared_tokenizer("qwen2")
+    folder = tmp_path_factory.mktemp("context-sensitive")
+    tiny_llama(tokenizer, initializer_range=0.1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_engine(str(folder), device="cpu", dtype="float32", context_length=CONTEXT)
+
+
+@pytest.mark.parametrize("kind", ["dynamic cache", "static slots", "static slots, padded buckets"])
+def test_staggered_requests_of_different_lengths_equal_each_alone_in_fp32(base_engine, kind):
+    """fp32 on the CPU: no batch-shape rounding can flip a token, so any difference from the
+    request alone is a real bug (positions, padding, a cache row or slot of another request).
+    Prompts of 20 to 83 tokens join in three waves while others decode; two jobs are equal
+    (the n choices of one request) and one stops early to free its row for a later one."""
+    engine = base_engine
+    if kind == "dynamic cache":
+        batcher = Batcher(engine, max_batch=4)
+    else:
+        batcher = SlotBatcher(engine, max_batch=4, use_graph=False)
+        # What a GPU replays: rows and columns rounded up to a graph's bucket (free rows, unused columns).
+        batcher.decoder.bucketed = kind.endswith("buckets")
+    questions = ["Hi.", "Tell me about hotels " + "and rooms " * 30, "What is two plus two?",
+                 "Write " + "a long poem " * 12, "Hi.", "Is breakfast included in the price of a room?"]
+    lengths = [30, 12, 3, 25, 30, 18]
+    jobs = [job(engine, q, None, n) for q, n in zip(questions, lengths)]
+    try:
+        batcher.submit([jobs[0][0]])
+        wait_for(lambda: len(jobs[0][0].tokens) >= 4, "the first job to decode")
+        batcher.submit([j for j, _ in jobs[1:3]])
+        wait_for(lambda: len(jobs[1][0].tokens) >= 2, "the second wave")
+        batcher.submit([j for j, _ in jobs[3:]])  # more jobs than free rows: one waits for a row to free
+        reasons = [finish(events) for _, events in jobs]
+    finally:
+        batcher.close()
+    assert set(reasons) <= {"stop", "length"}
+    for (j, _), question, n in zip(jobs, questions, lengths):
+        want = alone(engine, None, [{"role": "user", "content": question}], n)
+        assert engine.tokenizer.decode(j.tokens, skip_special_tokens=True) == want, (kind, question)
 
 
 def test_seeded_sampling_is_reproducible_inside_a_batch(engine):
@@ -193,3 +238,23 @@ def test_load_benchmark_runs_on_the_embedded_model():
                           "--max-tokens", "4", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert '"lost": 0, "mismatched": 0' in run.stdout
+
+
+def test_the_load_benchmark_tells_a_late_divergence_from_a_crossed_answer(monkeypatch):
+    """bench/serve_load.py: an answer that leaves its reference after a shared prefix is rounding
+    (reported, not failed in bf16); one that reads like another prompt's reference is a bug."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "serve_load", bench)  # its dataclass looks its module up
+    spec.loader.exec_module(bench)
+    questions = ["hotels?", "trains?", "owls?", "tea?"]
+    alone = ["The hotel is nice and big.", "Trains are fast machines that run.", "Owls hunt at night.", "Tea."]
+    together = ["The hotel is nice but small.", "Trains are fast machines that run.",
+                "The hotel is nice and big.", "Tea."]
+    check = bench.compare(questions, alone, together, [False] * 4)
+    assert check == {"mismatched": 2, "diverged": 1, "like_another": 1, "diverged_after_chars_p50": 18}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -180,6 +181,27 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
 
 # --- static KV cache + CUDA graph decode (CUDA) -----------------------------------------
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one transformers takes as is (4-D): 0 or dtype's min."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def capture_graph(step, device, pool=None, after_warm_up=None):
+    """(CUDA graph of `step()`, its output): warmed up on a side stream (allocator, lazy
+    initialisation), then captured. thread_local: other threads of a server may use CUDA meanwhile."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if after_warm_up is not None:
+        after_warm_up()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = step()
+    return graph, output
+
+
 class _StaticDecoder:
     """One batch decoded with a preallocated KV cache of `prompt width + max_new_tokens`
     slots and fixed-shape step inputs, so the decode step can be captured once as a CUDA
@@ -214,8 +236,7 @@ class _StaticDecoder:
         self.step_logits = None
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~allowed, torch.finfo(self.dtype).min)
+        return additive_mask(allowed, self.dtype)
 
     def _forward(self, ids, positions, mask, cache_position):
         extra = {"cache_position": cache_position} if self.takes_position else {}
@@ -257,18 +278,9 @@ class _StaticDecoder:
         return self.step_logits.float()
 
     def _capture(self) -> None:
-        # Warm up on a side stream (allocator, lazy cache init), then capture. The warm-up
-        # writes the same slot the captured step writes, so nothing is written twice wrongly.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        # The warm-up writes the same slot the captured step writes, so nothing is written twice wrongly.
         position = self.cache_write_position()
-        with torch.cuda.stream(stream):
-            self._run_step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.rewind(position)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step_logits = self._run_step()
+        self.graph, self.step_logits = capture_graph(self._run_step, self.device, after_warm_up=lambda: self.rewind(position))
 
     def cache_write_position(self):
         layer = self.cache.layers[0] if hasattr(self.cache, "layers") else None
@@ -325,6 +337,156 @@ def _static_decode_rows(model, prompts, options, stop_ids, pad_id, use_graph, va
     return [row[:next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]
 
 
+# --- slots of a static KV cache: continuous batching's decoder (`tunelab serve`) ----------
+
+class _SlotLayer(StaticLayer):
+    """One layer of a `SlotDecoder`'s cache. Unlike `StaticLayer` (one write position for the
+    whole batch), each row is a slot of its own request and writes its new key/value at its own
+    column (`decoder.columns`, shared by every layer); attention reads the first `decoder.rows`
+    slots and `decoder.window` columns (views: nothing is copied)."""
+
+    def __init__(self, decoder: SlotDecoder, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__(max_cache_len=keys.shape[2])
+        self.decoder, self.keys, self.values = decoder, keys, values
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        d = self.decoder
+        rows, columns = d.row_index[:d.rows], d.columns[:d.rows]
+        self.keys[rows, :, columns] = key_states[:, :, 0]
+        self.values[rows, :, columns] = value_states[:, :, 0]
+        return self.keys[:d.rows, :, :d.window], self.values[:d.rows, :, :d.window]
+
+    def get_seq_length(self) -> int:
+        return 0  # positions are always passed; there is no batch-wide length
+
+
+class SlotDecoder:
+    """The decode state of continuous batching: `slots` rows of a static KV cache of `length`
+    columns. A request owns one slot from its prefill to its last token: its prompt's keys and
+    values are copied into the slot's first columns (`insert`), each decode step writes one
+    column per slot (`step`), and a finished request frees its slot for the next one (`free`).
+
+    The decode step always has the same shapes for a given (rows, window) bucket (rows: slots up
+    to the highest one in use, window: columns up to the longest request, both rounded up to a
+    power of two), so on CUDA each bucket is captured once as a CUDA graph and replayed per token,
+    as `_StaticDecoder` does for `tunelab eval`: a small model's decode is launch-bound. Free
+    slots inside the bucket decode a padding token that nobody reads. On the CPU the step runs
+    eagerly on exactly the rows and columns in use.
+    """
+
+    def __init__(self, model, slots: int, length: int, pad_id: int, use_graph: bool):
+        self.model, self.device = model, next(model.parameters()).device
+        self.dtype, self.slots, self.length, self.use_graph = next(model.parameters()).dtype, slots, length, use_graph
+        layers, kv_heads, head_dim = kv_shape(model)
+        shape = (slots, kv_heads, length, head_dim)
+        self.cache = Cache(layers=[
+            _SlotLayer(self, torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(layers)])
+        self.cache_key = cache_keyword(model)
+        self.takes_position = "cache_position" in _forward_parameters(model)
+        self.row_index = torch.arange(slots, device=self.device)
+        self.columns = torch.zeros(slots, dtype=torch.long, device=self.device)  # = the position of each slot's next input
+        self.occupied = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros((slots, length), dtype=torch.bool, device=self.device)  # columns a slot attends to
+        self.valid[:, 0] = True  # a free slot attends to its own scratch column: no row is all masked
+        self.yes = torch.ones(slots, dtype=torch.bool, device=self.device)  # a device tensor: no host value in a graph
+        self.step_ids = torch.full((slots, 1), pad_id, dtype=torch.long, device=self.device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.lengths = [0] * slots  # host copy of `columns` for occupied slots (no device sync to pick a bucket)
+        self.rows, self.window = slots, length
+        self.bucketed = use_graph  # rows and window rounded up to a captured bucket (tests set it alone on the CPU)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    @staticmethod
+    def memory_per_slot(model, length: int) -> int:
+        return kv_bytes_per_token(model) * length + length  # keys/values + the valid mask
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.slots) if not self.lengths[s]]
+
+    def insert(self, slot: int, cache, row: int, prompt_length: int) -> None:
+        """Copy row `row` of a left-padded prefill's cache (the prompt in its last columns) into `slot`."""
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys[slot, :, :prompt_length] = theirs.keys[row, :, -prompt_length:]
+            mine.values[slot, :, :prompt_length] = theirs.values[row, :, -prompt_length:]
+        self.valid[slot] = False
+        self.valid[slot, :prompt_length] = True
+        self.columns[slot], self.occupied[slot] = prompt_length, 1
+        self.lengths[slot] = prompt_length
+
+    def free(self, slot: int) -> None:
+        self.valid[slot] = False
+        self.valid[slot, 0] = True
+        self.columns[slot], self.occupied[slot] = 0, 0
+        self.lengths[slot] = 0
+
+    def step(self, tokens: dict[int, int]) -> torch.Tensor:
+        """Feed each occupied slot its next token ({slot: token}); logits [rows, vocab] (row = slot)."""
+        last = max(s for s in range(self.slots) if self.lengths[s]) + 1
+        longest = max(self.lengths) + 1
+        if self.bucketed:
+            self.rows, self.window = min(_bucket(last), self.slots), min(_bucket(longest, 64), self.length)
+        else:
+            self.rows, self.window = last, longest
+        ids = torch.tensor(list(tokens.values()), dtype=torch.long)
+        self.step_ids[torch.tensor(list(tokens))] = ids.to(self.device)[:, None]
+        logits = self._graph_step() if self.use_graph else self._step()
+        self.columns.add_(self.occupied)
+        for slot in tokens:
+            self.lengths[slot] += 1
+        return logits.float()
+
+    def capture_all(self) -> None:
+        """Capture every (rows, window) bucket now, largest first (the shared pool is sized once),
+        so that no request waits for a capture. Every slot is free: the steps run are harmless."""
+        rows = sorted({min(_bucket(n), self.slots) for n in range(1, self.slots + 1)}, reverse=True)
+        windows = sorted({min(_bucket(n, 64), self.length) for n in (1 << k for k in range(6, 32))
+                          if n < 2 * self.length}, reverse=True)
+        started = time.perf_counter()
+        for window in windows:
+            for count in rows:
+                self.rows, self.window = count, window
+                self._graph_step()
+                if not self.use_graph:
+                    return  # a capture failed (logged): the step runs eagerly from now on
+        log.info("captured %d decode steps as CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+
+    def _step(self) -> torch.Tensor:
+        rows = self.row_index[:self.rows]
+        self.valid[rows, self.columns[:self.rows]] = self.yes[:self.rows]  # the token fed now sits at its column
+        mask = additive_mask(self.valid[:self.rows, None, None, :self.window], self.dtype)
+        extra = {"cache_position": self.cache_position} if self.takes_position else {}
+        return self.model(input_ids=self.step_ids[:self.rows], attention_mask=mask,
+                          position_ids=self.columns[:self.rows, None], use_cache=True, logits_to_keep=1,
+                          **{self.cache_key: self.cache}, **extra).logits[:, -1, :]
+
+    def _graph_step(self) -> torch.Tensor:
+        key = (self.rows, self.window)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture()
+            except Exception as exc:  # noqa: BLE001 - the eager step still works
+                log.warning("CUDA graph capture failed (%s: %s); serving without graphs",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self.use_graph, self.graphs = False, {}
+                return self._step()  # the bucket's rows and columns: free rows are harmless
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits
+
+    def _capture(self):
+        # The warm-up is the step itself: the replay that follows writes the same columns with the same values.
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # buckets share memory: one runs at a time
+        return capture_graph(self._step, self.device, pool=self.pool)
+
+
+def _bucket(n: int, smallest: int = 1) -> int:
+    """The power of two >= n (at least `smallest`)."""
+    return max(smallest, 1 << (n - 1).bit_length())
+
+
 def fast_path(model, fast: bool | None) -> bool:
     """Whether `generate_batch` uses the static-cache decoder: `fast` if given, else on CUDA."""
     if fast is not None:
@@ -366,6 +528,19 @@ AUTO_BATCH_CAP = 256  # rows per batch at most when sized automatically
 CPU_BATCH = 8
 
 
+def kv_shape(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the model's KV cache."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
+def kv_bytes_per_token(model) -> int:
+    layers, kv_heads, head_dim = kv_shape(model)
+    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
 def auto_batch_size(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
     """Rows per batch when none is given: 8 on the CPU (compute-bound); on a GPU as many rows as half
     the free memory holds, each row costing its static KV cache at the longest prompt plus
@@ -375,12 +550,9 @@ def auto_batch_size(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     if parameter.device.type != "cuda" or not prompts:
         return CPU_BATCH
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     width = max(map(len, prompts))
     slots = width + max_new_tokens
-    per_row = (2 * cfg.num_hidden_layers * kv_heads * head_dim * parameter.element_size() * slots
+    per_row = (kv_bytes_per_token(model) * slots
                + 4 * width * slots  # the prefill's boolean and additive masks
                + 8 * cfg.vocab_size)  # last-token logits in fp32, twice
     free, _ = torch.cuda.mem_get_info(parameter.device)

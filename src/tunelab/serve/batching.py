@@ -13,6 +13,14 @@ paged attention)? It has no per-row LoRA adapter, and on this CPU it was slower 
 plain sequential `generate` for the embedded model (docs/benchmarks.md, "serving"); our
 loop reuses the eval decoder's sampling (`model.generate._logits_processors`).
 
+On a GPU the running rows live in the slots of a static KV cache instead (`SlotBatcher`,
+`model.generate.SlotDecoder`): a finished request frees its slot, a new one is prefilled and
+copied into a free slot, and the decode step is replayed as a CUDA graph per batch-size and
+length bucket, as `tunelab eval` decodes. A small model's decode is launch-bound: with the
+joined/trimmed DynamicCache above (an eager HF forward per step) one request alone took ~21 ms
+a token on an H100 (docs/benchmarks.md). `make_batcher` picks; adapters and sliding-window
+models keep `Batcher`.
+
 Requests talk to the scheduler through callbacks: `Job.emit(event)` is called from the
 scheduler thread with ("token", id), ("done", finish_reason) or ("error", message).
 """
@@ -20,6 +28,7 @@ scheduler thread with ("token", id), ("done", finish_reason) or ("error", messag
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -29,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from tunelab.model.generate import GenerationOptions, _logits_processors, cache_keyword, left_pad
+from tunelab.model.attention import grouped_query_decode
+from tunelab.model.generate import GenerationOptions, SlotDecoder, _logits_processors, cache_keyword, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +121,10 @@ class Batcher:
         self.thread.join(timeout=30)
 
     def load(self) -> dict:
-        return {"running": len(self.batch.jobs) if self.batch else 0, "waiting": len(self.waiting)}
+        return {"running": len(self.running()), "waiting": len(self.waiting)}
+
+    def running(self) -> list[Job]:
+        return self.batch.jobs if self.batch else []
 
     # --- the scheduler loop -----------------------------------------------------------
 
@@ -119,7 +132,7 @@ class Batcher:
         with torch.inference_mode():
             while True:
                 with self.wakeup:
-                    while not self.closed and not self.waiting and self.batch is None:
+                    while not self.closed and not self.waiting and not self.running():
                         self.wakeup.wait()
                     if self.closed:
                         break
@@ -133,7 +146,7 @@ class Batcher:
     def _step(self) -> None:
         self._drop_gone()
         self._admit()
-        if self.batch is not None:
+        if self.running():
             self._decode()
 
     def _drop_gone(self) -> None:
@@ -143,18 +156,23 @@ class Batcher:
             for job in [j for j in self.waiting if j.cancelled or j.expired(now)]:
                 self.waiting.remove(job)
                 self._end(job, "cancelled" if job.cancelled else "timeout")
+        gone = [j for j in self.running() if j.cancelled or j.expired(now)]
+        for job in gone:
+            self._end(job, "cancelled" if job.cancelled else "timeout")
+        if gone:
+            self._remove(gone)
+
+    def _remove(self, jobs: list[Job]) -> None:
+        """The running `jobs` leave the batch."""
         if self.batch is not None:
-            gone = [i for i, j in enumerate(self.batch.jobs) if j.cancelled or j.expired(now)]
-            for i in gone:
-                job = self.batch.jobs[i]
-                self._end(job, "cancelled" if job.cancelled else "timeout")
-            self._keep([i for i in range(len(self.batch.jobs)) if i not in set(gone)])
+            gone = {id(j) for j in jobs}  # identity: the n choices of one request are equal jobs
+            self._keep([i for i, j in enumerate(self.batch.jobs) if id(j) not in gone])
 
     def _take_waiting(self) -> list[Job]:
         """Jobs to admit now: up to the free rows and the prefill token budget (at least one)."""
         if self.batch is not None and not self.joinable:
             return []
-        room = self.max_batch - (len(self.batch.jobs) if self.batch else 0)
+        room = self.max_batch - len(self.running())
         taken: list[Job] = []
         budget = self.max_prefill_tokens
         with self.wakeup:
@@ -169,19 +187,23 @@ class Batcher:
         return taken
 
     def _same_adapter(self, job: Job, taken: list[Job]) -> bool:
-        running = (self.batch.jobs if self.batch else []) + taken
+        running = self.running() + taken
         return not running or running[0].adapter == job.adapter
+
+    def _prefill(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, torch.Tensor]:
+        """The prompts of `jobs` left-padded through the model: (first tokens, mask, cache, next positions)."""
+        ids, mask = left_pad([j.prompt for j in jobs], self.pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(jobs, ids, mask, positions, cache)
+        return self._sample(jobs, logits), mask, cache, positions[:, -1] + 1
 
     def _admit(self) -> None:
         jobs = self._take_waiting()
         if not jobs:
             return
-        ids, mask = left_pad([j.prompt for j in jobs], self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(jobs, ids, mask, positions, cache)
-        first = self._sample(jobs, logits)
-        new = Batch(jobs, first, mask, positions[:, -1] + 1, cache)
+        first, mask, cache, positions = self._prefill(jobs)
+        new = Batch(jobs, first, mask, positions, cache)
         live = self._record(jobs, first)
         new = select(new, live) if len(live) < len(jobs) else new
         if new is not None:
@@ -206,10 +228,13 @@ class Batcher:
                 out = self.model(**kwargs)
         return out.logits[:, -1, :].float()
 
-    def _sample(self, jobs: list[Job], logits: torch.Tensor) -> torch.Tensor:
-        """Next token per row: argmax for greedy rows, each sampled row with its own settings."""
+    def _sample(self, jobs: list[Job | None], logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row: argmax for greedy rows, each sampled row with its own settings
+        (a None job is a free row: its token is not used)."""
         next_ids = logits.argmax(-1)
         for row, job in enumerate(jobs):
+            if job is None:
+                continue
             o = job.options
             if o.greedy and o.repetition_penalty == 1.0:
                 continue
@@ -222,10 +247,12 @@ class Batcher:
                 next_ids[row] = torch.multinomial(probs, 1, generator=job.generator)[0, 0]
         return next_ids
 
-    def _record(self, jobs: list[Job], next_ids: torch.Tensor) -> list[int]:
-        """Hand each row its token; the rows that go on."""
+    def _record(self, jobs: list[Job | None], next_ids: torch.Tensor) -> list[int]:
+        """Hand each row its token; the rows that go on (None: a free row)."""
         live = []
         for row, (job, token) in enumerate(zip(jobs, next_ids.tolist())):
+            if job is None:
+                continue
             if token in job.stop_ids:
                 self._end(job, "stop")
                 continue
@@ -250,12 +277,91 @@ class Batcher:
 
     def _fail_all(self, message: str) -> None:
         with self.wakeup:
-            jobs = list(self.waiting) + (self.batch.jobs if self.batch else [])
+            jobs = list(self.waiting) + self.running()
             self.waiting.clear()
-            self.batch = None
+            self._remove(self.running())
         for job in jobs:
             job.cancelled = True
             job.emit(("error", message))
+
+
+class SlotBatcher(Batcher):
+    """`Batcher` whose running rows are the slots of a `SlotDecoder` (static KV cache; the decode
+    step a CUDA graph on a GPU). Admission, sampling, stops, cancellation and timeouts are
+    `Batcher`'s; only where a running row's cache lives differs. Base model only (no adapters)."""
+
+    def __init__(self, engine, *, max_batch: int = 32, use_graph: bool | None = None, **kwargs):
+        from tunelab.data.collate import pad_id_for
+
+        model = engine.model
+        if engine.adapters:
+            raise ValueError("SlotBatcher serves the base model alone; use Batcher with adapters")
+        if use_graph is None:
+            use_graph = next(model.parameters()).device.type == "cuda"
+        self.decoder = SlotDecoder(model, max_batch, engine.context_length, pad_id_for(engine.tokenizer), use_graph)
+        self.slot_jobs: list[Job | None] = [None] * max_batch
+        self.next_tokens: list[int] = [0] * max_batch
+        super().__init__(engine, max_batch=max_batch, **kwargs)  # starts the scheduler thread: last
+
+    def running(self) -> list[Job]:
+        return [j for j in self.slot_jobs if j is not None]
+
+    def _run(self) -> None:
+        if self.decoder.use_graph:
+            try:
+                with torch.inference_mode(), grouped_query_decode(self.model):
+                    self.decoder.capture_all()  # requests queue meanwhile; none waits for a capture later
+            except Exception:  # noqa: BLE001 - serve without graphs rather than not at all
+                log.exception("capturing the decode steps failed; serving without CUDA graphs")
+                self.decoder.use_graph, self.decoder.graphs = False, {}
+        super()._run()
+
+    def _remove(self, jobs: list[Job]) -> None:
+        gone = {id(j) for j in jobs}
+        for slot, job in enumerate(self.slot_jobs):
+            if job is not None and id(job) in gone:
+                self.decoder.free(slot)
+                self.slot_jobs[slot] = None
+
+    def _admit(self) -> None:
+        jobs = self._take_waiting()
+        if not jobs:
+            return
+        first, _, cache, _ = self._prefill(jobs)
+        live = set(self._record(jobs, first))
+        free = self.decoder.free_slots()
+        for row, job in enumerate(jobs):
+            if row in live:
+                slot = free.pop(0)
+                self.decoder.insert(slot, cache, row, len(job.prompt))
+                self.slot_jobs[slot], self.next_tokens[slot] = job, int(first[row])
+
+    def _decode(self) -> None:
+        tokens = {s: self.next_tokens[s] for s, j in enumerate(self.slot_jobs) if j is not None}
+        # The attention `tunelab eval`'s graphs run (bucketed: what a GPU replays, also tested on the CPU).
+        with grouped_query_decode(self.model) if self.decoder.bucketed else contextlib.nullcontext():
+            logits = self.decoder.step(tokens)
+        jobs = self.slot_jobs[:len(logits)]
+        next_ids = self._sample(jobs, logits)
+        live = set(self._record(jobs, next_ids))
+        self._remove([j for row, j in enumerate(jobs) if j is not None and row not in live])
+        for row in live:
+            self.next_tokens[row] = int(next_ids[row])
+
+
+def make_batcher(engine, *, max_batch: int = 32, max_waiting: int = 256) -> Batcher:
+    """A `SlotBatcher` on a GPU where it applies (the base model alone, plain per-layer KV
+    caches, and `max_batch` slots of the full context in half the free GPU memory, else as many
+    as fit); `Batcher` otherwise (CPU, adapters, sliding-window models)."""
+    model = engine.model
+    device = next(model.parameters()).device
+    if device.type == "cuda" and not engine.adapters and supports_joining(DynamicCache(config=model.config)):
+        free, _ = torch.cuda.mem_get_info(device)
+        slots = min(max_batch, int(free * 0.5) // SlotDecoder.memory_per_slot(model, engine.context_length))
+        if slots >= 1:
+            return SlotBatcher(engine, max_batch=slots, max_waiting=max_waiting)
+        log.warning("no room on the GPU for a static KV cache of %d tokens: dynamic batching", engine.context_length)
+    return Batcher(engine, max_batch=max_batch, max_waiting=max_waiting)
 
 
 # --- batch surgery: selecting rows, joining two left-padded batches -------------------------

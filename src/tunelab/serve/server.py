@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.data.types import Message
 from tunelab.errors import TunelabError
-from tunelab.serve.batching import Batcher, Job, QueueFull
+from tunelab.serve.batching import Job, QueueFull, make_batcher
 from tunelab.serve.engine import Engine
 from tunelab.serve.protocol import (
     APIError,
@@ -223,7 +223,7 @@ def job_error(reason: str) -> APIError:
 class Server:
     def __init__(self, engine: Engine, limits: Limits):
         self.engine, self.limits = engine, limits
-        self.batcher = Batcher(engine, max_batch=limits.max_batch, max_waiting=limits.max_waiting)
+        self.batcher = make_batcher(engine, max_batch=limits.max_batch, max_waiting=limits.max_waiting)
         # One thread: transformers' fast tokenizers are not safe to call from several at once.
         self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-tokenize")
         self.created = int(time.time())
