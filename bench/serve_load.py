@@ -1,8 +1,8 @@
 """`tunelab serve` under load: N concurrent streaming clients vs the same requests one at a time.
 
     python bench/serve_load.py --clients 16 --requests 32 --max-tokens 32            # CPU
-    python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda
-    python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda --dtype float32
+    python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda --kv-slots
+    python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda --kv-slots --dtype float32
 
 Starts `tunelab serve` as a subprocess on a free loopback port (the clients run here, so
 they do not share the server's interpreter), then
@@ -124,6 +124,8 @@ def start_server(args, key: str) -> tuple[subprocess.Popen, int]:
            "--max-queue", str(max(256, args.requests))]
     for adapter in args.adapter:
         cmd += ["--adapter", adapter]
+    if args.kv_slots:
+        cmd.append("--kv-slots")
     server = subprocess.Popen(cmd, env={**os.environ, "TUNELAB_API_KEY": key})  # the key stays out of `ps`
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
@@ -148,6 +150,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32, help="requests in each phase")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--kv-slots", action="store_true", help="serve with `tunelab serve --kv-slots` (GPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--startup-timeout", type=float, default=600)

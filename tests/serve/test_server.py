@@ -290,3 +290,20 @@ def test_serve_limits_are_checked_before_loading(flag, value, capsys):
 
     assert main(["serve", flag, value, "--port", str(free_port())]) == 2
     assert f"{flag} must be > 0" in capsys.readouterr().err
+
+
+def test_the_slot_batcher_is_opt_in_and_never_on_the_cpu(engine):
+    """`--kv-slots` reaches the server's limits; without it, or on the CPU, requests go through the
+    measured dynamic `Batcher` (the slot path waits for its GPU measurement)."""
+    from tunelab.cli import build_parser
+    from tunelab.serve.batching import Batcher, SlotBatcher, make_batcher
+    from tunelab.serve.cli import serve_limits
+
+    assert serve_limits(build_parser().parse_args(["serve", "--kv-slots"])).kv_slots
+    assert not serve_limits(build_parser().parse_args(["serve"])).kv_slots
+    for slots in (False, True):
+        batcher = make_batcher(engine, max_batch=2, slots=slots)
+        try:
+            assert type(batcher) is Batcher and not isinstance(batcher, SlotBatcher)
+        finally:
+            batcher.close()

@@ -349,13 +349,15 @@ class SlotBatcher(Batcher):
             self.next_tokens[row] = int(next_ids[row])
 
 
-def make_batcher(engine, *, max_batch: int = 32, max_waiting: int = 256) -> Batcher:
-    """A `SlotBatcher` on a GPU where it applies (the base model alone, plain per-layer KV
-    caches, and `max_batch` slots of the full context in half the free GPU memory, else as many
-    as fit); `Batcher` otherwise (CPU, adapters, sliding-window models)."""
+def make_batcher(engine, *, max_batch: int = 32, max_waiting: int = 256, slots: bool = False) -> Batcher:
+    """With `slots` (`tunelab serve --kv-slots`), a `SlotBatcher` on a GPU where it applies (the
+    base model alone, plain per-layer KV caches, and `max_batch` slots of the full context in half
+    the free GPU memory, else as many as fit); `Batcher` otherwise (CPU, adapters, sliding-window
+    models). Opt-in until its GPU path is measured (docs/serving.md); tested on CPU."""
     model = engine.model
     device = next(model.parameters()).device
-    if device.type == "cuda" and not engine.adapters and supports_joining(DynamicCache(config=model.config)):
+    if (slots and device.type == "cuda" and not engine.adapters
+            and supports_joining(DynamicCache(config=model.config))):
         free, _ = torch.cuda.mem_get_info(device)
         slots = min(max_batch, int(free * 0.5) // SlotDecoder.memory_per_slot(model, engine.context_length))
         if slots >= 1:

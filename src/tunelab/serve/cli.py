@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                        help="seconds a request may take, queueing included (default 600)")
     serve.add_argument("--max-body-mb", type=float, default=4, help="largest request body accepted (default 4 MB)")
     serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
+    serve.add_argument("--kv-slots", action="store_true",
+                       help="GPU: decode in the slots of one static KV cache with CUDA graphs (base model, no "
+                            "--adapter); new, not yet measured on a GPU (docs/serving.md)")
     serve.set_defaults(func=run_serve)
 
     est = subparsers.add_parser(
@@ -185,7 +188,8 @@ def serve_limits(args):
         if not value > 0:  # NaN fails too
             raise TunelabError(f"{flag} must be > 0, got {value}", where=flag, fix=f"drop {flag} for its default")
     return Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_batch=args.max_batch_size,
-                  max_waiting=args.max_queue, request_timeout=args.request_timeout, docs=args.docs)
+                  max_waiting=args.max_queue, request_timeout=args.request_timeout, docs=args.docs,
+                  kv_slots=args.kv_slots)
 
 
 def run_estimate(args) -> int:

@@ -59,6 +59,7 @@ class Limits:
     max_waiting: int = 256  # requests (choices) queued before 429
     request_timeout: float = 600.0  # seconds from arrival to the last token
     docs: bool = False  # serve /docs and /openapi.json (behind the key when there is one)
+    kv_slots: bool = False  # --kv-slots: the GPU's static-slot batcher (SlotBatcher), not yet measured on a GPU
 
 
 # --- the gate: key and body size before the body is read -------------------------------------
@@ -223,7 +224,8 @@ def job_error(reason: str) -> APIError:
 class Server:
     def __init__(self, engine: Engine, limits: Limits):
         self.engine, self.limits = engine, limits
-        self.batcher = make_batcher(engine, max_batch=limits.max_batch, max_waiting=limits.max_waiting)
+        self.batcher = make_batcher(engine, max_batch=limits.max_batch, max_waiting=limits.max_waiting,
+                                    slots=limits.kv_slots)
         # One thread: transformers' fast tokenizers are not safe to call from several at once.
         self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-tokenize")
         self.created = int(time.time())
