@@ -95,37 +95,16 @@ def dry_run(cfg) -> str:
     from tunelab.data.collate import IGNORE_INDEX
     from tunelab.data.templates import lock_template, mark_trained
     from tunelab.model.loader import load_tokenizer
+    from tunelab.train.objectives import objective_class
 
+    stage = objective_class(cfg.stage)  # each stage encodes its first record as its training does
     tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    template = None if cfg.stage == "pt" else lock_template(tokenizer, cfg.template, cfg.system_prompt)
-    source, ids, labels = _first_sample(cfg, tokenizer, template)
+    template = lock_template(tokenizer, cfg.template, cfg.system_prompt) if stage.chat else None
+    source, ids, labels = stage.first_sample(cfg, tokenizer, template)
     trained = sum(label != IGNORE_INDEX for label in labels)
     return (f"=== resolved config ===\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)}"
             f"=== {source}: {len(ids)} tokens, {trained} trained on ([[marked]]) ===\n"
             f"{mark_trained(ids, labels, tokenizer)}\n=== dry run: no weights loaded, nothing trained ===")
-
-
-def _first_sample(cfg, tokenizer, template) -> tuple[str, list[int], list[int]]:
-    """(source, input ids, labels) of the first training record, encoded by the training code."""
-    if cfg.stage in ("dpo", "simpo", "kto", "orpo"):
-        from tunelab.data.collate import IGNORE_INDEX
-        from tunelab.data.preference_tokenize import encode_kto, encode_pair
-        from tunelab.data.readers import load_preferences
-        from tunelab.data.types import KTOExample
-
-        item = load_preferences(cfg.dataset, cfg.dataset_format, max_samples=1, dataset_dir=cfg.dataset_dir)[0]
-        if isinstance(item, KTOExample):
-            row = encode_kto(item, tokenizer, template, cfg.cutoff_len)
-            return item.source, row.prompt + row.completion, [IGNORE_INDEX] * len(row.prompt) + row.completion_labels
-        row = encode_pair(item, tokenizer, template, cfg.cutoff_len)
-        return f"{item.source} (chosen side)", row.prompt + row.chosen, [IGNORE_INDEX] * len(row.prompt) + row.chosen_labels
-    from dataclasses import replace
-
-    from tunelab.train.dataset import encode_samples, read_conversations
-
-    convs = read_conversations(replace(cfg, max_samples=1, val_size=0.0, eval_dataset=[]))[0]
-    sample = encode_samples(convs, tokenizer, template, cfg)[0][0]
-    return convs[0].source, sample.input_ids, sample.labels
 
 
 def relaunch(args, nproc: int) -> int:

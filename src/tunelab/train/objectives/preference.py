@@ -32,6 +32,8 @@ from tunelab.data.preference_tokenize import (
     assign_kl_completions,
     collate_kto,
     collate_pairs,
+    encode_kto,
+    encode_pair,
     encode_preferences,
     unpair,
 )
@@ -95,6 +97,7 @@ class PreferenceObjective:
     sharded = True  # the reference set-up runs with the root's weights gathered (distributed.DistributedObjective)
     uses_reference = True
     unit = "pairs"
+    chat = True  # prompts and answers rendered with the chat template
 
     def __init__(self, cfg: TunelabConfig, tokenizer):
         self.cfg = cfg
@@ -106,6 +109,20 @@ class PreferenceObjective:
         self.mixture: dict | None = None  # what each dataset source gave (RUN_DIR/data_mixture.json)
 
     # -- data ----------------------------------------------------------------------------
+
+    @staticmethod
+    def first_sample(cfg: TunelabConfig, tokenizer, template) -> tuple[str, list[int], list[int]]:
+        """(source, input ids, labels) of the first record as training encodes it: the chosen side
+        of a pair (prompt masked), or a KTO example (`tunelab train --dry-run`)."""
+        from tunelab.data.collate import IGNORE_INDEX
+        from tunelab.data.readers import load_preferences
+
+        item = load_preferences(cfg.dataset, cfg.dataset_format, max_samples=1, dataset_dir=cfg.dataset_dir)[0]
+        if isinstance(item, KTOExample):
+            row = encode_kto(item, tokenizer, template, cfg.cutoff_len)
+            return item.source, row.prompt + row.completion, [IGNORE_INDEX] * len(row.prompt) + row.completion_labels
+        row = encode_pair(item, tokenizer, template, cfg.cutoff_len)
+        return f"{item.source} (chosen side)", row.prompt + row.chosen, [IGNORE_INDEX] * len(row.prompt) + row.chosen_labels
 
     def load_data(self) -> tuple[list, list]:
         from tunelab.data.readers import hub_options, load_preferences

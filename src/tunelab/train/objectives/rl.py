@@ -162,9 +162,18 @@ class OnlineObjective:
     speed_paths = frozenset()  # per-token log-probs of padded rows: the plain forward
     perplexity = False
     trains_on_conversations = True
+    chat = True
     sharded = False
     multi_process = False  # one process: the rollouts are not split across ranks yet
     group_size = 1
+
+    @staticmethod
+    def first_sample(cfg: TunelabConfig, tokenizer, template) -> tuple[str, list[int], list[int]]:
+        """The first conversation as its turns render (`tunelab train --dry-run`); a rollout samples
+        the answer turn itself."""
+        from tunelab.train.objectives.sft import first_conversation_sample
+
+        return first_conversation_sample(cfg, tokenizer, template)
 
     def __init__(self, cfg: TunelabConfig, tokenizer, reward=None):
         check_judge_keys(cfg)

@@ -38,6 +38,12 @@ class SFTObjective:
               f"{len(data.eval)} validation", file=sys.stderr)
         return train, data.eval
 
+    @staticmethod
+    def first_sample(cfg: TunelabConfig, tokenizer, template) -> tuple[str, list[int], list[int]]:
+        """(source, input ids, labels) of the first training record as training encodes it
+        (`tunelab train --dry-run`)."""
+        return first_conversation_sample(cfg, tokenizer, template)
+
     def setup(self, model, device) -> None:
         """Nothing to prepare for next-token loss (preference stages score their reference here)."""
 
@@ -74,3 +80,15 @@ class PTObjective(SFTObjective):
 
         stream = BlockStream(self.cfg, self.tokenizer)
         return stream, stream.validation()
+
+
+def first_conversation_sample(cfg: TunelabConfig, tokenizer, template) -> tuple[str, list[int], list[int]]:
+    """The first training conversation, folded, cut and masked by the training code."""
+    from dataclasses import replace
+
+    from tunelab.train.dataset import encode_samples, read_conversations
+
+    convs = read_conversations(replace(cfg, max_samples=1, val_size=0.0, eval_dataset=[]))[0]
+    sample = encode_samples(convs, tokenizer, template, cfg)[0][0]
+    return convs[0].source, sample.input_ids, sample.labels
+
