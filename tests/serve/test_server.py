@@ -292,7 +292,7 @@ def test_serve_limits_are_checked_before_loading(flag, value, capsys):
     assert f"{flag} must be > 0" in capsys.readouterr().err
 
 
-def test_the_slot_batcher_is_opt_in_and_never_on_the_cpu(engine):
+def test_the_slot_batcher_is_opt_in_and_never_on_the_cpu(engine, caplog):
     """`--kv-slots` reaches the server's limits; without it, or on the CPU, requests go through the
     measured dynamic `Batcher` (the slot path waits for its GPU measurement)."""
     from tunelab.cli import build_parser
@@ -307,3 +307,4 @@ def test_the_slot_batcher_is_opt_in_and_never_on_the_cpu(engine):
             assert type(batcher) is Batcher and not isinstance(batcher, SlotBatcher)
         finally:
             batcher.close()
+    assert "--kv-slots needs a GPU" in caplog.text  # asked for on the CPU: said, not silently dropped

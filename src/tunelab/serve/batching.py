@@ -356,13 +356,17 @@ def make_batcher(engine, *, max_batch: int = 32, max_waiting: int = 256, slots: 
     models). Opt-in until its GPU path is measured (docs/serving.md); tested on CPU."""
     model = engine.model
     device = next(model.parameters()).device
-    if (slots and device.type == "cuda" and not engine.adapters
-            and supports_joining(DynamicCache(config=model.config))):
-        free, _ = torch.cuda.mem_get_info(device)
-        slots = min(max_batch, int(free * 0.5) // SlotDecoder.memory_per_slot(model, engine.context_length))
-        if slots >= 1:
-            return SlotBatcher(engine, max_batch=slots, max_waiting=max_waiting)
-        log.warning("no room on the GPU for a static KV cache of %d tokens: dynamic batching", engine.context_length)
+    if not slots:
+        return Batcher(engine, max_batch=max_batch, max_waiting=max_waiting)
+    if device.type != "cuda" or engine.adapters or not supports_joining(DynamicCache(config=model.config)):
+        log.warning("--kv-slots needs a GPU, the base model alone (no --adapter) and a plain per-layer KV cache: "
+                    "dynamic batching instead")
+        return Batcher(engine, max_batch=max_batch, max_waiting=max_waiting)
+    free, _ = torch.cuda.mem_get_info(device)
+    count = min(max_batch, int(free * 0.5) // SlotDecoder.memory_per_slot(model, engine.context_length))
+    if count >= 1:
+        return SlotBatcher(engine, max_batch=count, max_waiting=max_waiting)
+    log.warning("no room on the GPU for a static KV cache of %d tokens: dynamic batching", engine.context_length)
     return Batcher(engine, max_batch=max_batch, max_waiting=max_waiting)
 
 
