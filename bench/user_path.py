@@ -86,6 +86,7 @@ def run(args) -> None:
         "tokens_per_second": round(statistics.mean(r["tokens_per_second"] for r in windows), 1) if windows else None,
         "windows": [(r["step"], round(r["tokens_per_second"]), round(r["loss"], 4)) for r in windows],
         "speed_line": next((line for line in log.splitlines() if line.startswith("speed:")), None),
+        "done_line": next((line for line in log.splitlines() if line.startswith("done:")), None),  # where the time went
         "memory_lines": [line for line in log.splitlines() if "GPU memory" in line or "out of memory" in line],
         "eval": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
     }
@@ -103,7 +104,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--model", default="qwen2.5-7b", choices=sorted(TOKENIZERS))
     r.add_argument("--config", default="examples/hotel_lora.yaml")
-    r.add_argument("--steps", type=int, default=40)
+    r.add_argument("--steps", type=int, default=40, help="max_steps; -1: the config's epochs (the whole recipe)")
     r.add_argument("--skip", type=int, default=10, help="steps left out of the mean (compilation, warm-up)")
     r.add_argument("--model-dir", default="/tmp/tunelab-bench-models")
     r.add_argument("--out", default=None)

@@ -68,6 +68,31 @@ def test_lora_run_writes_adapter_logs_plot_and_loss_falls(tmp_path, tiny_model_d
     assert not torch.allclose(tuned(ids).logits, before)
 
 
+def test_run_clock_counts_a_nested_part_once(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = loop.RunClock()
+    now[0] += 5
+    clock.add("set-up", 5)
+    with clock.part("evaluation"):
+        now[0] += 3
+        with clock.part("checkpoints"):  # the best model's checkpoint, saved during an evaluation
+            now[0] += 2
+    clock.add("first step", 40)
+    clock.add("steps", 10)
+    assert clock.parts == {"set-up": 5, "evaluation": 3, "checkpoints": 2, "first step": 40, "steps": 10}
+    assert clock.describe(steps=8) == ("10 s (set-up 5 s, first step 40 s, 7 more steps 10 s, evaluation 3 s, "
+                                       "checkpoints 2 s)")
+
+
+def test_closing_line_says_where_the_time_went(tmp_path, tiny_model_dir, capsys):
+    loop.train(config(tmp_path, tiny_model_dir, max_steps=4))
+    done = [line for line in capsys.readouterr().err.splitlines() if line.startswith("done: 4 steps in ")]
+    assert len(done) == 1
+    for part in ("set-up", "first step", "3 more steps", "evaluation", "checkpoints", "final save"):
+        assert f"{part} " in done[0], part
+
+
 def test_full_finetuning_saves_full_weights_and_learns(tmp_path, tiny_model_dir):
     cfg = config(tmp_path, tiny_model_dir, finetuning_type="full", learning_rate=1e-2, max_steps=10,
                  eval_strategy="no", val_size=0, save_steps=100)

@@ -46,6 +46,52 @@ def test_cpu_takes_the_plain_path_and_says_why(tiny_model_dir, tmp_path):
     assert forced.cfg.fused_loss is True and "fused loss on (fused_loss=true)" in forced.describe()
 
 
+def test_compiling_is_left_out_of_runs_too_short_to_repay_it(tiny_model_dir, tmp_path, monkeypatch):
+    """Measured on an H100: the hotel recipe on SmolLM2-135M took 192 s compiled (98 s of it the first
+    step) and 58 s eager. Auto compiles only when the eager run would take COMPILE_PAYS_AFTER_SECONDS."""
+    from tunelab.model.adapters import prepare_for_training
+    from tunelab.model.loader import load_model
+    from tunelab.train.fast import plan
+
+    cfg = resolve_precision(config(tmp_path, tiny_model_dir), torch.device("cpu"))
+    model = prepare_for_training(load_model(str(tiny_model_dir), dtype="float32", device=torch.device("cpu")), cfg)
+    monkeypatch.setattr(plan, "matmul_peak_flops", lambda device: 1e12)
+    per_token = plan.training_flops_per_token(model)
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert per_token == 4 * total + 2 * trained and trained < total / 10  # LoRA: ~4N a token
+    pays_after = plan.COMPILE_PAYS_AFTER_SECONDS * plan.EAGER_MFU * 1e12 / per_token  # tokens
+    cpu = torch.device("cpu")
+    assert "short run" in plan.too_short_to_compile(model, int(pays_after * 0.9), cpu)
+    assert plan.too_short_to_compile(model, int(pays_after * 1.1), cpu) is None
+    # several processes decide on the smallest estimate: all compile, or none does
+    assert "short run" in plan.too_short_to_compile(model, int(pays_after * 1.1), cpu, agree=lambda s: s // 2)
+    # on the compiled path the decision shows in the speed line; torch_compile=true is honoured as given
+    monkeypatch.setattr(plan, "_auto", lambda cfg, device: True)
+    monkeypatch.setattr(plan, "triton_installed", lambda: True)
+    monkeypatch.setattr(plan, "token_budget", lambda cfg, model, device: (4096, 2**30))
+    short = plan.resolve_speed(cfg, model, cpu, train_tokens=1000)
+    assert short.cfg.torch_compile is False and "compiled layers off (a short run" in short.describe()
+    assert plan.resolve_speed(cfg, model, cpu, train_tokens=int(pays_after * 2)).cfg.torch_compile is True
+    forced = plan.resolve_speed(cfg.__class__(**{**cfg.to_dict(), "torch_compile": True}), model, cpu,
+                                train_tokens=1000)
+    assert forced.cfg.torch_compile is True and "(torch_compile=true)" in forced.describe()
+
+
+def test_planned_tokens_count_epochs_steps_folded_rows_and_processes(tmp_path, tiny_model_dir):
+    from tunelab.data.collate import Sample
+    from tunelab.train.loop import planned_tokens
+
+    rows = [Sample(input_ids=[1] * 100, labels=[1] * 100, rows=3), Sample(input_ids=[1] * 50, labels=[1] * 50)]
+    cfg = config(tmp_path, tiny_model_dir, max_steps=-1, num_train_epochs=2)
+    assert planned_tokens(rows, cfg, world=1) == 300
+    assert planned_tokens(rows, cfg, world=2) == 150
+    # max_steps: a step takes batch x accumulation x processes rows of the data (a folded sample holds several)
+    cfg = config(tmp_path, tiny_model_dir, max_steps=10, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert planned_tokens(rows, cfg, world=1) == 10 * 4 * 150 // 4
+    assert planned_tokens([], cfg, world=1) is None
+
+
 # --- micro-batches by tokens --------------------------------------------------------------
 
 def test_split_by_tokens_fills_budgets_and_never_cuts_a_sample():

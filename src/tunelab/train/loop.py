@@ -103,6 +103,7 @@ class Trainer:
     the data's `steps`) decides when it acts."""
 
     def __init__(self, cfg: TunelabConfig, dist: Dist, objective_factory=None, eval_callbacks=(), reward=None):
+        self.clock = RunClock()
         self.dist = dist
         self.user_cfg = cfg  # saved as given: `auto` levers are decided anew on whatever device a resume runs on
         self.run_dir = Path(cfg.output_dir)
@@ -113,9 +114,10 @@ class Trainer:
         dist.barrier()
         set_seed(cfg.seed)
         train_rows = self._setup_data(cfg, objective_factory, reward)
-        self._setup_model()
+        self._setup_model(planned_tokens(train_rows, cfg, dist.world))
         self._setup_optimizer(train_rows)
         self._setup_state(eval_callbacks)
+        self.clock.add("set-up", time.perf_counter() - self.clock.started)
 
     # --- the recipe ----------------------------------------------------------------------
 
@@ -165,8 +167,9 @@ class Trainer:
         self.mixture = getattr(self.objective, "mixture", None)  # rows taken from each source, replay included
         return train_rows
 
-    def _setup_model(self) -> None:
-        """2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py)."""
+    def _setup_model(self, train_tokens: int | None) -> None:
+        """2. Model: base weights, then LoRA / freeze / full, then the speed levers (train/fast/plan.py),
+        decided for a run of `train_tokens` tokens a process."""
         from tunelab.model.adapters import count_parameters, prepare_for_training
         from tunelab.model.loader import load_model, resolve_device
         from tunelab.train.fast import apply_speed_levers
@@ -180,7 +183,8 @@ class Trainer:
                            quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
                            rope_scaling=cfg.rope_scaling, cutoff_len=cfg.cutoff_len)
         model = prepare_for_training(model, cfg)
-        plan = resolve_speed(cfg, model, device)
+        plan = resolve_speed(cfg, model, device, train_tokens,
+                             agree=(lambda seconds: dist.all_min(seconds, device)) if dist.enabled else None)
         cfg = objective.cfg = plan.cfg  # the objective batches and scores with the levers as decided
         if dist.enabled and cfg.max_tokens_per_batch is not None:  # sized to each GPU's free memory: agree
             cfg = objective.cfg = replace(cfg, max_tokens_per_batch=dist.all_min(cfg.max_tokens_per_batch, device))
@@ -277,6 +281,8 @@ class Trainer:
                     or self.checkpointer.due(state.global_step)):
                 self.settle()  # the one wait for the device: queued training work is training time
             self.window.seconds += time.perf_counter() - started  # training only: evaluations, saves excluded
+            self.clock.add("first step" if state.global_step == self.start_step + 1 else "steps",
+                           time.perf_counter() - started)
         self.tracker.advance()
         if first_cuda_step:
             self._calibrate(step, base_bytes)
@@ -353,7 +359,8 @@ class Trainer:
         self.window = LogWindow()
 
     def checkpoint(self) -> Path:
-        return self.checkpointer.save(self.state)
+        with self.clock.part("checkpoints"):
+            return self.checkpointer.save(self.state)
 
     def end_epoch(self) -> None:
         if self.evaluator.due_at_epoch_end() and not self.stopped_early:
@@ -386,6 +393,17 @@ class Trainer:
 
     def finish(self) -> RunResult:
         """5. Final weights (the best checkpoint's if asked, else the last step's), tokenizer, model card."""
+        dist, state, run_dir = self.dist, self.state, self.run_dir
+        with self.clock.part("final save"):
+            self._save_final()
+        train_losses = [r["loss"] for r in state.log_history if "loss" in r]
+        if dist.is_main:
+            print(f"done: {state.global_step} steps in {self.clock.describe(state.global_step - self.start_step)}; "
+                  f"weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
+        return RunResult(run_dir, state.global_step, train_losses[-1] if train_losses else None,
+                         self.evaluator.last_loss, state.best_metric, self.stopped_early)
+
+    def _save_final(self) -> None:
         cfg, dist, state, run_dir = self.cfg, self.dist, self.state, self.run_dir
         if cfg.load_best_model_at_end and state.best_checkpoint:
             _load_best(Path(state.best_checkpoint), self.model, self.objective)
@@ -396,11 +414,6 @@ class Trainer:
         if dist.is_main:
             write_run_card(run_dir, self.user_cfg, self.tokenizer)
         dist.barrier()
-        train_losses = [r["loss"] for r in state.log_history if "loss" in r]
-        if dist.is_main:
-            print(f"done: {state.global_step} steps; weights, tokenizer, config and logs in {run_dir}", file=sys.stderr)
-        return RunResult(run_dir, state.global_step, train_losses[-1] if train_losses else None,
-                         self.evaluator.last_loss, state.best_metric, self.stopped_early)
 
 
 # --- the parts of the recipe -----------------------------------------------------------------
@@ -418,6 +431,19 @@ class StepRows:
 
     def __post_init__(self):
         self.slots = self.slots or len(self.ids)
+
+
+def planned_tokens(rows: list | BlockStream, cfg: TunelabConfig, world: int) -> int | None:
+    """About how many tokens each process will train on (epochs or max_steps); None when unknown."""
+    rows_a_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    if isinstance(rows, BlockStream):
+        return cfg.max_steps * rows_a_step * cfg.cutoff_len // world if cfg.max_steps > 0 else None
+    tokens, data_rows = sum(len(r) for r in rows), sum(getattr(r, "rows", 1) for r in rows)
+    if not data_rows:
+        return None
+    if cfg.max_steps > 0:  # a step takes rows_a_step rows of the user's data
+        return int(cfg.max_steps * rows_a_step * tokens / data_rows) // world
+    return int(cfg.num_train_epochs * tokens) // world
 
 
 class EpochOrder:
@@ -533,6 +559,42 @@ class LogWindow:
 new_window, _settle_window = LogWindow, LogWindow.settle  # the names tests/train/test_distributed.py uses
 
 
+class RunClock:
+    """Where a run's wall time went, for its closing line: set-up (data, model load), the first
+    step (compilation and warm-up on the compiled path), the other steps, evaluation, checkpoints
+    and the final save. A part timed inside another (a best-model checkpoint taken during an
+    evaluation) counts once, in the inner one."""
+
+    ORDER = ("set-up", "first step", "steps", "evaluation", "checkpoints", "final save")
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.parts: dict[str, float] = {}
+        self._open: list[float] = []  # seconds spent in inner parts of each open part
+
+    def add(self, name: str, seconds: float) -> None:
+        self.parts[name] = self.parts.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        self._open.append(0.0)
+        try:
+            yield
+        finally:
+            spent, inner = time.perf_counter() - start, self._open.pop()
+            self.add(name, spent - inner)
+            if self._open:
+                self._open[-1] += spent
+
+    def describe(self, steps: int) -> str:
+        """`196 s (set-up 21 s, first step 84 s, 125 more steps 22 s, evaluation 41 s, ...)`"""
+        names = {"steps": f"{max(steps - 1, 0)} more steps"}
+        order = [n for n in self.ORDER if n in self.parts] + [n for n in self.parts if n not in self.ORDER]
+        parts = ", ".join(f"{names.get(name, name)} {self.parts[name]:.0f} s" for name in order)
+        return f"{time.perf_counter() - self.started:.0f} s ({parts})"
+
+
 class Evaluator:
     """When to evaluate (eval_strategy, eval_steps, eval_on_start, the end) and what follows:
     the validation loss, the eval sets and task callbacks, the best model, early stopping."""
@@ -568,6 +630,10 @@ class Evaluator:
 
     def run(self, state: TrainerState) -> bool:
         """Validation loss; best-model bookkeeping; returns True when early stopping triggers."""
+        with self.trainer.clock.part("evaluation"):
+            return self._run(state)
+
+    def _run(self, state: TrainerState) -> bool:
         t, cfg = self.trainer, self.cfg
         eval_loss, eval_metrics = evaluate(t.model, t.objective, t.eval_rows, cfg, t.device, t.dist)
         self.last_loss, self.last_step = eval_loss, state.global_step

@@ -14,7 +14,9 @@ and gradients (tests/train/test_fast_*.py, tests/train/test_speed_plan.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import time
 
 import torch
 
@@ -30,6 +32,13 @@ ACTIVATION_PER_TOKEN = (20, 7)
 # the loss chunks, the optimizer's temporary buffers).
 FREE_MEMORY_SHARE = 0.85
 MIN_TOKEN_BUDGET = 2048
+# torch.compile of the decoder layers repays itself only on a long enough run. Measured on one H100
+# (docs/benchmarks.md): compiling took 80-100 s (the training graph; the validation graph ~13 s more),
+# then made steps 1.6x faster on the Qwen2.5-7B shape (9,934 -> 15,976 tok/s) and 1.5x on SmolLM2-135M
+# (the hotel recipe's 125 steps: 33 -> 21 s). So on auto the layers are compiled when the eager run is
+# estimated to take long enough that the third compiling saves repays the 100 s it costs.
+COMPILE_PAYS_AFTER_SECONDS = 300
+EAGER_MFU = 0.4  # share of the measured matmul peak an eager padding-free run reaches (7B shape: 38 %)
 
 
 @dataclasses.dataclass
@@ -75,8 +84,11 @@ def varlen_unsupported(model) -> str | None:
     return None
 
 
-def resolve_speed(cfg: TunelabConfig, model, device: torch.device) -> SpeedPlan:
-    """Decide every auto lever for this model on this device (after LoRA is applied)."""
+def resolve_speed(cfg: TunelabConfig, model, device: torch.device, train_tokens: int | None = None,
+                  agree=None) -> SpeedPlan:
+    """Decide every auto lever for this model on this device (after LoRA is applied).
+    `train_tokens`: the tokens this process will train on, when known: compiling is left out of
+    runs too short to repay it. `agree(seconds) -> seconds`: several processes decide on one estimate."""
     from tunelab.model.adapters import is_quantized
     from tunelab.train.fast.loss import plain_head_weight
 
@@ -98,10 +110,12 @@ def resolve_speed(cfg: TunelabConfig, model, device: torch.device) -> SpeedPlan:
         "the LM head is trained, biased or soft-capped"
     fused = decide("fused_loss", "fused loss", head_blocker if auto else None)
     compile_blocker = None
-    if auto and importlib.util.find_spec("triton") is None:
+    if auto and not triton_installed():
         compile_blocker = "triton is not installed"
     elif auto and is_quantized(model):
         compile_blocker = "bitsandbytes layers do not compile"
+    elif auto and cfg.torch_compile is None and train_tokens is not None:
+        compile_blocker = too_short_to_compile(model, train_tokens, device, agree)
     compiled = decide("torch_compile", "compiled layers", compile_blocker)
     group = cfg.group_by_length if cfg.group_by_length is not None else not padding_free
     notes.append("checkpointing " + ("on" if cfg.gradient_checkpointing else
@@ -121,6 +135,50 @@ def resolve_speed(cfg: TunelabConfig, model, device: torch.device) -> SpeedPlan:
     if lora_dropout_recomputed(resolved, device):
         notes.append(f"LoRA dropout {cfg.lora_dropout} with masks recomputed in backward (no stored copies)")
     return SpeedPlan(resolved, notes)
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def too_short_to_compile(model, train_tokens: int, device: torch.device, agree=None) -> str | None:
+    """Why compiling would not pay on a run of `train_tokens` tokens, or None when it would."""
+    seconds = eager_seconds(model, train_tokens, device)
+    seconds = agree(int(seconds)) if agree is not None else seconds
+    if seconds >= COMPILE_PAYS_AFTER_SECONDS:
+        return None
+    return (f"a short run: ~{seconds:.0f} s of training would not repay ~100 s of compiling; "
+            "torch_compile=true forces it")
+
+
+def training_flops_per_token(model) -> float:
+    """Forward 2N, gradients of the activations 2N, of the trained weights 2 x trained: 4N for LoRA, 6N full."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * total + 2 * trained
+
+
+def eager_seconds(model, train_tokens: int, device: torch.device) -> float:
+    """Rough training time of an uncompiled run on this device (FLOPs at EAGER_MFU of the measured peak).
+    A small model is launch-bound and takes longer: the estimate errs towards not compiling it, which
+    is what its measurement says (docs/benchmarks.md)."""
+    return training_flops_per_token(model) * train_tokens / (EAGER_MFU * matmul_peak_flops(str(device)))
+
+
+@functools.cache
+def matmul_peak_flops(device: str) -> float:
+    """bf16 matrix-product FLOP/s of this GPU, measured (a few milliseconds, once per process)."""
+    n, reps = 4096, 20
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
 def lora_dropout_recomputed(cfg: TunelabConfig, device) -> bool:
