@@ -3,6 +3,7 @@
     python bench/serve_load.py --clients 16 --requests 32 --max-tokens 32            # CPU
     python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda --kv-slots
     python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda --kv-slots --dtype float32
+    python bench/serve_load.py --clients 32 --requests 64 --max-tokens 128 --device cuda --no-kv-slots  # the dynamic batcher
 
 Starts `tunelab serve` as a subprocess on a free loopback port (the clients run here, so
 they do not share the server's interpreter), then
@@ -124,8 +125,8 @@ def start_server(args, key: str) -> tuple[subprocess.Popen, int]:
            "--max-queue", str(max(256, args.requests))]
     for adapter in args.adapter:
         cmd += ["--adapter", adapter]
-    if args.kv_slots:
-        cmd.append("--kv-slots")
+    if args.kv_slots is not None:  # unset: the server's default (slots on a GPU where they apply)
+        cmd.append("--kv-slots" if args.kv_slots else "--no-kv-slots")
     server = subprocess.Popen(cmd, env={**os.environ, "TUNELAB_API_KEY": key})  # the key stays out of `ps`
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
@@ -150,7 +151,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32, help="requests in each phase")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--kv-slots", action="store_true", help="serve with `tunelab serve --kv-slots` (GPU)")
+    ap.add_argument("--kv-slots", action=argparse.BooleanOptionalAction, default=None,
+                    help="pass `--kv-slots` / `--no-kv-slots` to `tunelab serve` (default: its own choice)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--startup-timeout", type=float, default=600)

@@ -292,19 +292,22 @@ def test_serve_limits_are_checked_before_loading(flag, value, capsys):
     assert f"{flag} must be > 0" in capsys.readouterr().err
 
 
-def test_the_slot_batcher_is_opt_in_and_never_on_the_cpu(engine, caplog):
-    """`--kv-slots` reaches the server's limits; without it, or on the CPU, requests go through the
-    measured dynamic `Batcher` (the slot path waits for its GPU measurement)."""
+def test_the_slot_batcher_is_the_gpu_default_and_never_on_the_cpu(engine, caplog):
+    """`--kv-slots` / `--no-kv-slots` reach the server's limits (unset: where it applies); on the CPU
+    requests go through the dynamic `Batcher`, with a warning only when slots were asked for."""
     from tunelab.cli import build_parser
     from tunelab.serve.batching import Batcher, SlotBatcher, make_batcher
     from tunelab.serve.cli import serve_limits
 
-    assert serve_limits(build_parser().parse_args(["serve", "--kv-slots"])).kv_slots
-    assert not serve_limits(build_parser().parse_args(["serve"])).kv_slots
-    for slots in (False, True):
+    parse = build_parser().parse_args
+    assert [serve_limits(parse(["serve", *flag])).kv_slots for flag in ([], ["--kv-slots"], ["--no-kv-slots"])] \
+        == [None, True, False]
+    for slots in (None, False, True):
+        caplog.clear()
         batcher = make_batcher(engine, max_batch=2, slots=slots)
         try:
             assert type(batcher) is Batcher and not isinstance(batcher, SlotBatcher)
         finally:
             batcher.close()
-    assert "--kv-slots needs a GPU" in caplog.text  # asked for on the CPU: said, not silently dropped
+        # asked for on the CPU: said, not silently dropped; on auto the dynamic batcher is simply the one that applies
+        assert ("--kv-slots needs a GPU" in caplog.text) == (slots is True)

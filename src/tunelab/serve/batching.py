@@ -349,18 +349,20 @@ class SlotBatcher(Batcher):
             self.next_tokens[row] = int(next_ids[row])
 
 
-def make_batcher(engine, *, max_batch: int = 32, max_waiting: int = 256, slots: bool = False) -> Batcher:
-    """With `slots` (`tunelab serve --kv-slots`), a `SlotBatcher` on a GPU where it applies (the
-    base model alone, plain per-layer KV caches, and `max_batch` slots of the full context in half
-    the free GPU memory, else as many as fit); `Batcher` otherwise (CPU, adapters, sliding-window
-    models). Opt-in until its GPU path is measured (docs/serving.md); tested on CPU."""
+def make_batcher(engine, *, max_batch: int = 32, max_waiting: int = 256, slots: bool | None = None) -> Batcher:
+    """A `SlotBatcher` where it applies (a GPU, the base model alone, plain per-layer KV caches, and
+    `max_batch` slots of the full context in half the free GPU memory, else as many as fit), unless
+    `slots` is False (`--no-kv-slots`); `Batcher` otherwise (CPU, adapters, sliding-window models).
+    Measured on an H100 (docs/benchmarks.md): 9.7x the throughput of requests one at a time under 32
+    clients (the dynamic batcher: 6.6x), and in float32 every answer equal to the request alone."""
     model = engine.model
     device = next(model.parameters()).device
-    if not slots:
+    if slots is False:
         return Batcher(engine, max_batch=max_batch, max_waiting=max_waiting)
     if device.type != "cuda" or engine.adapters or not supports_joining(DynamicCache(config=model.config)):
-        log.warning("--kv-slots needs a GPU, the base model alone (no --adapter) and a plain per-layer KV cache: "
-                    "dynamic batching instead")
+        if slots:  # asked for: say why not (on auto the dynamic batcher is simply the one that applies)
+            log.warning("--kv-slots needs a GPU, the base model alone (no --adapter) and a plain per-layer KV "
+                        "cache: dynamic batching instead")
         return Batcher(engine, max_batch=max_batch, max_waiting=max_waiting)
     free, _ = torch.cuda.mem_get_info(device)
     count = min(max_batch, int(free * 0.5) // SlotDecoder.memory_per_slot(model, engine.context_length))

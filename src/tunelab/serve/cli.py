@@ -44,9 +44,9 @@ def register(subparsers) -> None:
                        help="seconds a request may take, queueing included (default 600)")
     serve.add_argument("--max-body-mb", type=float, default=4, help="largest request body accepted (default 4 MB)")
     serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
-    serve.add_argument("--kv-slots", action="store_true",
-                       help="GPU: decode in the slots of one static KV cache with CUDA graphs (base model, no "
-                            "--adapter); new, not yet measured on a GPU (docs/serving.md)")
+    serve.add_argument("--kv-slots", action=argparse.BooleanOptionalAction, default=None,
+                       help="decode in the slots of one static KV cache with CUDA graphs (default: on a GPU "
+                            "serving the base model alone; --no-kv-slots: the dynamic batcher; docs/serving.md)")
     serve.set_defaults(func=run_serve)
 
     est = subparsers.add_parser(

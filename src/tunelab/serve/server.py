@@ -59,7 +59,7 @@ class Limits:
     max_waiting: int = 256  # requests (choices) queued before 429
     request_timeout: float = 600.0  # seconds from arrival to the last token
     docs: bool = False  # serve /docs and /openapi.json (behind the key when there is one)
-    kv_slots: bool = False  # --kv-slots: the GPU's static-slot batcher (SlotBatcher), not yet measured on a GPU
+    kv_slots: bool | None = None  # the GPU's static-slot batcher (SlotBatcher): None = where it applies
 
 
 # --- the gate: key and body size before the body is read -------------------------------------
