@@ -111,6 +111,17 @@ def test_nf4_linear_with_lora_matches_a_linear_on_the_dequantized_weight(backend
         torch.testing.assert_close(got, want)
 
 
+def test_the_bias_is_the_one_on_the_module_at_call_time():
+    """FSDP2 shards the float bias of a quantized linear and sets the gathered one on the module for
+    the forward only (on 2 H100s a bias captured at patch time stayed a sharded DTensor and failed)."""
+    torch.manual_seed(2)
+    layer = Fake4bitLinear(torch.randn(8, 16), torch.randn(8))
+    use_compiled_nf4(layer)
+    x = torch.randn(2, 16)
+    layer.bias = torch.nn.Parameter(torch.randn(8), requires_grad=False)  # what FSDP2's unshard does
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias))
+
+
 def test_nf4_backward_saves_only_the_packed_weight():
     layer = Fake4bitLinear(torch.randn(16, 64), None)
     use_compiled_nf4(layer)

@@ -79,7 +79,9 @@ class CompiledNF4Forward:
         # Plain-tensor views taken once the model is placed: bitsandbytes' Params4bit overrides
         # torch functions, which would break the compiled graph.
         self.packed, self.state = module.weight.data, module.weight.quant_state
-        self.bias = None if module.bias is None else module.bias.data
+        # The bias is read from the module at each call: FSDP2 shards it (a plain float parameter) and
+        # puts the gathered one on the module only for the forward; a copy taken here would stay sharded.
+        self.module = module
         self.compute_dtype = getattr(module, "compute_dtype", None) or self.state.dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +91,9 @@ class CompiledNF4Forward:
         absmax = dequantize_absmax(state)
         out = _NF4Matmul.apply(x.to(compute), self.packed, absmax, state.code.float(), state.blocksize,
                                tuple(state.shape))
-        if self.bias is not None:
-            out = out + self.bias.to(compute)
+        bias = self.module.bias
+        if bias is not None:
+            out = out + bias.to(compute)
         return out.to(x.dtype)
 
 
