@@ -298,6 +298,10 @@ def replay_spec(value: dict | None) -> ReplaySpec | None:
     return ReplaySpec(value["data"], None if fraction is None else float(fraction), samples, split)
 
 
+# Stages that train on conversations or text with a per-token cross-entropy (the others on preference
+# pairs, rewards or rollouts): their eval_loss has a perplexity, and they can take replayed rows.
+TOKEN_STAGES = ("sft", "pt")
+
 CHOICES = {
     "stage": ("sft", "pt", "dpo", "simpo", "kto", "orpo", "rm", "grpo", "ppo"),
     "finetuning_type": ("lora", "full", "freeze"),
@@ -344,7 +348,7 @@ def check_data_keys(cfg: TunelabConfig) -> None:
         raise TunelabError(f"max_samples_strategy={cfg.max_samples_strategy} has no effect without max_samples",
                            where="config", fix="set max_samples=N, or drop max_samples_strategy")
     spec = cfg.replay_spec
-    if spec is not None and cfg.stage not in ("sft", "pt"):
+    if spec is not None and cfg.stage not in TOKEN_STAGES:
         raise TunelabError(f"replay mixes conversations into training, but stage={cfg.stage} trains on "
                            "preference data", where="config", fix="replay in an sft or pt stage, or drop replay")
     for name, value in cfg.eval_sets.items():

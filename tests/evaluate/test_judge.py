@@ -184,7 +184,7 @@ def test_rate_limiter_spaces_requests(monkeypatch):
     assert slept == pytest.approx([0.0, 0.5, 1.0])
 
 
-def test_judge_as_a_reward_scales_the_rubric_and_fills_unreadable_answers(fake, tmp_path):
+def test_judge_as_a_reward_scales_the_rubric_and_fills_unreadable_answers(fake, tmp_path, caplog):
     """reward: judge (grpo / ppo): the rubric's mean scaled to [0, 1]; one rollout is one batch of
     requests; an unreadable answer gets its batch's mean, neither reward nor punishment."""
     from tunelab.config import TunelabConfig
@@ -199,11 +199,13 @@ def test_judge_as_a_reward_scales_the_rubric_and_fills_unreadable_answers(fake, 
     values = reward.batch(["q1", "q2", "q3"], ["A1", "A2", "A3"], ["r1", "r2", "r3"])
     top = (1 + 0.75 + 1) / 3
     assert values == pytest.approx([top, top / 2, 0.0]) and reward.unreadable == 1
+    assert "judge: 1 of 3 answers of this rollout unreadable" in caplog.text  # said in the run log, not only counted
     assert len(fake.requests) == 3
 
     cfg = TunelabConfig(stage="grpo", reward="judge", judge_url=fake.url, judge_model="judge-1")
     lent = lend_reward(cfg)
     assert isinstance(lent, JudgeReward) and lent.settings.model == "judge-1"
+    assert lent.settings.cache_dir.name == "judge" and lent.settings.concurrency == 8  # JudgeSettings.for_endpoint
     lent.settings.cache_dir = tmp_path / "cache2"
     rows = [PromptRow([1], "q1", "r1", "a"), PromptRow([2], "q3", "r3", "b")]
     assert Scorer(cfg, lent, "cpu")(rows, [[5], [6]], ["A1", "A3"]) == pytest.approx([top, 0.0])

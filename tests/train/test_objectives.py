@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tunelab.config import CHOICES, TunelabConfig
+from tunelab.config import CHOICES, TOKEN_STAGES, TunelabConfig
 from tunelab.errors import TunelabError
 from tunelab.train.objectives import STAGES, check_stage, objective_class, restrict_speed
 
@@ -15,6 +15,11 @@ def test_every_stage_has_one_objective_class_and_its_defaults_pass():
     for stage in STAGES:
         assert objective_class(stage).stage == stage
         check_stage(TunelabConfig(stage=stage))
+
+
+def test_the_token_stages_are_the_objectives_with_a_perplexity():
+    """config.TOKEN_STAGES (read by `tunelab report` and replay without importing torch) matches the objectives."""
+    assert {stage for stage, cls in STAGES.items() if cls.perplexity} == set(TOKEN_STAGES)
 
 
 @pytest.mark.parametrize("stage, key, value, reader", [

@@ -180,13 +180,10 @@ def _judge_scores(args, rows: list[dict], out_dir: Path) -> dict:
     """
     if not args.judge_url:
         return {}
-    from tunelab.evaluate.judge import JudgeItem, JudgeSettings, judge, parse_dimensions
-    from tunelab.model.embedded import cache_root
+    from tunelab.evaluate.judge import JudgeItem, JudgeSettings, judge
 
-    settings = JudgeSettings(base_url=args.judge_url, model=args.judge_model, api_key=args.judge_api_key,
-                             requests_per_second=args.judge_rps, cache_dir=cache_root() / "judge")
-    if args.judge_dimensions:
-        settings.dimensions = parse_dimensions(args.judge_dimensions)
+    settings = JudgeSettings.for_endpoint(args.judge_url, args.judge_model, args.judge_api_key,
+                                          args.judge_dimensions, requests_per_second=args.judge_rps)
     items = [JudgeItem(str(r.get("prompt", "")), str(r.get("reference", "")), str(r.get("prediction", "")))
              for r in rows]
     result = judge(items, settings, results_path=out_dir / "judgements.jsonl")

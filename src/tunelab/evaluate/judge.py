@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import re
 import threading
@@ -29,6 +30,8 @@ import httpx
 
 from tunelab.errors import TunelabError, nearest
 from tunelab.io import write_json_atomic, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,18 @@ class JudgeSettings:
     requests_per_second: float = 2.0  # 0 = no limit
     concurrency: int = 1
     cache_dir: Path | None = None
+
+    @classmethod
+    def for_endpoint(cls, base_url: str, model: str, api_key: str | None, dimensions: str | None = None,
+                     **settings) -> JudgeSettings:
+        """`tunelab eval --judge-url` and `reward: judge` alike: answers cached under $TUNELAB_CACHE/judge,
+        the rubric's dimensions from their spec (parse_dimensions) or the built-in ones."""
+        from tunelab.model.embedded import cache_root
+
+        made = cls(base_url=base_url, model=model, api_key=api_key, cache_dir=cache_root() / "judge", **settings)
+        if dimensions:
+            made.dimensions = parse_dimensions(dimensions)
+        return made
 
 
 @dataclass
@@ -124,16 +139,11 @@ class JudgeReward:
     def from_config(cls, cfg) -> JudgeReward:
         import os
 
-        from tunelab.model.embedded import cache_root
         from tunelab.train.objectives.rl import check_judge_keys
 
         check_judge_keys(cfg)
-        settings = JudgeSettings(base_url=cfg.judge_url, model=cfg.judge_model,
-                                 api_key=os.environ.get("TUNELAB_JUDGE_API_KEY"), concurrency=8,
-                                 requests_per_second=0.0, cache_dir=cache_root() / "judge")
-        if cfg.judge_dimensions:
-            settings.dimensions = parse_dimensions(cfg.judge_dimensions)
-        return cls(settings)
+        return cls(JudgeSettings.for_endpoint(cfg.judge_url, cfg.judge_model, os.environ.get("TUNELAB_JUDGE_API_KEY"),
+                                              cfg.judge_dimensions, concurrency=8, requests_per_second=0.0))
 
     def batch(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
         items = [JudgeItem(question=p, reference=r, prediction=c) for p, c, r in zip(prompts, completions, references)]
@@ -146,7 +156,10 @@ class JudgeReward:
                                where=self.settings.base_url,
                                fix="check judge_model (it must answer with the rubric's JSON object); the answers "
                                    "are kept in the judge cache")
-        self.unreadable += len(items) - len(values)
+        if len(values) < len(items):  # said each time: a judge that drifts from the rubric's JSON shows in the log
+            self.unreadable += len(items) - len(values)
+            log.warning("judge: %d of %d answers of this rollout unreadable (given the rollout's mean reward; "
+                        "%d over the run)", len(items) - len(values), len(items), self.unreadable)
         fill = sum(values.values()) / len(values)
         return [values.get(i, fill) for i in range(len(items))]
 

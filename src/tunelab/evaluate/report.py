@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelab.config import TOKEN_STAGES
 from tunelab.errors import TunelabError
 from tunelab.io import write_json_atomic, write_text_atomic
 from tunelab.train.runlog import LOG_NAME, draw_loss, ema, new_figure, perplexity, read_log, save_figure, window_size
@@ -176,7 +177,7 @@ def _loss_is_token_cross_entropy(run_dir: Path) -> bool:
         stage = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("stage", "sft")
     except (yaml.YAMLError, OSError, AttributeError):
         return True
-    return stage in ("sft", "pt")
+    return stage in TOKEN_STAGES
 
 
 # --- numeric helpers -----------------------------------------------------------------

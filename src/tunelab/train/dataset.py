@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import jinja2
 
-from tunelab.config import TunelabConfig
+from tunelab.config import TOKEN_STAGES, TunelabConfig
 from tunelab.data import tokenize
 from tunelab.data.collate import Sample
 from tunelab.data.fold import fold_dialogues
@@ -162,7 +162,7 @@ def earlier_conversations(ref: str, split: str, key: str) -> tuple[list[Conversa
         raise TunelabError(f"{ref} is a folder without config.yaml, not a tunelab run", where=key,
                            fix="give the output_dir of an earlier `tunelab train`, or a data file")
     earlier = load_config(path / "config.yaml")
-    if earlier.stage not in ("sft", "pt"):
+    if earlier.stage not in TOKEN_STAGES:
         raise TunelabError(f"{ref} was a {earlier.stage} run: its data are preference pairs, not conversations",
                            where=key, fix="name an sft or pt run, or a conversation file")
     data = read_training_data(earlier, log=False)
