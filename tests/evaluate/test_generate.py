@@ -170,3 +170,92 @@ def test_a_completion_cut_inside_a_character_keeps_only_complete_characters(tok)
     cut = _finish(tok, [1], ids[:4], stop_ids=set())
     assert cut.text == "ab" and cut.finish_reason == "length" and cut.token_ids == ids[:4]
     assert _finish(tok, [1], ids, stop_ids=set()).text == "ab𰻞"
+
+
+# --- continuous batching (`_slot_decode`): slots refilled as rows finish ----------------------
+
+def slot_rows(model, tok, prompts, options, stop_ids=(), slots=2, bucketed=False):
+    """`_slot_decode` as `generate_batch` runs it (length-sorted), back in input order, stop token cut."""
+    from tunelab.model.generate import _slot_decode
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # bucketed: as a GPU runs it, also reading which rows finished every 3 steps only
+    rows = _slot_decode(model, [prompts[i] for i in order], options, stop_ids, tok.pad_token_id, slots,
+                        use_graph=False, bucketed=bucketed, sync_steps=3 if bucketed else 1)
+    out = [None] * len(prompts)
+    for index, row in zip(order, rows):
+        out[index] = _finish(tok, prompts[index], row, set(stop_ids)).token_ids
+    return out
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact rows", "graph buckets"])
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_slots_refilled_as_rows_finish_equal_static_batches_and_hf_generate(model, tok, prompts, slots, bucketed):
+    """fp32: more prompts than slots (each slot decodes several prompts in turn), prompts of different
+    lengths in unsorted order, rows that stop early and rows that reach max_new_tokens. `bucketed`:
+    the rows and columns a GPU's CUDA graphs replay (free rows, unused columns) on the CPU, and
+    finished rows freed only every few steps (they decode on meanwhile, past the longest prompt's
+    max_new_tokens)."""
+    options = GenerationOptions(max_new_tokens=12)
+    free = one_by_one(model, tok, prompts, options)
+    stops = [free[1].token_ids[2], free[3].token_ids[5]]
+    for stop_ids in ((), stops):
+        static = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False,
+                                fast=True, slots=False)
+        ours = slot_rows(model, tok, prompts, options, stop_ids, slots, bucketed)
+        assert ours == [g.token_ids for g in static]
+    assert [g.finish_reason for g in static] == ["length", "stop", "length", "stop", "length"]
+    for prompt, row in zip(prompts, slot_rows(model, tok, prompts, options, (), slots, bucketed)):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+        assert ref[0, len(prompt):].tolist() == row
+
+
+def test_generate_batch_decodes_in_slots_on_the_fast_path(model, tok, prompts, monkeypatch):
+    """`generate_batch(fast=True)` takes the slot decoder by default; results in input order, the
+    `Generation`s of the static batches; small prefill groups change nothing."""
+    import tunelab.model.generate as generate
+
+    calls = []
+    original = generate._slot_decode
+    monkeypatch.setattr(generate, "_slot_decode", lambda *a, **k: calls.append(a[5]) or original(*a, **k))
+    options = GenerationOptions(max_new_tokens=10)
+    stops = [one_by_one(model, tok, prompts, options)[2].token_ids[3]]
+    static = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False, fast=True, slots=False)
+    assert calls == []
+    ours = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False, fast=True)
+    assert calls == [3] and ours == static
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 12)  # one or two prompts per prefill forward
+    assert generate_batch(model, tok, prompts, options, stops, batch_size=4, progress=False, fast=True) == static
+
+
+def test_slots_with_repetition_penalty_equal_each_prompt_alone(tok, prompts):
+    """The penalty sees each row's own prompt and tokens (no padding of a batch-mate's length).
+    This narrower init repeats tokens: the penalty changes every answer."""
+    model = tiny_llama(tok, initializer_range=0.05)
+    options = GenerationOptions(max_new_tokens=12, repetition_penalty=1.5)
+    alone = [g.token_ids for g in one_by_one(model, tok, prompts, options)]
+    plain = [g.token_ids for g in one_by_one(model, tok, prompts, GenerationOptions(max_new_tokens=12))]
+    assert all(a != p for a, p in zip(alone, plain))
+    assert slot_rows(model, tok, prompts, options, slots=2, bucketed=True) == alone
+
+
+def test_slots_sample_reproducibly_with_a_seed(model, tok, prompts):
+    options = GenerationOptions(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    first = slot_rows(model, tok, prompts, options, slots=2, bucketed=True)
+    assert first == slot_rows(model, tok, prompts, options, slots=2, bucketed=True)
+    assert first != slot_rows(model, tok, prompts, GenerationOptions(max_new_tokens=8), slots=2)
+    assert [len(row) for row in first] == [8] * len(prompts)
+
+
+def test_constrained_decoding_keeps_the_dynamic_loop(model, tok, prompts, monkeypatch):
+    """json_after's processor tracks rows from one batch-wide prompt width: no slots for it."""
+    import tunelab.model.generate as generate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the slot decoder ran a constrained generation")
+
+    monkeypatch.setattr(generate, "_slot_decode", refuse)
+    options = GenerationOptions(max_new_tokens=6, json_after="")
+    assert generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=True) == \
+        generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=False)
