@@ -168,7 +168,8 @@ def main() -> None:
     print(f"{type(model).__name__} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f", {next(model.parameters()).dtype}); {len(prompts)} prompts, "
           f"{sum(map(len, prompts)) / len(prompts):.0f} tokens on average, max {max(map(len, prompts))}; "
-          f"batch {args.batch_size} (slots: sync every {generate.SLOT_SYNC_STEPS} steps), max_new_tokens {args.max_new_tokens}, greedy")
+          f"batch {args.batch_size} (slots: sync every {generate.SLOT_SYNC_STEPS if device.type == 'cuda' else 1} "
+          f"steps), max_new_tokens {args.max_new_tokens}, greedy")
     runners = {
         "slots": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True, slots=True),
         "static": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True),

@@ -9,6 +9,8 @@ from conftest import shared_tokenizer, tiny_llama
 from tunelab.errors import TunelabError
 from tunelab.model.generate import GenerationOptions, _finish, generate_batch, stream_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [
     "hello",
     "你好，我想找一个提供叫醒服务，评分是4分以上的经济型酒店住宿",
@@ -106,20 +108,22 @@ def test_bad_inputs_are_user_errors(model, tok):
         GenerationOptions(max_new_tokens=0)
 
 
+@pytest.mark.parametrize("slots", [False, None], ids=["static batches", "default: slots"])
 @pytest.mark.parametrize("options", [GenerationOptions(max_new_tokens=12),
                                      GenerationOptions(max_new_tokens=12, repetition_penalty=1.3)])
-def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, prompts, options):
+def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, prompts, options, slots):
     """The CUDA fast path (static cache; graphs only on CUDA) runs here on the CPU."""
     free = one_by_one(model, tok, prompts, GenerationOptions(max_new_tokens=12))
     stops = [free[1].token_ids[2], free[3].token_ids[5]]  # two rows stop early, the batch keeps its shape
     for stop_ids in ((), stops):
         dynamic = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=False)
-        static = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=True)
+        static = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=True,
+                                slots=slots)
         assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
         assert [g.finish_reason for g in static] == [g.finish_reason for g in dynamic]
     if options.repetition_penalty == 1.0:
         for prompt, ours in zip(prompts, generate_batch(model, tok, prompts, options, batch_size=5, progress=False,
-                                                         fast=True)):
+                                                         fast=True, slots=slots)):
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=None)
             assert ref[0, len(prompt):].tolist() == ours.token_ids
@@ -144,7 +148,8 @@ def test_grouped_query_decode_attention_equals_repeated_key_value_heads():
     torch.testing.assert_close(ours, ref)
 
 
-def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model, tok, prompts, monkeypatch):
+@pytest.mark.parametrize("slots", [False, None], ids=["static batches", "default: slots"])
+def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model, tok, prompts, monkeypatch, slots):
     import tunelab.model.attention as attention
 
     calls = []
@@ -158,7 +163,7 @@ def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model,
     monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
     options = GenerationOptions(max_new_tokens=4)
     expected = generate_batch(model, tok, prompts, options, batch_size=5, progress=False, fast=False)
-    static = generate_batch(model, tok, prompts, options, batch_size=5, progress=False, fast=True)
+    static = generate_batch(model, tok, prompts, options, batch_size=3, progress=False, fast=True, slots=slots)
     assert [g.token_ids for g in static] == [g.token_ids for g in expected]
     assert 1 in calls and max(calls) > 1  # decode steps and the prefill went through it
     assert model.config._attn_implementation == "sdpa"
@@ -227,6 +232,7 @@ def test_generate_batch_decodes_in_slots_on_the_fast_path(model, tok, prompts, m
     assert calls == [3] and ours == static
     monkeypatch.setattr(generate, "PREFILL_TOKENS", 12)  # one or two prompts per prefill forward
     assert generate_batch(model, tok, prompts, options, stops, batch_size=4, progress=False, fast=True) == static
+    assert generate_batch(model, tok, [], options, progress=False, fast=True) == []
 
 
 def test_slots_with_repetition_penalty_equal_each_prompt_alone(tok, prompts):

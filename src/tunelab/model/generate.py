@@ -550,6 +550,8 @@ def _slot_decode(model, prompts: Sequence[Sequence[int]], options: GenerationOpt
     the `slots` rows of a `SlotDecoder`; `finished(1)` is called per prompt done (a progress bar).
     `sync_steps`: decode steps between two reads of which rows finished (default SLOT_SYNC_STEPS
     on CUDA, where a read waits for the GPU to drain; 1 on the CPU, where it costs nothing)."""
+    if not prompts:
+        return []
     if sync_steps is None:
         sync_steps = SLOT_SYNC_STEPS if next(model.parameters()).device.type == "cuda" else 1
     with grouped_query_decode(model):
