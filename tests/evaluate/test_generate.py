@@ -216,9 +216,10 @@ def test_slots_refilled_as_rows_finish_equal_static_batches_and_hf_generate(mode
         assert ref[0, len(prompt):].tolist() == row
 
 
-def test_generate_batch_decodes_in_slots_on_the_fast_path(model, tok, prompts, monkeypatch):
-    """`generate_batch(fast=True)` takes the slot decoder by default; results in input order, the
-    `Generation`s of the static batches; small prefill groups change nothing."""
+def test_generate_batch_decodes_in_slots_by_default(model, tok, prompts, monkeypatch):
+    """`generate_batch` takes the slot decoder unless told `slots=False` (static batches) or
+    `fast=False` (the dynamic loop); results in input order, the `Generation`s of the static
+    batches; small prefill groups change nothing."""
     import tunelab.model.generate as generate
 
     calls = []
@@ -226,13 +227,15 @@ def test_generate_batch_decodes_in_slots_on_the_fast_path(model, tok, prompts, m
     monkeypatch.setattr(generate, "_slot_decode", lambda *a, **k: calls.append(a[5]) or original(*a, **k))
     options = GenerationOptions(max_new_tokens=10)
     stops = [one_by_one(model, tok, prompts, options)[2].token_ids[3]]
+    calls.clear()
     static = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False, fast=True, slots=False)
-    assert calls == []
-    ours = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False, fast=True)
+    dynamic = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False, fast=False)
+    assert calls == [] and static == dynamic
+    ours = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False)
     assert calls == [3] and ours == static
     monkeypatch.setattr(generate, "PREFILL_TOKENS", 12)  # one or two prompts per prefill forward
     assert generate_batch(model, tok, prompts, options, stops, batch_size=4, progress=False, fast=True) == static
-    assert generate_batch(model, tok, [], options, progress=False, fast=True) == []
+    assert generate_batch(model, tok, [], options, progress=False) == []
 
 
 def test_slots_with_repetition_penalty_equal_each_prompt_alone(tok, prompts):

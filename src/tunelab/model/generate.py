@@ -11,10 +11,11 @@ On CUDA, `generate_batch` decodes with a static KV cache and replays the decode 
 CUDA graph: a small model's decode is bound by kernel launches, which a graph replay removes.
 By default it batches continuously (`_slot_decode`): `batch_size` slots of one static cache,
 each prompt (in length order) prefilled into a free slot, and a row that stops frees its slot
-for the next prompt at once, so short answers never wait for a batch's longest one. Static
-batches (`_static_decode`: each batch decoded until its last row stops) remain for what a
-slot cannot hold (constrained decoding, sliding-window caches). The dynamic loop stays the
-path for CPU, streaming and any model the graph cannot capture (it falls back, with a warning).
+for the next prompt at once, so short answers never wait for a batch's longest one. The CPU
+batches continuously too (no graphs: measured faster than the dynamic loop there). Static
+batches (`_static_decode`: each batch decoded until its last row stops) remain on CUDA for what
+a slot cannot hold (constrained decoding, sliding-window caches); the dynamic loop for those
+on the CPU, for streaming and for any model the graph cannot capture (with a warning).
 """
 
 from __future__ import annotations
@@ -681,7 +682,8 @@ def supports_joining(cache: DynamicCache) -> bool:
 
 
 def fast_path(model, fast: bool | None) -> bool:
-    """Whether `generate_batch` uses the static-cache decoder: `fast` if given, else on CUDA."""
+    """Whether `generate_batch`'s batches (where it does not batch continuously) use the static-cache
+    decoder: `fast` if given, else on CUDA."""
     if fast is not None:
         return fast
     return next(model.parameters()).device.type == "cuda"
@@ -759,11 +761,11 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
 
     Prompts are taken in length order (less padding), results come back in input order.
     Each completion ends at its first stop token (e.g. the template's end-of-turn).
-    `fast`: static KV cache + CUDA graph decode (default: on CUDA; `False` forces the
-    shrinking dynamic-cache loop, `True` the static cache, graphs only on CUDA).
-    `slots` (with `fast`): continuous batching, `batch_size` rows of the cache, each refilled
-    with the next prompt as soon as its row ends (`_slot_decode`; default where `slots_apply`);
-    `False`: static batches of `batch_size` prompts, each decoded until its longest row ends.
+    By default, where `slots_apply`, it batches continuously (`_slot_decode`): `batch_size` rows of
+    a static KV cache, each refilled with the next prompt as soon as its row ends (CUDA graphs on
+    CUDA). `slots=False`: batches of `batch_size` prompts, each decoded until its last row ends,
+    with the static cache + CUDA graphs where `fast` (default: on CUDA), else the shrinking
+    dynamic-cache loop. `fast=False` forces the dynamic loop.
     `batch_size` None: `auto_batch_size`.
     """
     from tqdm.auto import tqdm
@@ -779,8 +781,12 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
     model.eval()
     pad_id, stop_set = pad_id_for(tokenizer), set(stop_ids)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # Continuous batching unless told otherwise (`fast=False`: the dynamic loop; `slots=False`:
+    # static batches on the fast path), also on the CPU, where it was faster than the dynamic loop
+    # (bench/generate_speed.py --device cpu; docs/benchmarks.md).
+    use_slots = (fast is not False and slots is not False and slots_apply(model, options)
+                 and id(model) not in _SLOTS_FAILED)
     fast = fast_path(model, fast)
-    use_slots = fast and slots is not False and slots_apply(model, options) and id(model) not in _SLOTS_FAILED
     bar = tqdm(total=len(prompts), unit="sample", desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         rows = None
