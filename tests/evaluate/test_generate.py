@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import shared_tokenizer, tiny_llama
+from conftest import HOTEL, shared_tokenizer, tiny_llama
 from tunelab.errors import TunelabError
 from tunelab.model.generate import GenerationOptions, _finish, generate_batch, stream_generate
 
@@ -268,3 +268,28 @@ def test_constrained_decoding_keeps_the_dynamic_loop(model, tok, prompts, monkey
     options = GenerationOptions(max_new_tokens=6, json_after="")
     assert generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=True) == \
         generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=False)
+
+
+@pytest.mark.slow
+def test_slots_on_the_embedded_model_equal_the_dynamic_loop_and_static_batches():
+    """The real 135M model in fp32: hotel prompts that run to max_new_tokens and chat questions it
+    answers and stops (<|im_end|>) within it, unsorted, 2 slots decoding as a GPU does."""
+    from tunelab.data.templates import resolve_template
+    from tunelab.data.tokenize import stop_token_ids
+    from tunelab.evaluate.runner import encode_prompts
+    from tunelab.evaluate.tasks import get_task
+    from tunelab.model.loader import load_model, load_tokenizer
+
+    tok, model = load_tokenizer("smollm2-135m-instruct"), load_model("smollm2-135m-instruct", device="cpu")
+    template = resolve_template("hotel", tok)
+    hotel = sorted(encode_prompts(get_task("hotel").load(HOTEL / "test.jsonl", limit=40), tok, template), key=len)
+    chat = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"] for q in ("What is the capital of France?", "Hi!")]
+    prompts = [hotel[3], chat[0], hotel[0], hotel[2], chat[1], hotel[1]]
+    stops = stop_token_ids(tok, template)
+    options = GenerationOptions(max_new_tokens=32)
+    dynamic = generate_batch(model, tok, prompts, options, stops, batch_size=6, progress=False, fast=False)
+    static = generate_batch(model, tok, prompts, options, stops, batch_size=6, progress=False, fast=True, slots=False)
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+    assert slot_rows(model, tok, prompts, options, stops, slots=2, bucketed=True) == [g.token_ids for g in dynamic]
+    assert {g.finish_reason for g in dynamic} == {"stop", "length"}
