@@ -257,17 +257,28 @@ def test_slots_sample_reproducibly_with_a_seed(model, tok, prompts):
     assert [len(row) for row in first] == [8] * len(prompts)
 
 
-def test_constrained_decoding_keeps_the_dynamic_loop(model, tok, prompts, monkeypatch):
-    """json_after's processor tracks rows from one batch-wide prompt width: no slots for it."""
+def test_what_a_slot_cannot_hold_keeps_the_batched_decoders(model, tok, prompts, monkeypatch):
+    """json_after's processor tracks rows from one batch-wide prompt width, and a slot is a plain
+    full-length KV row (a sliding-window layer keeps less): neither runs in slots."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
     import tunelab.model.generate as generate
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the slot decoder ran a constrained generation")
+        raise AssertionError("the slot decoder ran")
 
     monkeypatch.setattr(generate, "_slot_decode", refuse)
     options = GenerationOptions(max_new_tokens=6, json_after="")
     assert generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=True) == \
         generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=False)
+    torch.manual_seed(0)
+    windowed = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, pad_token_id=tok.pad_token_id)).eval()
+    options = GenerationOptions(max_new_tokens=6)
+    assert generate_batch(windowed, tok, prompts[:3], options, batch_size=2, progress=False) == \
+        generate_batch(windowed, tok, prompts[:3], options, batch_size=2, progress=False, fast=False)
 
 
 @pytest.mark.slow
