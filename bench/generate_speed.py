@@ -1,21 +1,27 @@
 """Generation speed of `tunelab eval`: our decoders vs `model.generate` (and transformers'
 continuous batching), same prompts, same greedy settings, one call.
 
-    # the issue's target: hotel test set (517 rows), embedded 135M model, one GPU
-    python bench/generate_speed.py --rows 517 --batch-size 128 --modes static,dynamic,hf,hf-cb
+    # the issue's target: hotel test set (517 rows), embedded 135M model, one GPU; continuous
+    # batching (slots) against static batches, optionally with a LoRA adapter folded in as eval does
+    python bench/generate_speed.py --rows 517 --batch-size 128 --modes static,slots [--adapter DIR]
+    python bench/generate_speed.py --rows 517 --batch-size 128 --modes static,slots,dynamic,hf,hf-cb
     # a Qwen2.5-7B-shaped model with random weights (bf16), generated tokens/s
     python bench/generate_speed.py --shape qwen2.5-7b --rows 64 --batch-size 32 --max-new-tokens 128 \
-        --modes static,hf
-    # CPU (no graphs): the dynamic loop is the default there
-    python bench/generate_speed.py --device cpu --rows 32 --batch-size 8 --modes dynamic,static,hf
+        --modes slots,static,hf
+    # CPU (no graphs): which decoder `generate_batch` should default to there
+    python bench/generate_speed.py --device cpu --rows 32 --batch-size 8 --modes dynamic,slots,static,hf
 
-Modes: `static` = static KV cache + CUDA-graph decode step (tunelab's default on CUDA),
-`static-repeat-kv` = the same with transformers' own SDPA in prefill and decode (before
-model/attention.py: masked prefill, KV heads repeated per step on transformers < 5.2x), `dynamic` = the shrinking dynamic-cache loop (default on CPU), `hf` = `model.generate` on
-the same length-sorted, left-padded batches, `hf-cb` = `model.generate_batch`
-(transformers' continuous batching, paged attention). Each mode runs once on a few rows
-untimed (CUDA graph capture, kernel autotuning), then on all rows. Prints samples/s,
-generated tokens/s and, against the first mode, the share of rows with identical tokens.
+Modes: `slots` = continuous batching in the slots of a static KV cache (`batch-size` slots, a
+finished row's slot refilled at once; CUDA-graph decode step; tunelab's default on CUDA), `static`
+= static batches of `batch-size` prompts with a static KV cache + CUDA-graph decode step, each batch
+running until its longest row ends, `static-repeat-kv` = `static` with transformers' own SDPA in
+prefill and decode (before model/attention.py: masked prefill, KV heads repeated per step on
+transformers < 5.2x), `dynamic` = the shrinking dynamic-cache loop (default on CPU), `hf` =
+`model.generate` on the same length-sorted, left-padded batches, `hf-cb` = `model.generate_batch`
+(transformers' continuous batching, paged attention). Each mode runs once on a few rows untimed
+(CUDA graph capture, kernel autotuning), then on all rows. Prints samples/s, generated tokens/s
+and, against the first mode, the share of rows with identical tokens. `--sync-every K`: the slot
+decoder's steps between two host reads of which rows finished (model/generate.py SLOT_SYNC_STEPS).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from tunelab.data.templates import resolve_template
 from tunelab.data.tokenize import stop_token_ids
 from tunelab.evaluate.runner import encode_prompts
 from tunelab.evaluate.tasks import get_task
+from tunelab.model import generate
 from tunelab.model.generate import GenerationOptions, generate_batch
 from tunelab.model.loader import load_model, load_tokenizer
 
@@ -40,16 +47,15 @@ SHAPES = {
 }
 
 
-def run_ours(model, tok, prompts, options, stops, batch_size, fast):
-    gens = generate_batch(model, tok, prompts, options, stops, batch_size=batch_size, progress=False, fast=fast)
+def run_ours(model, tok, prompts, options, stops, batch_size, fast, slots=False):
+    gens = generate_batch(model, tok, prompts, options, stops, batch_size=batch_size, progress=False, fast=fast,
+                          slots=slots)
     return [g.token_ids for g in gens]
 
 
 def run_repeat_kv(model, tok, prompts, options, stops, batch_size):
     """`static` with transformers' own SDPA in the decode step (repeats the KV heads on < 5.2x)."""
     import contextlib
-
-    import tunelab.model.generate as generate
 
     original = generate.grouped_query_decode
     generate.grouped_query_decode = lambda model: contextlib.nullcontext(False)
@@ -126,18 +132,25 @@ def load(args):
             model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[args.shape], pad_token_id=tok.pad_token_id)).eval()
         torch.set_default_dtype(previous)
         return tok, model
-    return tok, load_model(args.model, device=args.device, dtype=args.dtype).eval()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.adapter:  # folded into the weights, as `tunelab eval --adapter` decodes
+        from tunelab.model.adapters import load_adapter
+
+        model = load_adapter(model, args.adapter).merge_and_unload()
+    return tok, model.eval()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model (with --shape: only its tokenizer)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight model of this shape")
+    ap.add_argument("--adapter", help="a LoRA adapter folder, folded into --model's weights as `tunelab eval` does")
+    ap.add_argument("--sync-every", type=int, help="slot decoder: decode steps between reads of finished rows")
     ap.add_argument("--data", default="../shared/data/hotel/test.jsonl")
     ap.add_argument("--rows", type=int, default=517)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--modes", default="static,dynamic,hf")
+    ap.add_argument("--modes", default="static,slots,dynamic,hf")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--profile", action="store_true",
@@ -145,6 +158,8 @@ def main() -> None:
     args = ap.parse_args()
 
     tok, model = load(args)
+    if args.sync_every:
+        generate.SLOT_SYNC_STEPS = args.sync_every
     template = resolve_template("hotel", tok)
     samples = get_task("hotel").load(args.data, limit=args.rows)
     prompts, stops = encode_prompts(samples, tok, template), stop_token_ids(tok, template)
@@ -153,8 +168,10 @@ def main() -> None:
     print(f"{type(model).__name__} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f", {next(model.parameters()).dtype}); {len(prompts)} prompts, "
           f"{sum(map(len, prompts)) / len(prompts):.0f} tokens on average, max {max(map(len, prompts))}; "
-          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, greedy")
+          f"batch {args.batch_size} (slots: sync every {generate.SLOT_SYNC_STEPS if device.type == 'cuda' else 1} "
+          f"steps), max_new_tokens {args.max_new_tokens}, greedy")
     runners = {
+        "slots": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True, slots=True),
         "static": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True),
         "static-repeat-kv": lambda p: run_repeat_kv(model, tok, p, options, stops, args.batch_size),
         "dynamic": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, False),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import shared_tokenizer, tiny_llama
+from conftest import HOTEL, shared_tokenizer, tiny_llama
 from tunelab.errors import TunelabError
 from tunelab.model.generate import GenerationOptions, _finish, generate_batch, stream_generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [
     "hello",
@@ -106,20 +108,22 @@ def test_bad_inputs_are_user_errors(model, tok):
         GenerationOptions(max_new_tokens=0)
 
 
+@pytest.mark.parametrize("slots", [False, None], ids=["static batches", "default: slots"])
 @pytest.mark.parametrize("options", [GenerationOptions(max_new_tokens=12),
                                      GenerationOptions(max_new_tokens=12, repetition_penalty=1.3)])
-def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, prompts, options):
+def test_static_cache_path_equals_the_dynamic_loop_and_hf_generate(model, tok, prompts, options, slots):
     """The CUDA fast path (static cache; graphs only on CUDA) runs here on the CPU."""
     free = one_by_one(model, tok, prompts, GenerationOptions(max_new_tokens=12))
     stops = [free[1].token_ids[2], free[3].token_ids[5]]  # two rows stop early, the batch keeps its shape
     for stop_ids in ((), stops):
         dynamic = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=False)
-        static = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=True)
+        static = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False, fast=True,
+                                slots=slots)
         assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
         assert [g.finish_reason for g in static] == [g.finish_reason for g in dynamic]
     if options.repetition_penalty == 1.0:
         for prompt, ours in zip(prompts, generate_batch(model, tok, prompts, options, batch_size=5, progress=False,
-                                                         fast=True)):
+                                                         fast=True, slots=slots)):
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=None)
             assert ref[0, len(prompt):].tolist() == ours.token_ids
@@ -144,7 +148,8 @@ def test_grouped_query_decode_attention_equals_repeated_key_value_heads():
     torch.testing.assert_close(ours, ref)
 
 
-def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model, tok, prompts, monkeypatch):
+@pytest.mark.parametrize("slots", [False, None], ids=["static batches", "default: slots"])
+def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model, tok, prompts, monkeypatch, slots):
     import tunelab.model.attention as attention
 
     calls = []
@@ -158,7 +163,7 @@ def test_static_decode_runs_the_grouped_query_attention_and_restores_sdpa(model,
     monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
     options = GenerationOptions(max_new_tokens=4)
     expected = generate_batch(model, tok, prompts, options, batch_size=5, progress=False, fast=False)
-    static = generate_batch(model, tok, prompts, options, batch_size=5, progress=False, fast=True)
+    static = generate_batch(model, tok, prompts, options, batch_size=3, progress=False, fast=True, slots=slots)
     assert [g.token_ids for g in static] == [g.token_ids for g in expected]
     assert 1 in calls and max(calls) > 1  # decode steps and the prefill went through it
     assert model.config._attn_implementation == "sdpa"
@@ -170,3 +175,132 @@ def test_a_completion_cut_inside_a_character_keeps_only_complete_characters(tok)
     cut = _finish(tok, [1], ids[:4], stop_ids=set())
     assert cut.text == "ab" and cut.finish_reason == "length" and cut.token_ids == ids[:4]
     assert _finish(tok, [1], ids, stop_ids=set()).text == "ab𰻞"
+
+
+# --- continuous batching (`_slot_decode`): slots refilled as rows finish ----------------------
+
+def slot_rows(model, tok, prompts, options, stop_ids=(), slots=2, bucketed=False):
+    """`_slot_decode` as `generate_batch` runs it (length-sorted), back in input order, stop token cut."""
+    from tunelab.model.generate import _slot_decode
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # bucketed: as a GPU runs it, also reading which rows finished every 3 steps only
+    rows = _slot_decode(model, [prompts[i] for i in order], options, stop_ids, tok.pad_token_id, slots,
+                        use_graph=False, bucketed=bucketed, sync_steps=3 if bucketed else 1)
+    out = [None] * len(prompts)
+    for index, row in zip(order, rows):
+        out[index] = _finish(tok, prompts[index], row, set(stop_ids)).token_ids
+    return out
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact rows", "graph buckets"])
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_slots_refilled_as_rows_finish_equal_static_batches_and_hf_generate(model, tok, prompts, slots, bucketed):
+    """fp32: more prompts than slots (each slot decodes several prompts in turn), prompts of different
+    lengths in unsorted order, rows that stop early and rows that reach max_new_tokens. `bucketed`:
+    the rows and columns a GPU's CUDA graphs replay (free rows, unused columns) on the CPU, and
+    finished rows freed only every few steps (they decode on meanwhile, past the longest prompt's
+    max_new_tokens)."""
+    options = GenerationOptions(max_new_tokens=12)
+    free = one_by_one(model, tok, prompts, options)
+    stops = [free[1].token_ids[2], free[3].token_ids[5]]
+    for stop_ids in ((), stops):
+        static = generate_batch(model, tok, prompts, options, stop_ids, batch_size=5, progress=False,
+                                fast=True, slots=False)
+        ours = slot_rows(model, tok, prompts, options, stop_ids, slots, bucketed)
+        assert ours == [g.token_ids for g in static]
+    assert [g.finish_reason for g in static] == ["length", "stop", "length", "stop", "length"]
+    for prompt, row in zip(prompts, slot_rows(model, tok, prompts, options, (), slots, bucketed)):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+        assert ref[0, len(prompt):].tolist() == row
+
+
+def test_generate_batch_decodes_in_slots_by_default(model, tok, prompts, monkeypatch):
+    """`generate_batch` takes the slot decoder unless told `slots=False` (static batches) or
+    `fast=False` (the dynamic loop); results in input order, the `Generation`s of the static
+    batches; small prefill groups change nothing."""
+    import tunelab.model.generate as generate
+
+    calls = []
+    original = generate._slot_decode
+    monkeypatch.setattr(generate, "_slot_decode", lambda *a, **k: calls.append(a[5]) or original(*a, **k))
+    options = GenerationOptions(max_new_tokens=10)
+    stops = [one_by_one(model, tok, prompts, options)[2].token_ids[3]]
+    calls.clear()
+    static = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False, fast=True, slots=False)
+    dynamic = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False, fast=False)
+    assert calls == [] and static == dynamic
+    ours = generate_batch(model, tok, prompts, options, stops, batch_size=3, progress=False)
+    assert calls == [3] and ours == static
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 12)  # one or two prompts per prefill forward
+    assert generate_batch(model, tok, prompts, options, stops, batch_size=4, progress=False, fast=True) == static
+    assert generate_batch(model, tok, [], options, progress=False) == []
+
+
+def test_slots_with_repetition_penalty_equal_each_prompt_alone(tok, prompts):
+    """The penalty sees each row's own prompt and tokens (no padding of a batch-mate's length).
+    This narrower init repeats tokens: the penalty changes every answer."""
+    model = tiny_llama(tok, initializer_range=0.05)
+    options = GenerationOptions(max_new_tokens=12, repetition_penalty=1.5)
+    alone = [g.token_ids for g in one_by_one(model, tok, prompts, options)]
+    plain = [g.token_ids for g in one_by_one(model, tok, prompts, GenerationOptions(max_new_tokens=12))]
+    assert all(a != p for a, p in zip(alone, plain))
+    assert slot_rows(model, tok, prompts, options, slots=2, bucketed=True) == alone
+
+
+def test_slots_sample_reproducibly_with_a_seed(model, tok, prompts):
+    options = GenerationOptions(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    first = slot_rows(model, tok, prompts, options, slots=2, bucketed=True)
+    assert first == slot_rows(model, tok, prompts, options, slots=2, bucketed=True)
+    assert first != slot_rows(model, tok, prompts, GenerationOptions(max_new_tokens=8), slots=2)
+    assert [len(row) for row in first] == [8] * len(prompts)
+
+
+def test_what_a_slot_cannot_hold_keeps_the_batched_decoders(model, tok, prompts, monkeypatch):
+    """json_after's processor tracks rows from one batch-wide prompt width, and a slot is a plain
+    full-length KV row (a sliding-window layer keeps less): neither runs in slots."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import tunelab.model.generate as generate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the slot decoder ran")
+
+    monkeypatch.setattr(generate, "_slot_decode", refuse)
+    options = GenerationOptions(max_new_tokens=6, json_after="")
+    assert generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=True) == \
+        generate_batch(model, tok, prompts[:2], options, batch_size=2, progress=False, fast=False)
+    torch.manual_seed(0)
+    windowed = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, pad_token_id=tok.pad_token_id)).eval()
+    options = GenerationOptions(max_new_tokens=6)
+    assert generate_batch(windowed, tok, prompts[:3], options, batch_size=2, progress=False) == \
+        generate_batch(windowed, tok, prompts[:3], options, batch_size=2, progress=False, fast=False)
+
+
+@pytest.mark.slow
+def test_slots_on_the_embedded_model_equal_the_dynamic_loop_and_static_batches():
+    """The real 135M model in fp32: hotel prompts that run to max_new_tokens and chat questions it
+    answers and stops (<|im_end|>) within it, unsorted, 2 slots decoding as a GPU does."""
+    from tunelab.data.templates import resolve_template
+    from tunelab.data.tokenize import stop_token_ids
+    from tunelab.evaluate.runner import encode_prompts
+    from tunelab.evaluate.tasks import get_task
+    from tunelab.model.loader import load_model, load_tokenizer
+
+    tok, model = load_tokenizer("smollm2-135m-instruct"), load_model("smollm2-135m-instruct", device="cpu")
+    template = resolve_template("hotel", tok)
+    hotel = sorted(encode_prompts(get_task("hotel").load(HOTEL / "test.jsonl", limit=40), tok, template), key=len)
+    chat = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"] for q in ("What is the capital of France?", "Hi!")]
+    prompts = [hotel[3], chat[0], hotel[0], hotel[2], chat[1], hotel[1]]
+    stops = stop_token_ids(tok, template)
+    options = GenerationOptions(max_new_tokens=32)
+    dynamic = generate_batch(model, tok, prompts, options, stops, batch_size=6, progress=False, fast=False)
+    static = generate_batch(model, tok, prompts, options, stops, batch_size=6, progress=False, fast=True, slots=False)
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+    assert slot_rows(model, tok, prompts, options, stops, slots=2, bucketed=True) == [g.token_ids for g in dynamic]
+    assert {g.finish_reason for g in dynamic} == {"stop", "length"}

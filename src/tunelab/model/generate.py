@@ -7,15 +7,21 @@ the KV cache) at once, so short answers stop paying for the longest one, and the
 stops the moment the consumer does (a plain generator: nothing runs in the background).
 Sampling uses transformers' own logits processors so its semantics match `generate`.
 
-On CUDA, `generate_batch` decodes each (length-sorted) batch with a static KV cache and
-replays the decode step as a CUDA graph (`_static_decode`): a small model's decode is
-bound by kernel launches, which a graph replay removes. The batch no longer shrinks (rows
-that stopped feed padding until the last one stops), so the dynamic loop stays the path
-for CPU, streaming and any model the graph cannot capture (it falls back, with a warning).
+On CUDA, `generate_batch` decodes with a static KV cache and replays the decode step as a
+CUDA graph: a small model's decode is bound by kernel launches, which a graph replay removes.
+By default it batches continuously (`_slot_decode`): `batch_size` slots of one static cache,
+each prompt (in length order) prefilled into a free slot, and a row that stops frees its slot
+for the next prompt at once, so short answers never wait for a batch's longest one. The CPU
+batches continuously too (no graphs: measured faster than the dynamic loop there). Static
+batches (`_static_decode`: each batch decoded until its last row stops) remain on CUDA for what
+a slot cannot hold (constrained decoding, sliding-window caches); the dynamic loop for those
+on the CPU, for streaming and for any model the graph cannot capture (with a warning).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import inspect
 import logging
 import time
@@ -35,7 +41,7 @@ from transformers.generation.logits_process import (
 
 from tunelab.data.collate import pad_id_for
 from tunelab.errors import TunelabError
-from tunelab.model.attention import PrefillLayout, grouped_query_decode, prefill_layout
+from tunelab.model.attention import DECODE_ATTENTION, PrefillLayout, grouped_query_decode, prefill_layout
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,24 @@ def _logits_processors(options: GenerationOptions) -> LogitsProcessorList:
     return procs
 
 
+def _seeded_generator(options: GenerationOptions, device) -> torch.Generator | None:
+    """The RNG of a sampled run with a seed (None: greedy, or torch's global RNG)."""
+    if options.greedy or options.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(options.seed)
+
+
+def _next_tokens(logits: torch.Tensor, history: torch.Tensor | None, processors: LogitsProcessorList,
+                 greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: the processors (repetition penalty, temperature, top-k/p) over `history`
+    (each row's tokens so far), then argmax or a draw."""
+    if processors:
+        logits = processors(history, logits)
+    if greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+
+
 def cache_keyword(model) -> str:
     """The forward keyword that takes the KV cache: `cache` from transformers 5.2x on,
     `past_key_values` before (the old name warns and goes in 5.40)."""
@@ -143,9 +167,7 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
         from tunelab.model.constrain import JsonAfterMarker
 
         processors.append(JsonAfterMarker(tokenizer, options.json_after, stop_ids, ids.shape[1], options.json_keys))
-    generator = None
-    if not options.greedy and options.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(options.seed)
+    generator = _seeded_generator(options, device)
 
     cache = DynamicCache(config=model.config)
     cache_key = cache_keyword(model)
@@ -154,13 +176,7 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
         # logits_to_keep=1: the prefill needs only the last position's vocab logits.
         out = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
                     use_cache=True, logits_to_keep=1, **{cache_key: cache})  # the cache fills in place
-        logits = out.logits[:, -1, :].float()
-        logits = processors(history, logits)
-        if options.greedy:
-            next_tokens = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        next_tokens = _next_tokens(out.logits[:, -1, :].float(), history, processors, options.greedy, generator)
         yield dict(zip(rows.tolist(), next_tokens.tolist()))
 
         if step + 1 == options.max_new_tokens:
@@ -306,9 +322,7 @@ def _static_decode(model, prompts: Sequence[Sequence[int]], options: GenerationO
 def _static_decode_rows(model, prompts, options, stop_ids, pad_id, use_graph, varlen_prefill) -> list[list[int]]:
     decoder = _StaticDecoder(model, prompts, options.max_new_tokens, pad_id, varlen_prefill)
     processors = _logits_processors(options)
-    generator = None
-    if not options.greedy and options.seed is not None:
-        generator = torch.Generator(device=decoder.device).manual_seed(options.seed)
+    generator = _seeded_generator(options, decoder.device)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=decoder.device)
     out = torch.full((decoder.batch, options.max_new_tokens), pad_id, dtype=torch.long, device=decoder.device)
     done = torch.zeros(decoder.batch, dtype=torch.bool, device=decoder.device)
@@ -316,11 +330,7 @@ def _static_decode_rows(model, prompts, options, stop_ids, pad_id, use_graph, va
     logits = decoder.prefill()
     steps = options.max_new_tokens
     for step in range(options.max_new_tokens):
-        logits = processors(history, logits)
-        if options.greedy:
-            tokens = logits.argmax(-1)
-        else:
-            tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        tokens = _next_tokens(logits, history, processors, options.greedy, generator)
         tokens = tokens.masked_fill(done, pad_id)
         out[:, step] = tokens
         if len(stops):
@@ -391,6 +401,7 @@ class SlotDecoder:
         self.valid = torch.zeros((slots, length), dtype=torch.bool, device=self.device)  # columns a slot attends to
         self.valid[:, 0] = True  # a free slot attends to its own scratch column: no row is all masked
         self.yes = torch.ones(slots, dtype=torch.bool, device=self.device)  # a device tensor: no host value in a graph
+        self.pad_id = pad_id
         self.step_ids = torch.full((slots, 1), pad_id, dtype=torch.long, device=self.device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.lengths = [0] * slots  # host copy of `columns` for occupied slots (no device sync to pick a bucket)
@@ -406,15 +417,43 @@ class SlotDecoder:
     def free_slots(self) -> list[int]:
         return [s for s in range(self.slots) if not self.lengths[s]]
 
-    def insert(self, slot: int, cache, row: int, prompt_length: int) -> None:
-        """Copy row `row` of a left-padded prefill's cache (the prompt in its last columns) into `slot`."""
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
+        """Run `prompts` through the model in one left-padded forward and copy prompt i's keys and
+        values into `slots[i]`; the logits of each prompt's last position, [len(prompts), vocab] fp32.
+        Under `grouped_query_decode` the prompts' real tokens attend as one stream (no padded mask),
+        as `_StaticDecoder.prefill` does."""
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        varlen = getattr(self.model.config, "_attn_implementation", None) == DECODE_ATTENTION
+        layout = prefill_layout(PrefillLayout.from_mask(mask)) if varlen else contextlib.nullcontext()
+        if varlen:  # a placeholder that keeps transformers from building the [batch, 1, width, width] mask
+            mask = torch.zeros((len(prompts), 1, 1, 1), dtype=self.dtype, device=self.device)
+        with layout:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                logits_to_keep=1, **{self.cache_key: cache}).logits[:, -1, :].float()
+        self._insert(list(slots), cache, [len(p) for p in prompts])
+        return logits
+
+    def _insert(self, slots: list[int], cache, lengths: list[int]) -> None:
+        """Row i of a left-padded prefill's cache (its prompt in the last `lengths[i]` columns) into
+        the first columns of `slots[i]`, all rows at once (one gather per layer, not one copy per row)."""
+        index = torch.tensor(slots, device=self.device)
+        length = torch.tensor(lengths, device=self.device)
+        keys = cache.layers[0].keys
+        width = keys.shape[2]
+        # Column j of a slot takes column width - length + j; past the prompt, the last column again
+        # (masked by `valid`, overwritten as the slot decodes).
+        source = ((width - length)[:, None] + torch.arange(width, device=self.device)).clamp(max=width - 1)
+        source = source[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys[slot, :, :prompt_length] = theirs.keys[row, :, -prompt_length:]
-            mine.values[slot, :, :prompt_length] = theirs.values[row, :, -prompt_length:]
-        self.valid[slot] = False
-        self.valid[slot, :prompt_length] = True
-        self.columns[slot], self.occupied[slot] = prompt_length, 1
-        self.lengths[slot] = prompt_length
+            mine.keys[index, :, :width] = theirs.keys.gather(2, source)
+            mine.values[index, :, :width] = theirs.values.gather(2, source)
+        self.valid[index] = torch.arange(self.length, device=self.device) < length[:, None]
+        self.columns[index], self.occupied[index] = length, 1
+        for slot, n in zip(slots, lengths):
+            self.lengths[slot] = n
 
     def free(self, slot: int) -> None:
         self.valid[slot] = False
@@ -424,17 +463,27 @@ class SlotDecoder:
 
     def step(self, tokens: dict[int, int]) -> torch.Tensor:
         """Feed each occupied slot its next token ({slot: token}); logits [rows, vocab] (row = slot)."""
-        last = max(s for s in range(self.slots) if self.lengths[s]) + 1
-        longest = max(self.lengths) + 1
+        ids = torch.tensor(list(tokens.values()), dtype=torch.long)
+        self.step_ids[torch.tensor(list(tokens))] = ids.to(self.device)[:, None]
+        return self._advance()
+
+    def step_all(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`step` with the next token of every slot in a device tensor [slots] (free slots' entries are
+        fed but unread): no host round trip."""
+        self.step_ids.copy_(tokens[:, None])
+        return self._advance()
+
+    def _advance(self) -> torch.Tensor:
+        """One decode step of every occupied slot (the tokens are in `step_ids`)."""
+        occupied = [s for s in range(self.slots) if self.lengths[s]]
+        last, longest = occupied[-1] + 1, max(self.lengths) + 1
         if self.bucketed:
             self.rows, self.window = min(_bucket(last), self.slots), min(_bucket(longest, 64), self.length)
         else:
             self.rows, self.window = last, longest
-        ids = torch.tensor(list(tokens.values()), dtype=torch.long)
-        self.step_ids[torch.tensor(list(tokens))] = ids.to(self.device)[:, None]
         logits = self._graph_step() if self.use_graph else self._step()
         self.columns.add_(self.occupied)
-        for slot in tokens:
+        for slot in occupied:
             self.lengths[slot] += 1
         return logits.float()
 
@@ -487,8 +536,154 @@ def _bucket(n: int, smallest: int = 1) -> int:
     return max(smallest, 1 << (n - 1).bit_length())
 
 
+# --- continuous batching for `tunelab eval`: a finished row's slot takes the next prompt ----
+
+SLOT_SYNC_STEPS = 4  # decode steps between two host reads of which rows finished (on CUDA; 1 on the CPU)
+PREFILL_TOKENS = 16384  # padded prompt tokens in one prefill forward: bounds a prefill's memory
+ADMIT_SHARE = 8  # prompts wait until 1/8 of the slots are free: each prefill is a forward of its own
+
+
+@torch.inference_mode()
+def _slot_decode(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, stop_ids: Sequence[int],
+                 pad_id: int, slots: int, use_graph: bool, bucketed: bool | None = None,
+                 sync_steps: int | None = None, finished=None) -> list[list[int]]:
+    """Tokens of each prompt (up to and including its first stop token) by continuous batching in
+    the `slots` rows of a `SlotDecoder`; `finished(1)` is called per prompt done (a progress bar).
+    `sync_steps`: decode steps between two reads of which rows finished (default SLOT_SYNC_STEPS
+    on CUDA, where a read waits for the GPU to drain; 1 on the CPU, where it costs nothing)."""
+    if not prompts:
+        return []
+    if sync_steps is None:
+        sync_steps = SLOT_SYNC_STEPS if next(model.parameters()).device.type == "cuda" else 1
+    with grouped_query_decode(model):
+        return _SlotRun(model, prompts, options, stop_ids, pad_id, slots, use_graph, bucketed, sync_steps).run(finished)
+
+
+class _SlotRun:
+    """The prompts (in the order given: `generate_batch` sorts them by length, so a prefill pads
+    little) wait for a free slot; a slot's row decodes until its stop token or `max_new_tokens`,
+    then the slot takes the next waiting prompt. Unlike static batches, no row waits for the
+    longest answer of its batch.
+
+    The decode loop keeps its state on the device so that a step needs no host round trip: per
+    slot its next input token, whether it is done (a free slot counts as done) and its prompt;
+    per prompt the tokens so far (`out`, `count`). Every `sync_steps` steps the host reads which
+    rows are done, frees their slots and admits waiting prompts; a row that finished meanwhile
+    decodes a few more tokens that nobody reads (they land past its `count`)."""
+
+    def __init__(self, model, prompts, options: GenerationOptions, stop_ids, pad_id: int, slots: int,
+                 use_graph: bool, bucketed: bool | None, sync_steps: int):
+        self.prompts, self.options, self.sync_steps = prompts, options, sync_steps
+        slots, width, n = min(slots, len(prompts)), max(map(len, prompts)), len(prompts)
+        # `sync_steps` more columns: a finished row may write that many before its slot is freed.
+        self.decoder = SlotDecoder(model, slots, width + options.max_new_tokens + sync_steps, pad_id, use_graph)
+        if bucketed is not None:
+            self.decoder.bucketed = bucketed
+        device = self.decoder.device
+        # Row n of `out`/`count` is the scratch of free slots; column max_new_tokens that of done rows.
+        self.out = torch.full((n + 1, options.max_new_tokens + 1), pad_id, dtype=torch.long, device=device)
+        self.count = torch.zeros(n + 1, dtype=torch.long, device=device)
+        self.owner = torch.full((slots,), n, dtype=torch.long, device=device)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=device)
+        self.stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        self.processors = _logits_processors(options)
+        self.generator = _seeded_generator(options, device)
+        # The repetition penalty's view of each slot: its prompt and tokens, unused columns holding
+        # the prompt's first token (already in the row, and a penalty counts a token once): no padding.
+        self.history = self.prompt_length = None
+        if options.repetition_penalty != 1.0:
+            self.history = torch.zeros((slots, width + options.max_new_tokens + 1), dtype=torch.long, device=device)
+            self.prompt_length = torch.zeros(slots, dtype=torch.long, device=device)
+        self.slot_prompt: list[int | None] = [None] * slots  # host copy of `owner` for occupied slots
+        self.waiting = collections.deque(range(n))
+
+    def run(self, finished=None) -> list[list[int]]:
+        while True:
+            self._free_finished(finished)
+            self._admit()
+            if all(p is None for p in self.slot_prompt):
+                break
+            for _ in range(self.sync_steps):
+                logits = self.decoder.step_all(self.next_ids)
+                self._record(self.decoder.row_index[:len(logits)], logits)
+        counts, rows = self.count[:-1].tolist(), self.out[:-1].tolist()
+        return [row[:count] for row, count in zip(rows, counts)]
+
+    def _free_finished(self, finished) -> None:
+        for slot, done in enumerate(self.done.tolist()):  # the host sync
+            if done and self.slot_prompt[slot] is not None:
+                self.decoder.free(slot)
+                self.slot_prompt[slot] = None
+                if finished is not None:
+                    finished(1)
+
+    def _admit(self) -> None:
+        free = self.decoder.free_slots()
+        if not self.waiting or len(free) < min(len(self.waiting), max(1, self.decoder.slots // ADMIT_SHARE)):
+            return
+        taken = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        while taken:
+            # One prefill forward takes at most PREFILL_TOKENS padded tokens (or one prompt); the
+            # prompts are sorted by length, so the last one taken sets the padded width.
+            group = taken[:1]
+            for i in taken[1:]:
+                if (len(group) + 1) * len(self.prompts[i]) > PREFILL_TOKENS:
+                    break
+                group.append(i)
+            taken, slots, free = taken[len(group):], free[:len(group)], free[len(group):]
+            self._insert(group, slots)
+
+    def _insert(self, group: list[int], slots: list[int]) -> None:
+        prompts = [self.prompts[i] for i in group]
+        logits = self.decoder.prefill(prompts, slots)
+        index = torch.tensor(slots, device=self.decoder.device)
+        self.owner[index] = torch.tensor(group, device=self.decoder.device)
+        self.done[index] = False
+        if self.history is not None:
+            rows = torch.tensor([list(p) + [p[0]] * (self.history.shape[1] - len(p)) for p in prompts])
+            self.history[index] = rows.to(self.decoder.device)
+            self.prompt_length[index] = torch.tensor([len(p) for p in prompts], device=self.decoder.device)
+        for slot, prompt in zip(slots, group):
+            self.slot_prompt[slot] = prompt
+        self._record(index, logits)
+
+    def _record(self, index: torch.Tensor, logits: torch.Tensor) -> None:
+        """Choose the next token of slots `index` (logits row i = slot index[i]) and record it."""
+        done = self.done[index]
+        if not self.options.greedy:
+            logits = logits.masked_fill(done[:, None], 0.0)  # free rows: any finite draw (nobody reads it)
+        history = None if self.history is None else self.history[index]
+        tokens = _next_tokens(logits, history, self.processors, self.options.greedy, self.generator)
+        owner = self.owner[index]
+        count = self.count[owner]
+        self.out[owner, count] = tokens  # a done row writes past its tokens: never read
+        if self.history is not None:
+            self.history[index, self.prompt_length[index] + count] = tokens
+        count = count + ~done
+        self.count[owner] = count
+        stopped = torch.isin(tokens, self.stops) if len(self.stops) else torch.zeros_like(done)
+        self.done[index] = done | stopped | (count >= self.options.max_new_tokens)
+        self.next_ids[index] = tokens
+
+
+def slots_apply(model, options: GenerationOptions) -> bool:
+    """Whether `generate_batch` can decode by continuous batching (`_slot_decode`) instead of static
+    batches. Not with constrained decoding: its processor tracks each row's text from one batch-wide
+    prompt width (the dynamic loop runs it). Not for sliding-window or recurrent caches: a slot is
+    a plain full-length KV row."""
+    return options.json_after is None and supports_joining(DynamicCache(config=model.config))
+
+
+def supports_joining(cache: DynamicCache) -> bool:
+    """Plain per-layer KV tensors (Llama, Qwen2, Mistral...); sliding-window or
+    recurrent layers cannot be left-padded and joined, nor copied into a slot."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
+
+
 def fast_path(model, fast: bool | None) -> bool:
-    """Whether `generate_batch` uses the static-cache decoder: `fast` if given, else on CUDA."""
+    """Whether `generate_batch`'s batches (where it does not batch continuously) use the static-cache
+    decoder: `fast` if given, else on CUDA."""
     if fast is not None:
         return fast
     return next(model.parameters()).device.type == "cuda"
@@ -561,13 +756,16 @@ def auto_batch_size(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: GenerationOptions | None = None,
                    stop_ids: Sequence[int] = (), batch_size: int | None = None, progress: bool = True,
-                   desc: str = "generating", fast: bool | None = None) -> list[Generation]:
+                   desc: str = "generating", fast: bool | None = None, slots: bool | None = None) -> list[Generation]:
     """Generate a completion for every prompt (token ids, template already applied).
 
-    Prompts are batched by length (less padding), results come back in input order.
+    Prompts are taken in length order (less padding), results come back in input order.
     Each completion ends at its first stop token (e.g. the template's end-of-turn).
-    `fast`: static KV cache + CUDA graph decode (default: on CUDA; `False` forces the
-    shrinking dynamic-cache loop, `True` the static path, graphs only on CUDA).
+    By default, where `slots_apply`, it batches continuously (`_slot_decode`): `batch_size` rows of
+    a static KV cache, each refilled with the next prompt as soon as its row ends (CUDA graphs on
+    CUDA). `slots=False`: batches of `batch_size` prompts, each decoded until its last row ends,
+    with the static cache + CUDA graphs where `fast` (default: on CUDA), else the shrinking
+    dynamic-cache loop. `fast=False` forces the dynamic loop.
     `batch_size` None: `auto_batch_size`.
     """
     from tqdm.auto import tqdm
@@ -583,27 +781,61 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
     model.eval()
     pad_id, stop_set = pad_id_for(tokenizer), set(stop_ids)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    # Continuous batching unless told otherwise (`fast=False`: the dynamic loop; `slots=False`:
+    # static batches on the fast path), also on the CPU, where it was faster than the dynamic loop
+    # (bench/generate_speed.py --device cpu; docs/benchmarks.md).
+    use_slots = (fast is not False and slots is not False and slots_apply(model, options)
+                 and id(model) not in _SLOTS_FAILED)
+    fast = fast_path(model, fast)
     bar = tqdm(total=len(prompts), unit="sample", desc=desc, disable=not progress, dynamic_ncols=True)
-    started, new_tokens = time.perf_counter(), 0
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = [prompts[i] for i in chunk]
-            tokens = _batch_tokens(model, batch, options, stop_ids, pad_id,
-                                   fast_path(model, fast) and not options.json_after, tokenizer)
-            for row, index in enumerate(chunk):
-                results[index] = _finish(tokenizer, batch[row], tokens[row], stop_set)
-                new_tokens += results[index].completion_tokens
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+        rows = None
+        if use_slots:
+            rows = _slot_tokens(model, [prompts[i] for i in order], options, stop_ids, pad_id, batch_size, bar.update)
+        if rows is None:
+            bar.reset()
+            rows = _batched_tokens(model, tokenizer, [prompts[i] for i in order], options, stop_ids, pad_id,
+                                   batch_size, fast and not options.json_after, bar)
     finally:
         bar.close()
         model.train(was_training)
+    results: list[Generation | None] = [None] * len(prompts)
+    for index, tokens in zip(order, rows):
+        results[index] = _finish(tokenizer, prompts[index], tokens, stop_set)
     return results  # type: ignore[return-value]
 
 
+def _batched_tokens(model, tokenizer, prompts, options, stop_ids, pad_id, batch_size: int, fast: bool,
+                    bar) -> list[list[int]]:
+    """Tokens of each prompt, decoded in consecutive batches of `batch_size` prompts."""
+    rows: list[list[int]] = []
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        rows += _batch_tokens(model, batch, options, stop_ids, pad_id, fast, tokenizer)
+        bar.update(len(batch))
+        new_tokens = sum(map(len, rows))
+        bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+    return rows
+
+
 _GRAPH_FAILED: set[int] = set()  # ids of models whose decode step could not be captured
+_SLOTS_FAILED: set[int] = set()  # ids of models whose continuous-batching decode failed on the GPU
+
+
+def _slot_tokens(model, prompts, options, stop_ids, pad_id, slots: int, finished) -> list[list[int]] | None:
+    """`_slot_decode` with CUDA graphs on CUDA; None where a GPU run failed (the caller then
+    decodes static batches, as `_batch_tokens` falls back when a graph cannot be captured)."""
+    use_graph = next(model.parameters()).device.type == "cuda" and id(model) not in _GRAPH_FAILED
+    try:
+        return _slot_decode(model, prompts, options, stop_ids, pad_id, slots, use_graph, finished=finished)
+    except Exception as exc:  # noqa: BLE001 - the static batches still work
+        if not use_graph:
+            raise
+        _SLOTS_FAILED.add(id(model))
+        log.warning("continuous-batching decode failed (%s: %s); decoding static batches",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
 
 
 def _batch_tokens(model, batch, options, stop_ids, pad_id, fast: bool, tokenizer=None) -> list[list[int]]:

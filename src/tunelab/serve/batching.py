@@ -39,7 +39,14 @@ import torch
 from transformers import DynamicCache
 
 from tunelab.model.attention import grouped_query_decode
-from tunelab.model.generate import GenerationOptions, SlotDecoder, _logits_processors, cache_keyword, left_pad
+from tunelab.model.generate import (
+    GenerationOptions,
+    SlotDecoder,
+    _logits_processors,
+    cache_keyword,
+    left_pad,
+    supports_joining,
+)
 
 log = logging.getLogger(__name__)
 
@@ -327,14 +334,14 @@ class SlotBatcher(Batcher):
         jobs = self._take_waiting()
         if not jobs:
             return
-        first, _, cache, _ = self._prefill(jobs)
+        slots = self.decoder.free_slots()[:len(jobs)]
+        first = self._sample(jobs, self.decoder.prefill([j.prompt for j in jobs], slots))
         live = set(self._record(jobs, first))
-        free = self.decoder.free_slots()
-        for row, job in enumerate(jobs):
+        for row, (job, slot) in enumerate(zip(jobs, slots)):
             if row in live:
-                slot = free.pop(0)
-                self.decoder.insert(slot, cache, row, len(job.prompt))
                 self.slot_jobs[slot], self.next_tokens[slot] = job, int(first[row])
+            else:
+                self.decoder.free(slot)  # done at its first token
 
     def _decode(self) -> None:
         tokens = {s: self.next_tokens[s] for s, j in enumerate(self.slot_jobs) if j is not None}
@@ -409,9 +416,3 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[axis] = missing
     return torch.cat([t.new_zeros(shape), t], dim=axis)
-
-
-def supports_joining(cache: DynamicCache) -> bool:
-    """Plain per-layer KV tensors (Llama, Qwen2, Mistral...); sliding-window or
-    recurrent layers cannot be left-padded and joined."""
-    return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
