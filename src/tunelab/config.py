@@ -130,7 +130,7 @@ class TunelabConfig:
     speed: str = "auto"  # auto | off (off: every unset lever off, micro-batches by sample count)
     padding_free: bool | None = None  # one token stream, per-sample varlen attention (CUDA kernel)
     fused_loss: bool | None = None  # chunked LM head + loss: never builds the full [tokens, vocab] logits
-    torch_compile: bool | None = None  # compile each decoder layer (fuses norms, RoPE, SwiGLU, LoRA adds)
+    torch_compile: bool | None = None  # compile each decoder layer (fuses norms, RoPE, SwiGLU, LoRA adds); auto: if it repays
     max_tokens_per_batch: int | None = None  # micro-batch token budget; auto on CUDA: sized to free memory
     oom_backoff: bool = True  # on CUDA out-of-memory: smaller micro-batches, then checkpointing; retry the step
 
