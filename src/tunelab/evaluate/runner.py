@@ -23,7 +23,7 @@ from tunelab.data.types import IGNORE_INDEX
 from tunelab.errors import TunelabError
 from tunelab.evaluate.tasks import EvalSample, Task
 from tunelab.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from tunelab.model.generate import GenerationOptions, auto_batch_size, generate_batch, left_pad
+from tunelab.model.generate import GenerationOptions, auto_batch_size, generate_batch, left_pad, pad_positions
 
 # Summary keys shown first in tables, in this order; other keys follow alphabetically.
 HEADLINE = ("slot_precision", "slot_recall", "slot_f1", "bleu4", "corpus_bleu", "rouge1", "rouge2",
@@ -109,7 +109,7 @@ def reference_losses(model, tokenizer, samples: Sequence[EvalSample], template_s
             n = len(e.input_ids)
             first = next((j for j, label in enumerate(e.labels) if label != IGNORE_INDEX), n)
             keep = max(keep, n - first + 1)  # the position before the first label predicts it
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = pad_positions(mask)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                        position_ids=positions.to(device), logits_to_keep=keep).logits.float()
         targets = labels[:, width - keep + 1:].to(device)

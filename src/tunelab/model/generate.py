@@ -147,6 +147,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
     return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
+def pad_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token (pads get 0 too)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def varlen_prefill(mask: torch.Tensor, dtype: torch.dtype):
+    """(attention mask, context) of a prefill through the varlen kernel (`grouped_query_decode`
+    active): each prompt's real tokens attend among themselves (PrefillLayout), and the mask passed
+    is a placeholder that keeps transformers from building the [batch, 1, width, slots] one."""
+    placeholder = torch.zeros((mask.shape[0], 1, 1, 1), dtype=dtype, device=mask.device)
+    return placeholder, prefill_layout(PrefillLayout.from_mask(mask))
+
+
 @torch.inference_mode()
 def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOptions,
                   stop_ids: Sequence[int], pad_id: int, tokenizer=None) -> Iterator[dict[int, int]]:
@@ -158,7 +171,7 @@ def _decode_steps(model, prompts: Sequence[Sequence[int]], options: GenerationOp
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = pad_positions(mask)
     rows = torch.arange(len(prompts), device=device)  # original row of each live batch slot
     history = ids  # for the repetition penalty (pads are harmless: they rarely repeat)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
@@ -260,14 +273,12 @@ class _StaticDecoder:
                           logits_to_keep=1, **{self.cache_key: self.cache}, **extra).logits[:, -1, :]
 
     def prefill(self) -> torch.Tensor:
-        positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = pad_positions(self.prompt_mask)
         self.step_positions.copy_(positions[:, -1:])
         cache_position = torch.arange(self.width, device=self.device)
         if self.varlen_prefill:
-            # Each prompt's real tokens attend among themselves (PrefillLayout); the mask passed is
-            # a placeholder that keeps transformers from building the [batch, 1, width, slots] one.
-            placeholder = torch.zeros((self.batch, 1, 1, 1), dtype=self.dtype, device=self.device)
-            with prefill_layout(PrefillLayout.from_mask(self.prompt_mask)):
+            placeholder, layout = varlen_prefill(self.prompt_mask, self.dtype)
+            with layout:
                 return self._forward(self.prompt_ids, positions, placeholder, cache_position).float()
         causal = torch.ones((self.width, self.length), dtype=torch.bool, device=self.device).tril()
         allowed = causal[None, None] & self.keys_valid[:, None, None, :]
@@ -424,12 +435,11 @@ class SlotDecoder:
         Under `grouped_query_decode` the prompts' real tokens attend as one stream (no padded mask),
         as `_StaticDecoder.prefill` does."""
         ids, mask = left_pad(prompts, self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = pad_positions(mask)
         cache = DynamicCache(config=self.model.config)
-        varlen = getattr(self.model.config, "_attn_implementation", None) == DECODE_ATTENTION
-        layout = prefill_layout(PrefillLayout.from_mask(mask)) if varlen else contextlib.nullcontext()
-        if varlen:  # a placeholder that keeps transformers from building the [batch, 1, width, width] mask
-            mask = torch.zeros((len(prompts), 1, 1, 1), dtype=self.dtype, device=self.device)
+        layout = contextlib.nullcontext()
+        if getattr(self.model.config, "_attn_implementation", None) == DECODE_ATTENTION:
+            mask, layout = varlen_prefill(mask, self.dtype)
         with layout:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                 logits_to_keep=1, **{self.cache_key: cache}).logits[:, -1, :].float()

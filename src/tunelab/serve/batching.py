@@ -45,6 +45,7 @@ from tunelab.model.generate import (
     _logits_processors,
     cache_keyword,
     left_pad,
+    pad_positions,
     supports_joining,
 )
 
@@ -200,7 +201,7 @@ class Batcher:
     def _prefill(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, torch.Tensor]:
         """The prompts of `jobs` left-padded through the model: (first tokens, mask, cache, next positions)."""
         ids, mask = left_pad([j.prompt for j in jobs], self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = pad_positions(mask)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(jobs, ids, mask, positions, cache)
         return self._sample(jobs, logits), mask, cache, positions[:, -1] + 1
