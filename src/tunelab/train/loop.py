@@ -264,7 +264,8 @@ class Trainer:
         """One optimizer step and its counters; an interrupt waits until weights, counters and
         log window agree (a checkpoint then holds all three)."""
         state, device = self.state, self.device
-        first_cuda_step = state.global_step == self.start_step and device.type == "cuda"
+        first = state.global_step == self.start_step  # compilation and warm-up happen here
+        first_cuda_step = first and device.type == "cuda"
         if first_cuda_step:
             torch.cuda.reset_peak_memory_stats(device)
             base_bytes = torch.cuda.memory_allocated(device)
@@ -280,9 +281,9 @@ class Trainer:
             if (self.logs_now() or self.evaluator.due(state.global_step)
                     or self.checkpointer.due(state.global_step)):
                 self.settle()  # the one wait for the device: queued training work is training time
-            self.window.seconds += time.perf_counter() - started  # training only: evaluations, saves excluded
-            self.clock.add("first step" if state.global_step == self.start_step + 1 else "steps",
-                           time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.window.seconds += seconds  # training only: evaluations, saves excluded
+            self.clock.add("first step" if first else "steps", seconds)
         self.tracker.advance()
         if first_cuda_step:
             self._calibrate(step, base_bytes)
@@ -565,7 +566,7 @@ class RunClock:
     and the final save. A part timed inside another (a best-model checkpoint taken during an
     evaluation) counts once, in the inner one."""
 
-    ORDER = ("set-up", "first step", "steps", "evaluation", "checkpoints", "final save")
+    ORDER = ("set-up", "first step", "steps", "evaluation", "checkpoints", "final save")  # every part's name
 
     def __init__(self):
         self.started = time.perf_counter()
@@ -590,8 +591,8 @@ class RunClock:
     def describe(self, steps: int) -> str:
         """`196 s (set-up 21 s, first step 84 s, 125 more steps 22 s, evaluation 41 s, ...)`"""
         names = {"steps": f"{max(steps - 1, 0)} more steps"}
-        order = [n for n in self.ORDER if n in self.parts] + [n for n in self.parts if n not in self.ORDER]
-        parts = ", ".join(f"{names.get(name, name)} {self.parts[name]:.0f} s" for name in order)
+        parts = ", ".join(f"{names.get(name, name)} {self.parts[name]:.0f} s" for name in self.ORDER
+                          if name in self.parts)
         return f"{time.perf_counter() - self.started:.0f} s ({parts})"
 
 

@@ -36,7 +36,8 @@ MIN_TOKEN_BUDGET = 2048
 # (docs/benchmarks.md): compiling took 80-100 s (the training graph; the validation graph ~13 s more),
 # then made steps 1.6x faster on the Qwen2.5-7B shape (9,934 -> 15,976 tok/s) and 1.5x on SmolLM2-135M
 # (the hotel recipe's 125 steps: 33 -> 21 s). So on auto the layers are compiled when the eager run is
-# estimated to take long enough that the third compiling saves repays the 100 s it costs.
+# estimated to take long enough that the third compiling saves repays the COMPILE_SECONDS it costs.
+COMPILE_SECONDS = 100
 COMPILE_PAYS_AFTER_SECONDS = 300
 EAGER_MFU = 0.4  # share of the measured matmul peak an eager padding-free run reaches (7B shape: 38 %)
 
@@ -147,7 +148,7 @@ def too_short_to_compile(model, train_tokens: int, device: torch.device, agree=N
     seconds = agree(int(seconds)) if agree is not None else seconds
     if seconds >= COMPILE_PAYS_AFTER_SECONDS:
         return None
-    return (f"a short run: ~{seconds:.0f} s of training would not repay ~100 s of compiling; "
+    return (f"a short run: ~{seconds:.0f} s of training would not repay ~{COMPILE_SECONDS} s of compiling; "
             "torch_compile=true forces it")
 
 
