@@ -37,6 +37,7 @@ Weights are random (speed does not depend on their values) in the real Qwen2.5-7
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -98,6 +99,7 @@ def worker(args) -> None:
     from tunelab.model.adapters import prepare_for_training
     from tunelab.train import distributed
     from tunelab.train.fast import apply_speed_levers
+    from tunelab.train.fast.plan import zero3_gathers_in_layers
     from tunelab.train.objectives.sft import SFTObjective
     from tunelab.train.optim import build_optimizer, build_scheduler
     from tunelab.train.step import optimizer_step, settle_steps
@@ -108,6 +110,8 @@ def worker(args) -> None:
     cfg = TunelabConfig(bf16=torch.cuda.is_available(), per_device_train_batch_size=micro, lr_scheduler_type="constant",
                         max_grad_norm=1.0, padding_free=True, fused_loss=True, torch_compile=args.compile,
                         save_strategy="no", **keys)
+    if zero3_gathers_in_layers(cfg):  # as `tunelab train` decides: ZeRO-3's gathers do not compile
+        cfg = dataclasses.replace(cfg, torch_compile=False)
     dist = distributed.init_distributed(cfg)
     assert dist.world == world, f"{args.mode} needs {world} processes, got {dist.world}"
     cuda = torch.cuda.is_available()  # CPU + gloo only to smoke-test this script (--model tiny)

@@ -67,7 +67,8 @@ def run(args) -> None:
     built = time.perf_counter() - started
     run_dir = Path(args.model_dir) / f"run-{args.model}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "tunelab.cli", "train", args.config, f"model_name_or_path={folder}",
+    profiler = ["-m", "cProfile", "-o", args.profile] if args.profile else []  # host time by function
+    command = [sys.executable, *profiler, "-m", "tunelab.cli", "train", args.config, f"model_name_or_path={folder}",
                f"dataset={DATA / 'hotel/train.jsonl'}", f"max_steps={args.steps}", f"output_dir={run_dir}",
                *args.overrides]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
@@ -108,6 +109,8 @@ def main() -> None:
     r.add_argument("--skip", type=int, default=10, help="steps left out of the mean (compilation, warm-up)")
     r.add_argument("--model-dir", default="/tmp/tunelab-bench-models")
     r.add_argument("--out", default=None)
+    r.add_argument("--profile", default=None, help="run the CLI under cProfile, its stats to this file "
+                   "(`python -m pstats FILE`: where the host's time goes; slows Python-bound runs)")
     r.add_argument("overrides", nargs="*", help="extra key=value for the config (none for the documented run)")
     args = parser.parse_args()
     prepare(args) if args.command == "prepare" else run(args)

@@ -238,6 +238,44 @@ def test_generate_batch_decodes_in_slots_by_default(model, tok, prompts, monkeyp
     assert generate_batch(model, tok, [], options, progress=False) == []
 
 
+def test_a_finished_decode_frees_its_kv_cache_without_the_cycle_collector(model, tok, prompts, monkeypatch):
+    """The slot decoder's cache must go when the decode ends: a reference cycle (decoder <-> its
+    layers) kept every finished decode's KV cache on the GPU until gc ran, and repeated decodes
+    (evaluation during training, several eval files, serve restarts) ran out of memory."""
+    import gc
+    import weakref
+
+    import tunelab.model.generate as generate
+
+    made = []
+    original = generate.SlotDecoder.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(generate.SlotDecoder, "__init__", remember)
+    gc.disable()
+    try:
+        generate_batch(model, tok, prompts, GenerationOptions(max_new_tokens=4), batch_size=2, progress=False)
+        assert made and all(ref() is None for ref in made)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("per_octave", [1, 2, 4])
+def test_window_buckets_cover_the_longest_row_and_waste_at_most_one_grid_step(per_octave, monkeypatch):
+    import tunelab.model.generate as generate
+
+    monkeypatch.setattr(generate, "WINDOW_STEPS_PER_OCTAVE", per_octave)
+    windows = [generate.window_bucket(n) for n in range(1, 9000)]
+    assert all(w >= n for n, w in zip(range(1, 9000), windows))
+    assert windows == sorted(windows)  # a longer row never gets a smaller window
+    assert all(w <= max(generate.SMALLEST_WINDOW, n * (1 + 1 / per_octave)) for n, w in zip(range(1, 9000), windows))
+    assert len(set(windows)) <= 1 + per_octave * 8  # 64 .. 16384: eight octaves of per_octave buckets
+    assert generate.window_bucket(1024) == 1024 and generate.window_bucket(64) == 64
+
+
 def test_slots_with_repetition_penalty_equal_each_prompt_alone(tok, prompts):
     """The penalty sees each row's own prompt and tokens (no padding of a batch-mate's length).
     This narrower init repeats tokens: the penalty changes every answer."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tunelab.train.fast.lora_dropout import dropped_linear, keep_mask, recompute_lora_dropout
+from tunelab.train.fast.lora_dropout import dropped_linear, keep_mask, lean_lora_forward
 
 
 def test_keep_mask_is_bernoulli_and_a_function_of_the_seed():
@@ -74,7 +74,7 @@ def _saved_bytes(model, ids) -> int:
 def test_lora_layers_store_no_dropped_copy_and_eval_is_unchanged():
     ids = torch.randint(0, 64, (2, 24))
     no_dropout, peft_dropout, ours = _lora_model(0.0), _lora_model(0.1), _lora_model(0.1)
-    assert recompute_lora_dropout(ours) == 7  # q k v o gate up down
+    assert lean_lora_forward(ours, recompute_dropout=True) == 7  # q k v o gate up down
     for m in (no_dropout, peft_dropout, ours):
         m.train()
     plain, peft_bytes, our_bytes = (_saved_bytes(m, ids) for m in (no_dropout, peft_dropout, ours))
@@ -84,3 +84,35 @@ def test_lora_layers_store_no_dropped_copy_and_eval_is_unchanged():
     ours.eval(), peft_dropout.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, peft_dropout(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_lean_eager_forward_equals_peft_in_outputs_and_gradients(dropout):
+    """Without recomputation the lean forward draws the same dropout masks as PEFT (same calls in the
+    same order), so with one seed the loss and every LoRA gradient are PEFT's; evaluation and a
+    disabled adapter go through PEFT's own forward."""
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for lean in (False, True):
+        model = _lora_model(dropout)
+        if lean:
+            assert lean_lora_forward(model, recompute_dropout=False) == 7
+        model.train()
+        torch.manual_seed(3)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        with torch.no_grad():
+            evaluated = model(input_ids=ids).logits
+            with model.disable_adapter():
+                base = model(input_ids=ids).logits
+        results.append((loss.detach(), grads, evaluated, base))
+    (loss_a, grads_a, eval_a, base_a), (loss_b, grads_b, eval_b, base_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 14
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+    torch.testing.assert_close(eval_b, eval_a)
+    torch.testing.assert_close(base_b, base_a)
+    assert not torch.allclose(eval_a, base_a)  # the adapter matters (lora_B is not zero here)

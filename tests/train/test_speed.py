@@ -78,6 +78,46 @@ def test_compiling_is_left_out_of_runs_too_short_to_repay_it(tiny_model_dir, tmp
     assert forced.cfg.torch_compile is True and "(torch_compile=true)" in forced.describe()
 
 
+def test_deepspeed_zero3_leaves_the_layers_uncompiled_and_refuses_a_forced_compile(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """On 2 x H100 inductor failed to compile a decoder layer under ZeRO-3 (its weight gathers use
+    aten.set_); ZeRO-2 compiled and trained. Auto leaves ZeRO-3 runs eager and says why."""
+    from tunelab.errors import TunelabError
+    from tunelab.model.adapters import prepare_for_training
+    from tunelab.model.loader import load_model
+    from tunelab.train.fast import plan
+
+    cfg = resolve_precision(config(tmp_path, tiny_model_dir), torch.device("cpu"))
+    model = prepare_for_training(load_model(str(tiny_model_dir), dtype="float32", device=torch.device("cpu")), cfg)
+    monkeypatch.setattr(plan, "_auto", lambda cfg, device: True)
+    monkeypatch.setattr(plan, "triton_installed", lambda: True)
+    monkeypatch.setattr(plan, "token_budget", lambda cfg, model, device: (4096, 2**30))
+    cpu, long_run = torch.device("cpu"), None  # train_tokens unknown: no short-run blocker
+    with_keys = lambda **keys: cfg.__class__(**{**cfg.to_dict(), **keys})  # noqa: E731
+    assert plan.resolve_speed(with_keys(deepspeed="zero2"), model, cpu, long_run).cfg.torch_compile is True
+    zero3 = plan.resolve_speed(with_keys(deepspeed="zero3"), model, cpu, long_run)
+    assert zero3.cfg.torch_compile is False and "DeepSpeed ZeRO-3" in zero3.describe()
+    with pytest.raises(TunelabError, match="ZeRO-3"):
+        plan.resolve_speed(with_keys(deepspeed="zero3", torch_compile=True), model, cpu, long_run)
+
+
+def test_the_fast_path_trains_lora_through_the_lean_forward_and_dora_through_peft(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    from tunelab.model.adapters import prepare_for_training
+    from tunelab.model.loader import load_model
+    from tunelab.train.fast import apply_speed_levers, plan
+
+    monkeypatch.setattr(plan, "_auto", lambda cfg, device: True)
+    for dora in (False, True):
+        cfg = resolve_precision(config(tmp_path, tiny_model_dir, use_dora=dora), torch.device("cpu"))
+        model = prepare_for_training(load_model(str(tiny_model_dir), dtype="float32", device=torch.device("cpu")), cfg)
+        apply_speed_levers(model, cfg.__class__(**{**cfg.to_dict(), "padding_free": False, "torch_compile": False}),
+                           "cpu")
+        lean = [hasattr(m, "_peft_forward") for m in model.modules() if type(m).__name__ == "Linear"
+                and hasattr(m, "lora_A")]
+        assert lean and all(flag is not dora for flag in lean)
+
+
 def test_planned_tokens_count_epochs_steps_folded_rows_and_processes(tmp_path, tiny_model_dir):
     from tunelab.data.collate import Sample
     from tunelab.train.loop import planned_tokens

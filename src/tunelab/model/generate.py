@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -368,7 +369,9 @@ class _SlotLayer(StaticLayer):
 
     def __init__(self, decoder: SlotDecoder, keys: torch.Tensor, values: torch.Tensor):
         super().__init__(max_cache_len=keys.shape[2])
-        self.decoder, self.keys, self.values = decoder, keys, values
+        # A weak reference: the decoder holds its layers, and a cycle would keep the whole KV cache
+        # (gigabytes) on the GPU after a decode until Python's cycle collector happens to run.
+        self.decoder, self.keys, self.values = weakref.proxy(decoder), keys, values
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -389,8 +392,8 @@ class SlotDecoder:
     column per slot (`step`), and a finished request frees its slot for the next one (`free`).
 
     The decode step always has the same shapes for a given (rows, window) bucket (rows: slots up
-    to the highest one in use, window: columns up to the longest request, both rounded up to a
-    power of two), so on CUDA each bucket is captured once as a CUDA graph and replayed per token,
+    to the highest one in use, rounded up to a power of two; window: columns up to the longest
+    request, rounded up by `window_bucket`), so on CUDA each bucket is captured once as a CUDA graph and replayed per token,
     as `_StaticDecoder` does for `tunelab eval`: a small model's decode is launch-bound. Free
     slots inside the bucket decode a padding token that nobody reads. On the CPU the step runs
     eagerly on exactly the rows and columns in use.
@@ -420,6 +423,7 @@ class SlotDecoder:
         self.bucketed = use_graph  # rows and window rounded up to a captured bucket (tests set it alone on the CPU)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.steps, self.capture_seconds = 0, 0.0  # for the log: decode steps run, time spent capturing
 
     @staticmethod
     def memory_per_slot(model, length: int) -> int:
@@ -488,11 +492,12 @@ class SlotDecoder:
         occupied = [s for s in range(self.slots) if self.lengths[s]]
         last, longest = occupied[-1] + 1, max(self.lengths) + 1
         if self.bucketed:
-            self.rows, self.window = min(_bucket(last), self.slots), min(_bucket(longest, 64), self.length)
+            self.rows, self.window = min(_bucket(last), self.slots), min(window_bucket(longest), self.length)
         else:
             self.rows, self.window = last, longest
         logits = self._graph_step() if self.use_graph else self._step()
         self.columns.add_(self.occupied)
+        self.steps += 1
         for slot in occupied:
             self.lengths[slot] += 1
         return logits.float()
@@ -501,8 +506,7 @@ class SlotDecoder:
         """Capture every (rows, window) bucket now, largest first (the shared pool is sized once),
         so that no request waits for a capture. Every slot is free: the steps run are harmless."""
         rows = sorted({min(_bucket(n), self.slots) for n in range(1, self.slots + 1)}, reverse=True)
-        windows = sorted({min(_bucket(n, 64), self.length) for n in (1 << k for k in range(6, 32))
-                          if n < 2 * self.length}, reverse=True)
+        windows = sorted({min(window_bucket(n), self.length) for n in range(1, self.length + 1)}, reverse=True)
         started = time.perf_counter()
         for window in windows:
             for count in rows:
@@ -524,8 +528,10 @@ class SlotDecoder:
     def _graph_step(self) -> torch.Tensor:
         key = (self.rows, self.window)
         if key not in self.graphs:
+            started = time.perf_counter()
             try:
                 self.graphs[key] = self._capture()
+                self.capture_seconds += time.perf_counter() - started
             except Exception as exc:  # noqa: BLE001 - the eager step still works
                 log.warning("CUDA graph capture failed (%s: %s); serving without graphs",
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -544,6 +550,23 @@ class SlotDecoder:
 def _bucket(n: int, smallest: int = 1) -> int:
     """The power of two >= n (at least `smallest`)."""
     return max(smallest, 1 << (n - 1).bit_length())
+
+
+# Window buckets per power of two. On the hotel test set (256 slots, SmolLM2-135M, one H100) 2 read
+# 14 % fewer key/value columns than powers of two only for 8 captured graphs instead of 5, and decoded
+# fastest of 1, 2, 4 and 8 (121 vs 110-124 noisy, 108 samples/s; docs/benchmarks.md).
+WINDOW_STEPS_PER_OCTAVE = 2
+SMALLEST_WINDOW = 64
+
+
+def window_bucket(n: int) -> int:
+    """The captured window (KV columns a decode step reads) for a longest row of n columns: n rounded
+    up to a grid of WINDOW_STEPS_PER_OCTAVE points per power of two, at least SMALLEST_WINDOW. A finer
+    grid reads fewer unused columns and captures more graphs."""
+    if n <= SMALLEST_WINDOW:
+        return SMALLEST_WINDOW
+    step = max(1, (1 << ((n - 1).bit_length() - 1)) // WINDOW_STEPS_PER_OCTAVE)
+    return -(-n // step) * step
 
 
 # --- continuous batching for `tunelab eval`: a finished row's slot takes the next prompt ----
@@ -618,6 +641,9 @@ class _SlotRun:
                 logits = self.decoder.step_all(self.next_ids)
                 self._record(self.decoder.row_index[:len(logits)], logits)
         counts, rows = self.count[:-1].tolist(), self.out[:-1].tolist()
+        decoder = self.decoder
+        log.debug("continuous batching: %d prompts in %d slots, %d decode steps, %d CUDA graphs (%.2f s capturing)",
+                  len(rows), decoder.slots, decoder.steps, len(decoder.graphs), decoder.capture_seconds)
         return [row[:count] for row, count in zip(rows, counts)]
 
     def _free_finished(self, finished) -> None:

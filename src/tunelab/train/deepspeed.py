@@ -46,6 +46,11 @@ def require_deepspeed(where: str = "config") -> None:
                                "key: distributed_strategy=fsdp shards weights, gradients and optimizer state as ZeRO-3")
 
 
+def zero_stage(cfg: TunelabConfig) -> int | None:
+    """The ZeRO stage `cfg.deepspeed` asks for (2 or 3), or None without DeepSpeed."""
+    return ds_config(cfg)["zero_optimization"]["stage"] if cfg.deepspeed else None
+
+
 def ds_config(cfg: TunelabConfig) -> dict:
     """The DeepSpeed config of `cfg.deepspeed` (zero2, zero3 or a JSON file), `auto` values filled."""
     name = cfg.deepspeed

@@ -5,7 +5,8 @@
 - `chunked_ce`: LM head + cross-entropy in token chunks, never the full logits (`fused_loss=true`);
 - `loss.fast_causal_lm_loss_sum`: the SFT loss through both;
 - `compile_decoder_layers`: regional torch.compile of each decoder layer (`torch_compile=true`);
-- `lora_dropout`: LoRA dropout whose masks are recomputed in backward instead of stored;
+- `lora_dropout`: a lean LoRA training forward (PEFT's without its per-call dispatch), with
+  dropout masks recomputed in backward instead of stored on the compiled path;
 - `plan`: which of these a run takes when the keys are left on auto (the default).
 - `memory.apply_memory_levers`: activation offload, token-tiled MLP, compiled NF4 (QLoRA).
 """
@@ -15,13 +16,13 @@ from __future__ import annotations
 import contextlib
 
 from tunelab.config import TunelabConfig
-from tunelab.train.fast.lora_dropout import recompute_lora_dropout
+from tunelab.train.fast.lora_dropout import lean_lora_forward
 from tunelab.train.fast.loss import fast_causal_lm_loss_sum, fast_sequence_logps
 from tunelab.train.fast.memory import apply_memory_levers
 from tunelab.train.fast.varlen import base_model, use_varlen_attention
 
 __all__ = ["apply_speed_levers", "compile_decoder_layers", "fast_causal_lm_loss_sum", "fast_sequence_logps",
-           "recompute_lora_dropout"]
+           "lean_lora_forward"]
 
 
 def compile_decoder_layers(model, backend: str = "inductor") -> int:
@@ -57,12 +58,12 @@ def eager_layers(model):
 
 def apply_speed_levers(model, cfg: TunelabConfig, device=None) -> None:
     """Switch the model to the levers `plan.resolve_speed` decided (after LoRA is applied)."""
-    from tunelab.train.fast.plan import lora_dropout_recomputed
+    from tunelab.train.fast.plan import lean_lora_applies, lora_dropout_recomputed
 
     if cfg.padding_free:
         use_varlen_attention(model)
-    if lora_dropout_recomputed(cfg, device):
-        recompute_lora_dropout(model)
+    if lean_lora_applies(cfg, device):
+        lean_lora_forward(model, recompute_dropout=lora_dropout_recomputed(cfg, device))
     if cfg.torch_compile:
         compile_decoder_layers(model)
     apply_memory_levers(model, cfg)  # after compile: offload wraps the compiled layers

@@ -1,4 +1,4 @@
-"""LoRA dropout without the memory bill: the dropout mask is recomputed in backward, not stored.
+"""A lean LoRA training forward, and LoRA dropout without the memory bill (its mask recomputed in backward).
 
 PEFT computes `lora_B(lora_A(dropout(x)))`. `lora_A` must keep its input for its weight
 gradient, and with dropout that input is a fresh copy of x for every wrapped module (q, k,
@@ -11,6 +11,9 @@ one pointwise kernel with the multiply.
 
 Same distribution as `nn.Dropout(p)`: each element kept with probability 1 - p, scaled by
 1 / (1 - p), independently per module and per step (tests/train/test_fast_lora_dropout.py).
+Uncompiled, that hash costs a dozen kernels a module, so the eager path keeps `F.dropout` (one
+kernel, its mask stored) in the same lean forward: PEFT's per-call checks and module wrappers
+were 10-25 % of an eager SmolLM2-135M hotel step on an H100 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -75,32 +78,37 @@ def dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float, seed: torch.
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs):
-    """PEFT's Linear.forward for one active plain-LoRA adapter in training, dropout recomputed."""
+    """PEFT's Linear.forward for one active plain-LoRA adapter in training, as a few functional calls.
+    PEFT's own forward checks and dispatches per call (mixed batches, variants, casts, its module
+    wrappers): on a small model that host time, 210 LoRA modules a forward, is most of an eager step."""
     adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     plain = (self.training and not self.disable_adapters and not self.merged and not args and not kwargs
              and adapter in self.lora_A and adapter not in getattr(self, "lora_variant", {}))
     if not plain:
         return self._peft_forward(x, *args, **kwargs)
     result = self.base_layer(x)
+    lora_a, lora_b, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
     if not torch.is_autocast_enabled(x.device.type):  # PEFT casts the input to the adapter's dtype too
-        x = x.to(self.lora_A[adapter].weight.dtype)
-    dropout = self.lora_dropout[adapter]
-    lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-    if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-        h = dropped_linear(x, lora_a.weight, dropout.p)
+        x = x.to(lora_a.weight.dtype)
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+    if p > 0 and self._recompute_dropout:
+        h = dropped_linear(x, lora_a.weight, p)
     else:
-        h = lora_a(x)
-    return (result + lora_b(h) * self.scaling[adapter]).to(result.dtype)
+        h = F.linear(F.dropout(x, p, training=True) if p > 0 else x, lora_a.weight, lora_a.bias)
+    return (result + F.linear(h, lora_b.weight, lora_b.bias) * self.scaling[adapter]).to(result.dtype)
 
 
-def recompute_lora_dropout(model) -> int:
-    """Give every PEFT LoRA Linear the recomputed-mask dropout; returns how many were changed."""
+def lean_lora_forward(model, recompute_dropout: bool) -> int:
+    """Give every PEFT LoRA Linear the lean training forward; with `recompute_dropout` its dropout
+    mask is recomputed in backward instead of stored. Returns how many modules were changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     changed = 0
     for module in model.modules():
-        if type(module) is LoraLinear and not hasattr(module, "_peft_forward"):
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_lora_forward, module)
+        if type(module) is LoraLinear:
+            if not hasattr(module, "_peft_forward"):
+                module._peft_forward = module.forward
+                module.forward = types.MethodType(_lora_forward, module)
+            module._recompute_dropout = recompute_dropout
             changed += 1
     return changed

@@ -21,6 +21,7 @@ import time
 import torch
 
 from tunelab.config import TunelabConfig
+from tunelab.errors import TunelabError
 
 # bf16 activations a decoder layer keeps for backward, per token, in units of hidden_size and
 # intermediate_size (measured on the Qwen2.5-7B shape eager, without checkpointing: 66.1 GiB peak for
@@ -111,7 +112,14 @@ def resolve_speed(cfg: TunelabConfig, model, device: torch.device, train_tokens:
         "the LM head is trained, biased or soft-capped"
     fused = decide("fused_loss", "fused loss", head_blocker if auto else None)
     compile_blocker = None
-    if auto and not triton_installed():
+    if zero3_gathers_in_layers(cfg):
+        if cfg.torch_compile:
+            raise TunelabError("torch_compile=true cannot run under DeepSpeed ZeRO-3: it gathers each layer's "
+                               "weights inside the layer, which inductor cannot compile", where="config",
+                               fix="leave torch_compile unset (auto: off under ZeRO-3), use deepspeed=zero2, or "
+                                   "distributed_strategy=fsdp (FSDP2 gathers outside the compiled layers)")
+        compile_blocker = "DeepSpeed ZeRO-3 gathers each layer's weights inside it; inductor cannot compile that"
+    elif auto and not triton_installed():
         compile_blocker = "triton is not installed"
     elif auto and is_quantized(model):
         compile_blocker = "bitsandbytes layers do not compile"
@@ -136,6 +144,14 @@ def resolve_speed(cfg: TunelabConfig, model, device: torch.device, train_tokens:
     if lora_dropout_recomputed(resolved, device):
         notes.append(f"LoRA dropout {cfg.lora_dropout} with masks recomputed in backward (no stored copies)")
     return SpeedPlan(resolved, notes)
+
+
+def zero3_gathers_in_layers(cfg: TunelabConfig) -> bool:
+    """DeepSpeed ZeRO-3 gathers a layer's weights with `set_` inside its forward: torch 2.11's inductor
+    fails to lower it (LoweringException on aten.set_.source_Tensor, 2 x H100, docs/benchmarks.md)."""
+    from tunelab.train.deepspeed import zero_stage
+
+    return bool(cfg.deepspeed) and zero_stage(cfg) == 3
 
 
 def triton_installed() -> bool:
@@ -180,6 +196,13 @@ def matmul_peak_flops(device: str) -> float:
         a @ b
     torch.cuda.synchronize(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def lean_lora_applies(cfg: TunelabConfig, device) -> bool:
+    """The lean LoRA forward (train/fast/lora_dropout.py) replaces PEFT's on the fast path (CUDA, auto);
+    DoRA keeps PEFT's (its magnitude vector is a variant the lean forward does not compute)."""
+    return (device is not None and _auto(cfg, torch.device(device)) and cfg.finetuning_type == "lora"
+            and not cfg.use_dora)
 
 
 def lora_dropout_recomputed(cfg: TunelabConfig, device) -> bool:
