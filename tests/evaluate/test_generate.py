@@ -238,6 +238,37 @@ def test_generate_batch_decodes_in_slots_by_default(model, tok, prompts, monkeyp
     assert generate_batch(model, tok, [], options, progress=False) == []
 
 
+@pytest.mark.parametrize("slots", [True, False], ids=["slots", "static batches"])
+def test_the_progress_bar_counts_samples_and_generated_tokens_a_second(model, tok, prompts, monkeypatch, slots):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.postfix = total, 0, {}
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **values):
+            self.postfix = values
+
+        def reset(self):
+            self.n = 0
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    options = GenerationOptions(max_new_tokens=6)
+    out = generate_batch(model, tok, prompts, options, batch_size=2, fast=True, slots=slots)
+    (bar,) = bars
+    assert bar.n == bar.total == len(prompts)
+    assert float(bar.postfix["tok_s"]) > 0 and sum(len(g.token_ids) for g in out) == len(prompts) * 6
+
+
 def test_a_finished_decode_frees_its_kv_cache_without_the_cycle_collector(model, tok, prompts, monkeypatch):
     """The slot decoder's cache must go when the decode ends: a reference cycle (decoder <-> its
     layers) kept every finished decode's KV cache on the GPU until gc ran, and repeated decodes

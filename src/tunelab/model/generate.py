@@ -581,7 +581,7 @@ def _slot_decode(model, prompts: Sequence[Sequence[int]], options: GenerationOpt
                  pad_id: int, slots: int, use_graph: bool, bucketed: bool | None = None,
                  sync_steps: int | None = None, finished=None) -> list[list[int]]:
     """Tokens of each prompt (up to and including its first stop token) by continuous batching in
-    the `slots` rows of a `SlotDecoder`; `finished(1)` is called per prompt done (a progress bar).
+    the `slots` rows of a `SlotDecoder`; `finished(1, tokens)` is called per prompt done (a progress bar).
     `sync_steps`: decode steps between two reads of which rows finished (default SLOT_SYNC_STEPS
     on CUDA, where a read waits for the GPU to drain; 1 on the CPU, where it costs nothing)."""
     if not prompts:
@@ -647,12 +647,13 @@ class _SlotRun:
         return [row[:count] for row, count in zip(rows, counts)]
 
     def _free_finished(self, finished) -> None:
-        for slot, done in enumerate(self.done.tolist()):  # the host sync
-            if done and self.slot_prompt[slot] is not None:
+        done, counts = torch.stack([self.done.long(), self.count[self.owner]]).tolist()  # the host sync
+        for slot, (ended, count) in enumerate(zip(done, counts)):
+            if ended and self.slot_prompt[slot] is not None:
                 self.decoder.free(slot)
                 self.slot_prompt[slot] = None
                 if finished is not None:
-                    finished(1)
+                    finished(1, count)
 
     def _admit(self) -> None:
         free = self.decoder.free_slots()
@@ -823,17 +824,17 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
     use_slots = (fast is not False and slots is not False and slots_apply(model, options)
                  and id(model) not in _SLOTS_FAILED)
     fast = fast_path(model, fast)
-    bar = tqdm(total=len(prompts), unit="sample", desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = _Progress(tqdm(total=len(prompts), unit="sample", desc=desc, disable=not progress, dynamic_ncols=True))
     try:
         rows = None
         if use_slots:
-            rows = _slot_tokens(model, [prompts[i] for i in order], options, stop_ids, pad_id, batch_size, bar.update)
+            rows = _slot_tokens(model, [prompts[i] for i in order], options, stop_ids, pad_id, batch_size, bar.done)
         if rows is None:
             bar.reset()
             rows = _batched_tokens(model, tokenizer, [prompts[i] for i in order], options, stop_ids, pad_id,
                                    batch_size, fast and not options.json_after, bar)
     finally:
-        bar.close()
+        bar.bar.close()
         model.train(was_training)
     results: list[Generation | None] = [None] * len(prompts)
     for index, tokens in zip(order, rows):
@@ -841,17 +842,31 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
     return results  # type: ignore[return-value]
 
 
+class _Progress:
+    """`generate_batch`'s progress bar: samples done, and generated tokens a second since the start."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.reset()
+
+    def reset(self) -> None:
+        self.bar.reset()
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def done(self, samples: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(samples)
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):.0f}")
+
+
 def _batched_tokens(model, tokenizer, prompts, options, stop_ids, pad_id, batch_size: int, fast: bool,
-                    bar) -> list[list[int]]:
+                    bar: _Progress) -> list[list[int]]:
     """Tokens of each prompt, decoded in consecutive batches of `batch_size` prompts."""
     rows: list[list[int]] = []
-    started = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        rows += _batch_tokens(model, batch, options, stop_ids, pad_id, fast, tokenizer)
-        bar.update(len(batch))
-        new_tokens = sum(map(len, rows))
-        bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+        batch = _batch_tokens(model, prompts[start:start + batch_size], options, stop_ids, pad_id, fast, tokenizer)
+        rows += batch
+        bar.done(len(batch), sum(map(len, batch)))
     return rows
 
 
