@@ -199,10 +199,12 @@ def matmul_peak_flops(device: str) -> float:
 
 
 def lean_lora_applies(cfg: TunelabConfig, device) -> bool:
-    """The lean LoRA forward (train/fast/lora_dropout.py) replaces PEFT's on the fast path (CUDA, auto);
-    DoRA keeps PEFT's (its magnitude vector is a variant the lean forward does not compute)."""
+    """The lean LoRA forward (train/fast/lora_dropout.py) replaces PEFT's on the fast path (CUDA, auto).
+    DoRA keeps PEFT's (its magnitude vector is a variant the lean forward does not compute), and so does
+    DeepSpeed ZeRO-3, which gathers a module's weights in a hook on that module's own call: the lean
+    forward reads lora_A's and lora_B's weights without calling them."""
     return (device is not None and _auto(cfg, torch.device(device)) and cfg.finetuning_type == "lora"
-            and not cfg.use_dora)
+            and not cfg.use_dora and not zero3_gathers_in_layers(cfg))
 
 
 def lora_dropout_recomputed(cfg: TunelabConfig, device) -> bool:
