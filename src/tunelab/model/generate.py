@@ -393,8 +393,9 @@ class SlotDecoder:
 
     The decode step always has the same shapes for a given (rows, window) bucket (rows: slots up
     to the highest one in use, rounded up to a power of two; window: columns up to the longest
-    request, rounded up by `window_bucket`), so on CUDA each bucket is captured once as a CUDA graph and replayed per token,
-    as `_StaticDecoder` does for `tunelab eval`: a small model's decode is launch-bound. Free
+    request, rounded up by `window_bucket`), so on CUDA each bucket is captured once as a CUDA
+    graph and replayed per token, as `_StaticDecoder` does for `tunelab eval`: a small model's
+    decode is launch-bound. Free
     slots inside the bucket decode a padding token that nobody reads. On the CPU the step runs
     eagerly on exactly the rows and columns in use.
     """

@@ -80,7 +80,7 @@ def dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float, seed: torch.
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs):
     """PEFT's Linear.forward for one active plain-LoRA adapter in training, as a few functional calls.
     PEFT's own forward checks and dispatches per call (mixed batches, variants, casts, its module
-    wrappers): on a small model that host time, 210 LoRA modules a forward, is most of an eager step."""
+    wrappers): on SmolLM2-135M (210 LoRA modules a forward) that host time was 10-25 % of an eager step."""
     adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     plain = (self.training and not self.disable_adapters and not self.merged and not args and not kwargs
              and adapter in self.lora_A and adapter not in getattr(self, "lora_variant", {}))
