@@ -548,14 +548,14 @@ class SlotDecoder:
         return capture_graph(self._step, self.device, pool=self.pool)
 
 
-def _bucket(n: int, smallest: int = 1) -> int:
-    """The power of two >= n (at least `smallest`)."""
-    return max(smallest, 1 << (n - 1).bit_length())
+def _bucket(n: int) -> int:
+    """The power of two >= n (the rows of a captured decode step)."""
+    return 1 << (n - 1).bit_length()
 
 
-# Window buckets per power of two. On the hotel test set (256 slots, SmolLM2-135M, one H100) 2 read
-# 14 % fewer key/value columns than powers of two only for 8 captured graphs instead of 5, and decoded
-# fastest of 1, 2, 4 and 8 (121 vs 110-124 noisy, 108 samples/s; docs/benchmarks.md).
+# Window buckets per power of two. On the hotel test set (256 slots, SmolLM2-135M, one H100) a grid of 2
+# read 14 % fewer key/value columns than powers of two only, for 8 captured graphs instead of 5, and
+# decoded 121 samples/s against 110-119 (1), 113-124 (4) and 108 (8) (docs/benchmarks.md).
 WINDOW_STEPS_PER_OCTAVE = 2
 SMALLEST_WINDOW = 64
 
@@ -835,7 +835,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], options: 
             rows = _batched_tokens(model, tokenizer, [prompts[i] for i in order], options, stop_ids, pad_id,
                                    batch_size, fast and not options.json_after, bar)
     finally:
-        bar.bar.close()
+        bar.close()
         model.train(was_training)
     results: list[Generation | None] = [None] * len(prompts)
     for index, tokens in zip(order, rows):
@@ -858,6 +858,9 @@ class _Progress:
         self.tokens += tokens
         self.bar.update(samples)
         self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _batched_tokens(model, tokenizer, prompts, options, stop_ids, pad_id, batch_size: int, fast: bool,

@@ -13,7 +13,7 @@ Same distribution as `nn.Dropout(p)`: each element kept with probability 1 - p, 
 1 / (1 - p), independently per module and per step (tests/train/test_fast_lora_dropout.py).
 Uncompiled, that hash costs a dozen kernels a module, so the eager path keeps `F.dropout` (one
 kernel, its mask stored) in the same lean forward: PEFT's per-call checks and module wrappers
-were 10-25 % of an eager SmolLM2-135M hotel step on an H100 (docs/benchmarks.md).
+were 10-25 % of an eager SmolLM2-135M hotel step on an H100 (docs/results.md, "Hotel with folding").
 """
 
 from __future__ import annotations
