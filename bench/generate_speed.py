@@ -21,7 +21,10 @@ transformers < 5.2x), `dynamic` = the shrinking dynamic-cache loop (default on C
 (transformers' continuous batching, paged attention). Each mode runs once on a few rows untimed
 (CUDA graph capture, kernel autotuning), then on all rows. Prints samples/s, generated tokens/s
 and, against the first mode, the share of rows with identical tokens. `--sync-every K`: the slot
-decoder's steps between two host reads of which rows finished (model/generate.py SLOT_SYNC_STEPS).
+decoder's steps between two host reads of which rows finished (model/generate.py SLOT_SYNC_STEPS);
+`--window-grid N`: its decode windows per power of two (WINDOW_STEPS_PER_OCTAVE). A mode named
+twice runs twice in the process (`--modes slots,slots`: the second run's graphs are captured anew,
+its kernels already loaded).
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight model of this shape")
     ap.add_argument("--adapter", help="a LoRA adapter folder, folded into --model's weights as `tunelab eval` does")
     ap.add_argument("--sync-every", type=int, help="slot decoder: decode steps between reads of finished rows")
+    ap.add_argument("--window-grid", type=int, help="slot decoder: decode windows per power of two")
     ap.add_argument("--data", default="../shared/data/hotel/test.jsonl")
     ap.add_argument("--rows", type=int, default=517)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -160,6 +164,8 @@ def main() -> None:
     tok, model = load(args)
     if args.sync_every:
         generate.SLOT_SYNC_STEPS = args.sync_every
+    if args.window_grid:
+        generate.WINDOW_STEPS_PER_OCTAVE = args.window_grid
     template = resolve_template("hotel", tok)
     samples = get_task("hotel").load(args.data, limit=args.rows)
     prompts, stops = encode_prompts(samples, tok, template), stop_token_ids(tok, template)
