@@ -12,7 +12,9 @@ continuous batching), same prompts, same greedy settings, one call.
     python bench/generate_speed.py --device cpu --rows 32 --batch-size 8 --modes dynamic,slots,static,hf
 
 Modes: `slots` = continuous batching in the slots of a static KV cache (`batch-size` slots, a
-finished row's slot refilled at once; CUDA-graph decode step; tunelab's default on CUDA), `static`
+finished row's slot refilled at once; CUDA-graph decode step; each row's attention reads its own
+columns, model/decode_kernel.py; tunelab's default on CUDA), `slots-masked` = `slots` with masked
+SDPA over the longest row's window (before that kernel), `static`
 = static batches of `batch-size` prompts with a static KV cache + CUDA-graph decode step, each batch
 running until its longest row ends, `static-repeat-kv` = `static` with transformers' own SDPA in
 prefill and decode (before model/attention.py: masked prefill, KV heads repeated per step on
@@ -20,7 +22,7 @@ transformers < 5.2x), `dynamic` = the shrinking dynamic-cache loop (default on C
 `model.generate` on the same length-sorted, left-padded batches, `hf-cb` = `model.generate_batch`
 (transformers' continuous batching, paged attention). Each mode runs once on a few rows untimed
 (CUDA graph capture, kernel autotuning), then on all rows. Prints samples/s, generated tokens/s
-and, against the first mode, the share of rows with identical tokens. `--sync-every K`: the slot
+and, against each earlier mode, the share of rows with identical tokens. `--sync-every K`: the slot
 decoder's steps between two host reads of which rows finished (model/generate.py SLOT_SYNC_STEPS);
 `--window-grid N`: its decode windows per power of two (WINDOW_STEPS_PER_OCTAVE). A mode named
 twice runs twice in the process (`--modes slots,slots`: the second run's graphs are captured anew,
@@ -54,6 +56,18 @@ def run_ours(model, tok, prompts, options, stops, batch_size, fast, slots=False)
     gens = generate_batch(model, tok, prompts, options, stops, batch_size=batch_size, progress=False, fast=fast,
                           slots=slots)
     return [g.token_ids for g in gens]
+
+
+def run_masked(model, tok, prompts, options, stops, batch_size):
+    """`slots` with attention over the masked window of the longest row (before model/decode_kernel.py)."""
+    from tunelab.model import decode_kernel
+
+    available = decode_kernel.kernel_available
+    decode_kernel.kernel_available = lambda device: False
+    try:
+        return run_ours(model, tok, prompts, options, stops, batch_size, True, slots=True)
+    finally:
+        decode_kernel.kernel_available = available
 
 
 def run_repeat_kv(model, tok, prompts, options, stops, batch_size):
@@ -178,13 +192,14 @@ def main() -> None:
           f"steps), max_new_tokens {args.max_new_tokens}, greedy")
     runners = {
         "slots": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True, slots=True),
+        "slots-masked": lambda p: run_masked(model, tok, p, options, stops, args.batch_size),
         "static": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, True),
         "static-repeat-kv": lambda p: run_repeat_kv(model, tok, p, options, stops, args.batch_size),
         "dynamic": lambda p: run_ours(model, tok, p, options, stops, args.batch_size, False),
         "hf": lambda p: run_hf(model, tok, p, options, stops, args.batch_size),
         "hf-cb": lambda p: run_hf_cb(model, tok, p, options, stops, args.batch_size),
     }
-    first = None
+    first, earlier = None, []
     for mode in args.modes.split(","):
         try:
             runners[mode](prompts[:8])  # warm-up: graph capture, autotuning, allocator
@@ -201,12 +216,11 @@ def main() -> None:
         if args.profile and first is None:
             profile(lambda: runners[mode](prompts[-args.batch_size:]))
         tokens = sum(map(len, strip_stop(rows, stops)))
-        same = ""
-        if first is None:
-            first = (mode, rows)
-        else:
-            agree = sum(a == b for a, b in zip(rows, first[1])) / len(rows)
-            same = f"  identical to {first[0]}: {100 * agree:.1f}% of rows"
+        first = first or mode
+        same = ", ".join(f"{name} {100 * sum(a == b for a, b in zip(rows, theirs)) / len(rows):.1f}%"
+                         for name, theirs in earlier)
+        same = f"  identical rows: {same}" if same else ""
+        earlier.append((mode, rows))
         print(f"{mode:8s}: {len(prompts) / took:8.2f} samples/s  {tokens / took:9.1f} generated tokens/s  "
               f"({took:.2f} s){same}")
 

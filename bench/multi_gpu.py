@@ -104,6 +104,7 @@ def worker(args) -> None:
     from tunelab.train.optim import build_optimizer, build_scheduler
     from tunelab.train.step import optimizer_step, settle_steps
 
+    launched = time.perf_counter()
     torch._dynamo.config.recompile_limit = 64
     world, shape, keys, micro, per_step = MODES[args.mode]
     shape = args.model or shape
@@ -141,6 +142,9 @@ def worker(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     row_totals = distributed.RowTotals(objective, samples)  # the global step's weight, on the host as the loop does
     steps, seconds, tokens, lengths = [], 0.0, 0, []
+    began = time.perf_counter()
+    if dist.is_main:  # progress on stderr: a slow compile is told from a hang by these lines
+        print(f"{args.mode}: set up in {began - launched:.0f} s", file=sys.stderr, flush=True)
     sample_lengths = [len(s) for s in samples] if cfg.padding_free else None  # as the loop shares a step
     for i in range(args.steps + args.warmup):
         # The global step: `per_step` samples as micro-batches of `micro`, split by rank as the loop does.
@@ -155,6 +159,9 @@ def worker(args) -> None:
                                totals=totals)
         sync()
         steps.append(stats)
+        if dist.is_main:
+            print(f"{args.mode}: step {i + 1} took {time.perf_counter() - start:.1f} s "
+                  f"({time.perf_counter() - began:.0f} s since set-up)", file=sys.stderr, flush=True)
         if i >= args.warmup:
             seconds += time.perf_counter() - start
             tokens += stats.real_tokens

@@ -373,3 +373,33 @@ def test_slots_on_the_embedded_model_equal_the_dynamic_loop_and_static_batches()
     assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
     assert slot_rows(model, tok, prompts, options, stops, slots=2, bucketed=True) == [g.token_ids for g in dynamic]
     assert {g.finish_reason for g in dynamic} == {"stop", "length"}
+
+
+def test_slots_reading_only_each_rows_columns_equal_the_masked_window(model, tok, prompts, monkeypatch):
+    """With the length-aware decode attention (`model/decode_kernel.py`, CUDA; masked SDPA computes the
+    same here) every step reads the whole cache as one window, each row only up to its own column:
+    the same tokens as the bucketed windows, one window for every step."""
+    import tunelab.model.attention as attention
+    import tunelab.model.generate as generate
+
+    options = GenerationOptions(max_new_tokens=12)
+    stops = [one_by_one(model, tok, prompts, options)[1].token_ids[2]]
+    windowed = [slot_rows(model, tok, prompts, options, s, slots=2, bucketed=True) for s in ((), stops)]
+    seen = []
+    original_init, original_attention = generate.SlotDecoder.__init__, attention.decode_by_length
+
+    def length_aware(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.length_aware = True
+
+    def recorded(query, key, value, lengths, scale=None):
+        seen.append((key.shape[2], lengths.tolist()))
+        return original_attention(query, key, value, lengths, scale)
+
+    monkeypatch.setattr(generate.SlotDecoder, "__init__", length_aware)
+    monkeypatch.setattr(attention, "decode_by_length", recorded)
+    assert [slot_rows(model, tok, prompts, options, s, slots=2, bucketed=True) for s in ((), stops)] == windowed
+    # One window for every step: the cache's width (the longest prompt, 12 new tokens, 3 steps between syncs)
+    assert {window for window, _ in seen} == {max(map(len, prompts)) + 12 + 3}
+    assert all(max(lengths) <= window for window, lengths in seen)
+    assert any(len(set(lengths)) > 1 for _, lengths in seen)  # rows of different lengths in one step

@@ -11,7 +11,8 @@
   batch that prefill took 2.4 s of a 3.6 s batch on an H100). Decode: one query token per row,
   the query heads of a key/value head read as that head's query rows, so the cache is never
   copied per head (transformers < 5.2x repeats every key/value head when a mask is given: the
-  whole static cache copied in every layer at every step).
+  whole static cache copied in every layer at every step). Under `decode_lengths` (the slot
+  decoder on CUDA) each row reads only its own columns (`model/decode_kernel.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.model.decode_kernel import decode_by_length
 
 
 def varlen_kernel():
@@ -88,6 +91,8 @@ class PrefillLayout:
 
 
 _PREFILL: contextvars.ContextVar[PrefillLayout | None] = contextvars.ContextVar("tunelab_prefill", default=None)
+_DECODE_LENGTHS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("tunelab_decode_lengths",
+                                                                                     default=None)
 
 
 @contextlib.contextmanager
@@ -98,6 +103,17 @@ def prefill_layout(layout: PrefillLayout):
         yield
     finally:
         _PREFILL.reset(token)
+
+
+@contextlib.contextmanager
+def decode_lengths(lengths: torch.Tensor):
+    """Decode steps inside this block attend to the first lengths[row] key/value columns of each
+    row (`model/decode_kernel.py`): no mask is read, and no column past a row's own."""
+    token = _DECODE_LENGTHS.set(lengths)
+    try:
+        yield
+    finally:
+        _DECODE_LENGTHS.reset(token)
 
 
 def _prefill_attention(query, key, value, layout: PrefillLayout, scaling):
@@ -125,11 +141,15 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     if length > 1 and layout is not None:
         return _prefill_attention(query, key, value, layout, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
-    if length != 1 or groups == 1:
+    lengths = _DECODE_LENGTHS.get()
+    if length != 1 or (groups == 1 and lengths is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     # [batch, heads, 1, dim] -> [batch, kv_heads, groups, dim]: query head h uses kv head h // groups.
     packed = query.reshape(batch, heads // groups, groups, dim)
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    if lengths is not None:
+        out = decode_by_length(packed, key, value, lengths, scaling)
+    else:
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 

@@ -42,7 +42,14 @@ from transformers.generation.logits_process import (
 
 from tunelab.data.collate import pad_id_for
 from tunelab.errors import TunelabError
-from tunelab.model.attention import DECODE_ATTENTION, PrefillLayout, grouped_query_decode, prefill_layout
+from tunelab.model.attention import (
+    DECODE_ATTENTION,
+    PrefillLayout,
+    decode_lengths,
+    grouped_query_decode,
+    prefill_layout,
+)
+from tunelab.model.decode_kernel import uses_kernel
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +403,9 @@ class SlotDecoder:
     request, rounded up by `window_bucket`), so on CUDA each bucket is captured once as a CUDA
     graph and replayed per token, as `_StaticDecoder` does for `tunelab eval`: a small model's
     decode is launch-bound. Free
-    slots inside the bucket decode a padding token that nobody reads. On the CPU the step runs
+    slots inside the bucket decode a padding token that nobody reads. On CUDA in half precision
+    (`length_aware`) attention reads each row's own columns only (`model/decode_kernel.py`): the
+    window is then the whole cache and only the rows are bucketed. On the CPU the step runs
     eagerly on exactly the rows and columns in use.
     """
 
@@ -422,6 +431,9 @@ class SlotDecoder:
         self.lengths = [0] * slots  # host copy of `columns` for occupied slots (no device sync to pick a bucket)
         self.rows, self.window = slots, length
         self.bucketed = use_graph  # rows and window rounded up to a captured bucket (tests set it alone on the CPU)
+        # Under `grouped_query_decode` each row reads only its own columns (model/decode_kernel.py): the window
+        # is then the whole cache, one graph per rows bucket (tests set it on the CPU, where SDPA computes it).
+        self.length_aware = use_graph and uses_kernel(torch.empty(0, dtype=self.dtype, device=self.device))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.steps, self.capture_seconds = 0, 0.0  # for the log: decode steps run, time spent capturing
@@ -493,7 +505,8 @@ class SlotDecoder:
         occupied = [s for s in range(self.slots) if self.lengths[s]]
         last, longest = occupied[-1] + 1, max(self.lengths) + 1
         if self.bucketed:
-            self.rows, self.window = min(_bucket(last), self.slots), min(window_bucket(longest), self.length)
+            window = self.length if self.reads_by_length() else min(window_bucket(longest), self.length)
+            self.rows, self.window = min(_bucket(last), self.slots), window
         else:
             self.rows, self.window = last, longest
         logits = self._graph_step() if self.use_graph else self._step()
@@ -508,6 +521,8 @@ class SlotDecoder:
         so that no request waits for a capture. Every slot is free: the steps run are harmless."""
         rows = sorted({min(_bucket(n), self.slots) for n in range(1, self.slots + 1)}, reverse=True)
         windows = sorted({min(window_bucket(n), self.length) for n in range(1, self.length + 1)}, reverse=True)
+        if self.reads_by_length():
+            windows = [self.length]
         started = time.perf_counter()
         for window in windows:
             for count in rows:
@@ -517,14 +532,21 @@ class SlotDecoder:
                     return  # a capture failed (logged): the step runs eagerly from now on
         log.info("captured %d decode steps as CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
 
+    def reads_by_length(self) -> bool:
+        """Whether a step's attention reads each row's own columns only (`decode_lengths`)."""
+        return self.length_aware and getattr(self.model.config, "_attn_implementation", None) == DECODE_ATTENTION
+
     def _step(self) -> torch.Tensor:
         rows = self.row_index[:self.rows]
         self.valid[rows, self.columns[:self.rows]] = self.yes[:self.rows]  # the token fed now sits at its column
         mask = additive_mask(self.valid[:self.rows, None, None, :self.window], self.dtype)
         extra = {"cache_position": self.cache_position} if self.takes_position else {}
-        return self.model(input_ids=self.step_ids[:self.rows], attention_mask=mask,
-                          position_ids=self.columns[:self.rows, None], use_cache=True, logits_to_keep=1,
-                          **{self.cache_key: self.cache}, **extra).logits[:, -1, :]
+        # A row attends to its columns up to the one written now (`valid` is always such a prefix).
+        by_length = decode_lengths(self.columns[:self.rows] + 1) if self.reads_by_length() else contextlib.nullcontext()
+        with by_length:
+            return self.model(input_ids=self.step_ids[:self.rows], attention_mask=mask,
+                              position_ids=self.columns[:self.rows, None], use_cache=True, logits_to_keep=1,
+                              **{self.cache_key: self.cache}, **extra).logits[:, -1, :]
 
     def _graph_step(self) -> torch.Tensor:
         key = (self.rows, self.window)

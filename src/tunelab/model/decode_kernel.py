@@ -1,0 +1,105 @@
+"""Decode attention that reads only each row's own key/value columns.
+
+A slot decoder's rows (`model/generate.SlotDecoder`) hold requests of very different lengths
+in one static cache. SDPA with a mask reads every row's columns up to the batch's window (the
+longest row, rounded up to a captured bucket) and masks most of them away: on the hotel test
+set a decode step read about 10x the columns its rows use (`bench/slot_windows.py`), and with
+a 135M model those reads are most of the step. torch's FlashAttention varlen kernel would take
+per-row key lengths (`seqused_k`) only in releases newer than the one on our GPU image, so this
+is a small Triton kernel of our own: one program per (row, key/value head) walks the row's
+first `lengths[row]` columns in blocks with an online softmax (the query heads that share the
+key/value head are the rows of one tensor-core product, as in FlashDecoding). The lengths are
+read on the device, so a step stays capturable as one CUDA graph whatever its rows' lengths.
+
+`decode_by_length` runs the kernel on CUDA (where Triton is installed) and the same attention
+through masked SDPA elsewhere (the reference the kernel is tested against).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_COLUMNS = 64  # key/value columns per iteration of a program
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether `decode_by_length` runs the Triton kernel on `device` (else masked SDPA)."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def uses_kernel(query: torch.Tensor) -> bool:
+    """Half precision on CUDA (fp32 would go through TF32 tensor cores: the reference keeps it exact)."""
+    return kernel_available(query.device) and query.dtype in (torch.bfloat16, torch.float16)
+
+
+def decode_by_length(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor,
+                     scale: float | None = None, use_kernel: bool | None = None) -> torch.Tensor:
+    """One query token per row. query [rows, kv_heads, groups, dim] (the query heads of key/value
+    head h in row h); key/value [rows, kv_heads, window, dim]; row r attends to its columns
+    0 .. lengths[r] - 1 (lengths >= 1). Returns [rows, kv_heads, groups, dim] in query's dtype."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if not (uses_kernel(query) if use_kernel is None else use_kernel):
+        return decode_by_length_reference(query, key, value, lengths, scale)
+    import triton
+
+    rows, heads, groups, dim = query.shape
+    out = torch.empty_like(query)
+    _kernel()[(rows, heads)](
+        query, key, value, lengths, out, scale,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
+        GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), DIM=dim,
+        DIM_PAD=max(16, triton.next_power_of_2(dim)), BLOCK=BLOCK_COLUMNS)
+    return out
+
+
+def decode_by_length_reference(query, key, value, lengths, scale: float) -> torch.Tensor:
+    """The same attention as masked SDPA over the whole window."""
+    allowed = torch.arange(key.shape[2], device=key.device)[None, :] < lengths[:, None]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None, None, :], scale=scale)
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_kernel(Q, K, V, Lengths, Out, scale,
+                      sq_row, sq_head, sq_group, sk_row, sk_head, sk_col, sv_row, sv_head, sv_col,
+                      so_row, so_head, so_group,
+                      GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        n = tl.load(Lengths + row)
+        group = tl.arange(0, GROUPS_PAD)
+        d = tl.arange(0, DIM_PAD)
+        q_mask = (group[:, None] < GROUPS) & (d[None, :] < DIM)
+        q = tl.load(Q + row * sq_row + head * sq_head + group[:, None] * sq_group + d[None, :], mask=q_mask, other=0.0)
+        k_start = K + row * sk_row + head * sk_head
+        v_start = V + row * sv_row + head * sv_head
+        best = tl.full([GROUPS_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUPS_PAD], tl.float32)
+        acc = tl.zeros([GROUPS_PAD, DIM_PAD], tl.float32)
+        for start in range(0, n, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            kv_mask = (cols[:, None] < n) & (d[None, :] < DIM)
+            k = tl.load(k_start + cols[:, None] * sk_col + d[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale  # [GROUPS_PAD, BLOCK] in fp32
+            scores = tl.where(cols[None, :] < n, scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(scores - new_best[:, None])
+            total = total * rescale + tl.sum(p, axis=1)
+            v = tl.load(v_start + cols[:, None] * sv_col + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            best = new_best
+        out = acc / total[:, None]
+        tl.store(Out + row * so_row + head * so_head + group[:, None] * so_group + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=q_mask)
+
+    return decode_kernel
