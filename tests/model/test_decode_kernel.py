@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -68,3 +69,16 @@ def test_the_kernel_runs_on_cuda_in_half_precision_only(monkeypatch):
     monkeypatch.setattr(decode_kernel, "kernel_available", lambda device: True)
     assert decode_kernel.uses_kernel(query.bfloat16()) and decode_kernel.uses_kernel(query.half())
     assert not decode_kernel.uses_kernel(query)  # fp32: TF32 products would round it
+
+
+def test_a_kernel_that_cannot_build_leaves_decoding_on_sdpa_with_a_warning(monkeypatch, caplog):
+    """Triton needs the host's C compiler to build a kernel: where it fails, generation keeps the
+    masked-SDPA path (checked once per device) instead of failing mid-evaluation."""
+    def no_compiler():
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(decode_kernel, "_kernel", no_compiler)
+    monkeypatch.setattr(logging.getLogger("tunelab"), "propagate", True)  # the CLI turns it off
+    with caplog.at_level("WARNING", logger="tunelab"):
+        assert decode_kernel._kernel_works.__wrapped__(torch.device("cpu")) is False
+    assert "does not run here (RuntimeError: Failed to find C compiler" in caplog.text

@@ -19,16 +19,43 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 BLOCK_COLUMNS = 64  # key/value columns per iteration of a program
 
 
 def kernel_available(device: torch.device) -> bool:
-    """Whether `decode_by_length` runs the Triton kernel on `device` (else masked SDPA)."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """Whether `decode_by_length` runs the Triton kernel on `device` (else masked SDPA): CUDA, Triton
+    installed, and the kernel builds and agrees with the reference there."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None and _kernel_works(device)
+
+
+@functools.cache
+def _kernel_works(device: torch.device) -> bool:
+    """Run the kernel once on a small case (once a device and process). Triton compiles its launcher
+    with the host's C compiler, which a slim container may lack: decoding then keeps masked SDPA
+    with a warning, rather than failing in the middle of an evaluation or a server's start."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(shape, generator=generator).to(device, torch.bfloat16)
+                         for shape in ((2, 1, 3, 64), (2, 1, 80, 64), (2, 1, 80, 64)))
+    lengths = torch.tensor([1, 70], device=device)
+    try:
+        out = decode_by_length(query, key, value, lengths, use_kernel=True).float()
+    except Exception as exc:  # noqa: BLE001 - any failure to build or launch: the reference still works
+        log.warning("the length-aware decode kernel does not run here (%s: %s); decoding reads the masked window "
+                    "(slower on long prompts)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    expected = decode_by_length_reference(query.float(), key.float(), value.float(), lengths, 64 ** -0.5)
+    if not torch.allclose(out, expected, atol=2e-2, rtol=2e-2):
+        log.warning("the length-aware decode kernel disagrees with SDPA here (max difference %.3g); decoding "
+                    "reads the masked window", (out - expected).abs().max().item())
+        return False
+    return True
 
 
 def uses_kernel(query: torch.Tensor) -> bool:
