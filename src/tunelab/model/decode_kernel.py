@@ -69,7 +69,7 @@ def decode_by_length(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     head h in row h); key/value [rows, kv_heads, window, dim]; row r attends to its columns
     0 .. lengths[r] - 1 (lengths >= 1). Returns [rows, kv_heads, groups, dim] in query's dtype."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if not (uses_kernel(query) if use_kernel is None else use_kernel):
+    if not (uses_kernel(query) and key.dtype == value.dtype == query.dtype if use_kernel is None else use_kernel):
         return decode_by_length_reference(query, key, value, lengths, scale)
     import triton
 
