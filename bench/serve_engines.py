@@ -4,7 +4,8 @@
     python bench/serve_engines.py --requests 16 --max-tokens 16                 # CPU
     python bench/serve_engines.py --requests 256 --max-tokens 128 --device cuda [--adapter runs/x]
 
-All requests are submitted at once to both; greedy. Prints completion tokens/s of each and how
+All requests are submitted at once to each; greedy. On CUDA without an adapter also `SlotBatcher`
+(static KV slots, CUDA graphs: what `tunelab serve` runs there). Prints completion tokens/s of each and how
 many answers agree with each other and with `model.generate` run alone on the first `--check` prompts.
 """
 
@@ -24,23 +25,38 @@ from serve_load import prompts  # noqa: E402  (the same questions as the load te
 
 from tunelab.data.types import Message  # noqa: E402
 from tunelab.model.generate import GenerationOptions  # noqa: E402
-from tunelab.serve.batching import Batcher, Job  # noqa: E402
+from tunelab.serve.batching import Batcher, Job, SlotBatcher  # noqa: E402
 from tunelab.serve.engine import load_engine  # noqa: E402
 
 
-def ours(engine, ids: list[list[int]], max_tokens: int, adapter: str | None) -> tuple[list[list[int]], float]:
-    batcher = Batcher(engine, max_batch=len(ids), max_waiting=len(ids))
+def ours(engine, ids: list[list[int]], max_tokens: int, adapter: str | None,
+         slots: bool = False) -> tuple[list[list[int]], float]:
+    """`Batcher` (dynamic caches: the CPU, adapters) or `SlotBatcher` (static KV slots, CUDA graphs: the
+    GPU default for a base model, its graphs captured before the clock starts)."""
+    if slots:
+        batcher = SlotBatcher(engine, max_batch=min(len(ids), SLOTS), max_waiting=len(ids))
+        run_jobs(engine, batcher, ids[:1], 2, adapter)  # waits for the captures at start
+    else:
+        batcher = Batcher(engine, max_batch=len(ids), max_waiting=len(ids))
+    started = time.perf_counter()
+    tokens = run_jobs(engine, batcher, ids, max_tokens, adapter)
+    wall = time.perf_counter() - started
+    batcher.close()
+    return tokens, wall
+
+
+SLOTS = 128  # SlotBatcher rows: each holds the whole context (8,192 tokens for SmolLM2)
+
+
+def run_jobs(engine, batcher, ids, max_tokens: int, adapter: str | None) -> list[list[int]]:
     events = [queue.Queue() for _ in ids]
     jobs = [Job(prompt=p, options=GenerationOptions(max_new_tokens=max_tokens), emit=q.put, adapter=adapter,
                 stop_ids=frozenset(engine.stop_ids)) for p, q in zip(ids, events)]
-    started = time.perf_counter()
     batcher.submit(jobs)
     for q in events:
         while q.get()[0] == "token":
             pass
-    wall = time.perf_counter() - started
-    batcher.close()
-    return [j.tokens for j in jobs], wall
+    return [j.tokens for j in jobs]
 
 
 def theirs(engine, ids: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
@@ -88,10 +104,12 @@ def main() -> int:
             reference.append(until_stop(out[0, len(p):].tolist(), engine.stop_ids))
         ours_tokens, ours_wall = ours(engine, ids, args.max_tokens, adapter)
         rows["tunelab Batcher"] = (ours_tokens, ours_wall)
-        try:
-            rows["transformers generate_batch"] = theirs(engine, ids, args.max_tokens)
-        except Exception as exc:  # noqa: BLE001 - report what does not work, as a result
-            print(json.dumps({"engine": "transformers generate_batch", "error": f"{type(exc).__name__}: {exc}"[:300]}))
+        if engine.model.device.type == "cuda" and adapter is None:
+            rows[f"tunelab SlotBatcher ({SLOTS} slots)"] = ours(engine, ids, args.max_tokens, None, slots=True)
+    try:  # outside inference mode: its generation thread updates tensors it made (an error inside on a GPU)
+        rows["transformers generate_batch"] = theirs(engine, ids, args.max_tokens)
+    except Exception as exc:  # noqa: BLE001 - report what does not work, as a result
+        print(json.dumps({"engine": "transformers generate_batch", "error": f"{type(exc).__name__}: {exc}"[:300]}))
     for name, (tokens, wall) in rows.items():
         print(json.dumps({"engine": name, "requests": len(ids), "completion_tokens": sum(map(len, tokens)),
                           "wall_s": round(wall, 2), "tokens_per_s": round(sum(map(len, tokens)) / wall, 1),
