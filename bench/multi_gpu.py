@@ -27,6 +27,8 @@ Weights are random (speed does not depend on their values) in the real Qwen2.5-7
   backward matmuls; recomputation not counted) + attention, against the measured peak.
 - lora_ds_zero2_2gpu, lora_ds_zero3_2gpu, full_ds_zero3_2gpu (asked for by name; need deepspeed):
   the LoRA 2-GPU run and the full fine-tuning run through DeepSpeed ZeRO-2/3 instead of DDP/FSDP2.
+- lora_fsdp_2gpu (asked for by name): lora_2gpu with FSDP2 instead of DDP, to compare its loss curve
+  with lora_1gpu (FSDP2 gathers the LoRA weights in bf16 and reduces gradients in fp32).
 - lora_fsdp_32b_2gpu (asked for by name): the 32B model is built on the meta device, sharded,
   and only each GPU's shards are allocated and filled with random values.
 - qlora_1gpu / qlora_fsdp_2gpu (asked for by name; need bitsandbytes): the LoRA runs on the base
@@ -57,6 +59,7 @@ MODES = {  # name -> (processes, shape, config keys, samples per micro-batch, sa
     "lora_1gpu": (1, "qwen2.5-7b", LORA, 16, 32),
     "lora_2gpu": (2, "qwen2.5-7b", LORA, 16, 32),
     "lora_4gpu": (4, "qwen2.5-7b", LORA, 8, 32),  # the same 32-sample global step, 8 a GPU
+    "lora_fsdp_2gpu": (2, "qwen2.5-7b", dict(LORA, distributed_strategy="fsdp"), 16, 32),  # FSDP2's math vs 1 GPU
     "full_fsdp_2gpu": (2, "qwen2.5-7b", dict(finetuning_type="full", learning_rate=1e-5, gradient_checkpointing=True),
                        16, 64),
     # DeepSpeed (pip install 'tunelab[deepspeed]'): the same runs through accelerate's DeepSpeed plugin.

@@ -428,6 +428,17 @@ def quantized_params(model: nn.Module) -> set[nn.Parameter]:
             if not p.requires_grad and (not p.dtype.is_floating_point or hasattr(p, "quant_state"))}
 
 
+def fsdp_precision(cfg: TunelabConfig, quantized: bool) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """FSDP2's (param_dtype, reduce_dtype): bf16/fp16 all-gathers and compute with fp32 gradient
+    reduction (fp32 master weights in the shards). Under QLoRA the float weights (LoRA, norms,
+    embeddings, head) keep the fp32 that PEFT's k-bit preparation gives them, as one GPU computes
+    them: gathered in bf16 they trained measurably off the 1-GPU loss curve (docs/benchmarks.md)."""
+    half = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    if half is None or quantized:
+        return None, None
+    return half, torch.float32
+
+
 def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     try:
@@ -443,13 +454,12 @@ def _fsdp(holder: nn.Module, model, cfg: TunelabConfig, device: torch.device):
     from tunelab.model.adapters import decoder_layers
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    # bf16 all-gathers and compute, fp32 gradient reduction (fp32 master weights in the shards).
-    half = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
-    mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
-    offload = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
     # QLoRA: every rank keeps the whole quantized base (a 4-bit 7B model is ~4 GB), replicated and never
     # communicated (frozen: no gradient to reduce); LoRA weights, norms, embeddings and head are sharded.
     ignored = quantized_params(model) or None
+    param_dtype, reduce_dtype = fsdp_precision(cfg, quantized=bool(ignored))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's weights are needed again at once by backward: keep them gathered.
