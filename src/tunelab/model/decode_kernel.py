@@ -17,6 +17,7 @@ through masked SDPA elsewhere (the reference the kernel is tested against).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -75,11 +76,13 @@ def decode_by_length(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     rows, heads, groups, dim = query.shape
     out = torch.empty_like(query)
-    _kernel()[(rows, heads)](
-        query, key, value, lengths, out, scale,
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
-        GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), DIM=dim,
-        DIM_PAD=max(16, triton.next_power_of_2(dim)), BLOCK=BLOCK_COLUMNS)
+    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+    with on_device:  # Triton launches on the current device: the tensors' own (--device cuda:1)
+        _kernel()[(rows, heads)](
+            query, key, value, lengths, out, scale,
+            *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
+            GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), DIM=dim,
+            DIM_PAD=max(16, triton.next_power_of_2(dim)), BLOCK=BLOCK_COLUMNS)
     return out
 
 
