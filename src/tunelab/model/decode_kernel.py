@@ -72,8 +72,6 @@ def decode_by_length(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if not (uses_kernel(query) and key.dtype == value.dtype == query.dtype if use_kernel is None else use_kernel):
         return decode_by_length_reference(query, key, value, lengths, scale)
-    import triton
-
     rows, heads, groups, dim = query.shape
     out = torch.empty_like(query)
     on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
@@ -81,9 +79,13 @@ def decode_by_length(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         _kernel()[(rows, heads)](
             query, key, value, lengths, out, scale,
             *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
-            GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), DIM=dim,
-            DIM_PAD=max(16, triton.next_power_of_2(dim)), BLOCK=BLOCK_COLUMNS)
+            GROUPS=groups, GROUPS_PAD=_padded(groups), DIM=dim, DIM_PAD=_padded(dim), BLOCK=BLOCK_COLUMNS)
     return out
+
+
+def _padded(n: int) -> int:
+    """A tile side for n: a power of two, at least 16 (the smallest tensor-core product)."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def decode_by_length_reference(query, key, value, lengths, scale: float) -> torch.Tensor:
