@@ -64,11 +64,11 @@ def test_the_kernel_equals_the_reference(groups, dim):
 
 
 def test_the_kernel_runs_on_cuda_in_half_precision_only(monkeypatch):
-    query = torch.zeros(1, 1, 1, 64)
-    assert not decode_kernel.uses_kernel(query)  # the CPU: masked SDPA
+    cpu = torch.device("cpu")
+    assert not decode_kernel.uses_kernel(cpu, torch.bfloat16)  # the CPU: masked SDPA
     monkeypatch.setattr(decode_kernel, "kernel_available", lambda device: True)
-    assert decode_kernel.uses_kernel(query.bfloat16()) and decode_kernel.uses_kernel(query.half())
-    assert not decode_kernel.uses_kernel(query)  # fp32: TF32 products would round it
+    assert decode_kernel.uses_kernel(cpu, torch.bfloat16) and decode_kernel.uses_kernel(cpu, torch.float16)
+    assert not decode_kernel.uses_kernel(cpu, torch.float32)  # fp32: TF32 products would round it
 
 
 def test_a_kernel_that_cannot_build_leaves_decoding_on_sdpa_with_a_warning(monkeypatch, caplog):

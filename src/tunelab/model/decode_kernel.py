@@ -59,9 +59,9 @@ def _kernel_works(device: torch.device) -> bool:
     return True
 
 
-def uses_kernel(query: torch.Tensor) -> bool:
+def uses_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     """Half precision on CUDA (fp32 would go through TF32 tensor cores: the reference keeps it exact)."""
-    return kernel_available(query.device) and query.dtype in (torch.bfloat16, torch.float16)
+    return dtype in (torch.bfloat16, torch.float16) and kernel_available(device)
 
 
 def decode_by_length(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor,
@@ -70,7 +70,9 @@ def decode_by_length(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     head h in row h); key/value [rows, kv_heads, window, dim]; row r attends to its columns
     0 .. lengths[r] - 1 (lengths >= 1). Returns [rows, kv_heads, groups, dim] in query's dtype."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if not (uses_kernel(query) and key.dtype == value.dtype == query.dtype if use_kernel is None else use_kernel):
+    if use_kernel is None:
+        use_kernel = uses_kernel(query.device, query.dtype) and key.dtype == value.dtype == query.dtype
+    if not use_kernel:
         return decode_by_length_reference(query, key, value, lengths, scale)
     rows, heads, groups, dim = query.shape
     out = torch.empty_like(query)

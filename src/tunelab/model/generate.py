@@ -433,7 +433,7 @@ class SlotDecoder:
         self.bucketed = use_graph  # rows and window rounded up to a captured bucket (tests set it alone on the CPU)
         # Under `grouped_query_decode` each row reads only its own columns (model/decode_kernel.py): the window
         # is then the whole cache, one graph per rows bucket (tests set it on the CPU, where SDPA computes it).
-        self.length_aware = use_graph and uses_kernel(torch.empty(0, dtype=self.dtype, device=self.device))
+        self.length_aware = use_graph and uses_kernel(self.device, self.dtype)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.steps, self.capture_seconds = 0, 0.0  # for the log: decode steps run, time spent capturing
